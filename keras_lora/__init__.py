@@ -1,0 +1,27 @@
+"""keras-lora: LoRA fine-tuning for Keras 3 on TensorFlow, JAX and PyTorch."""
+
+from keras_lora.injection import (
+    freeze_non_lora,
+    inject_lora,
+    layer_paths,
+    lora_layers,
+    print_trainable_parameters,
+    target_layers,
+    trainable_summary,
+)
+from keras_lora.layer import LoraLayer
+from keras_lora.merge import merge_lora
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraLayer",
+    "freeze_non_lora",
+    "inject_lora",
+    "layer_paths",
+    "lora_layers",
+    "merge_lora",
+    "print_trainable_parameters",
+    "target_layers",
+    "trainable_summary",
+]

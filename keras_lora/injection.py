@@ -1,0 +1,208 @@
+"""Model surgery: `inject_lora`, `freeze_non_lora`, `lora_layers`."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+
+import keras
+
+from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
+from keras_lora.surgery import replace_layers, walk_layers
+
+
+def inject_lora(
+    model: keras.layers.Layer,
+    rank: int = 4,
+    alpha: float = 32.0,
+    targets: str | Sequence[str] = ("query", "value"),
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    seed: int | None = None,
+) -> keras.layers.Layer:
+    """Wrap every target layer with a `LoraLayer` and freeze everything else.
+
+    The targets are found anywhere in the layer tree, including layers held
+    as attributes of subclassed layers (keras-hub attention's
+    `_query_dense`). A target matches a layer when it equals the layer's
+    name, equals the end of its path ("self_attention/query"), or is a
+    regular expression that matches its whole path
+    ("transformer_layer_0/self_attention/query", see `layer_paths`).
+
+    Nothing changes unless every target matches and every matched layer can
+    be wrapped. A model compiled before injection must be compiled again:
+    its optimizer was built without the LoRA factors, so `fit` is disabled
+    until then, with a warning that says so.
+
+    Args:
+        model: a built Keras model or layer.
+        rank: rank of each update, a positive integer.
+        alpha: the update is scaled by `alpha / rank`.
+        targets: layer names, path suffixes or path regexes; a string is
+            one target.
+        dropout: dropout rate on the LoRA path's input, in [0, 1).
+        use_rslora: scale by `alpha / sqrt(rank)` instead.
+        seed: seed for the factors' initialisation and dropout.
+
+    Returns:
+        The same model, modified in place.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(128),
+    ...                           keras.layers.Dense(10)])
+    >>> model = inject_lora(model, rank=2, targets=("dense.*",))
+    >>> [layer.name for layer in lora_layers(model)]
+    ['dense', 'dense_1']
+    """
+    check_hyperparameters(rank, alpha, dropout)
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    matched = target_layers(model, targets)
+    for layer in matched:
+        check_wrappable(layer)
+    replace_layers(
+        model,
+        {
+            id(layer): LoraLayer(
+                layer,
+                rank=rank,
+                alpha=alpha,
+                dropout=dropout,
+                use_rslora=use_rslora,
+                seed=seed,
+            )
+            for layer in matched
+        },
+    )
+    freeze_non_lora(model)
+    if getattr(model, "compiled", False):
+        _uncompile(model)
+    return model
+
+
+def target_layers(
+    model: keras.layers.Layer, targets: Sequence[str]
+) -> list[keras.layers.Layer]:
+    """The layers under `model` that `targets` match, in walk order.
+
+    Raises:
+        ValueError: if `targets` is empty, a target is not a string, or a
+            target matches no layer (the message lists the layers with
+            kernels that could match).
+    """
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(
+            "`targets` must be a non-empty sequence of layer names or path "
+            f"regexes, e.g. ('query', 'value'). Received: targets={targets!r}"
+        )
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built. Build it first (call it on "
+            "a batch of data, or `model.build(input_shape)`), then add LoRA."
+        )
+    paths = list(walk_layers(model))
+    patterns = {t: re.compile(t) if _is_regex(t) else None for t in targets}
+    matched, hits = [], dict.fromkeys(targets, 0)
+    for path, layer in paths:
+        found = False
+        for target, pattern in patterns.items():
+            if (
+                layer.name == target
+                or path == target
+                or path.endswith("/" + target)
+                or (pattern is not None and pattern.fullmatch(path))
+            ):
+                hits[target] += 1
+                found = True
+        if found:
+            matched.append(layer)
+    missing = [t for t, n in hits.items() if n == 0]
+    if missing:
+        candidates = sorted(
+            {layer.name for _, layer in paths if hasattr(layer, "kernel")}
+            | {layer.name for _, layer in paths if isinstance(layer, LoraLayer)}
+        )
+        raise ValueError(
+            f"No layer matched targets {tuple(missing)!r}; layers with "
+            f"kernels: {', '.join(candidates) or 'none'}. Use a layer name, "
+            "a path suffix, or a regex over the full path (see "
+            "keras_lora.layer_paths(model))."
+        )
+    return matched
+
+
+def layer_paths(model: keras.layers.Layer) -> list[str]:
+    """The paths `inject_lora` matches targets against, in walk order."""
+    return [path for path, _ in walk_layers(model)]
+
+
+def lora_layers(model: keras.layers.Layer) -> list[LoraLayer]:
+    """The `LoraLayer`s in `model`, in a stable (depth-first) order."""
+    return [layer for _, layer in walk_layers(model) if isinstance(layer, LoraLayer)]
+
+
+def freeze_non_lora(model: keras.layers.Layer) -> keras.layers.Layer:
+    """Make every weight that is not a LoRA factor non-trainable.
+
+    Freezing is per variable, as PEFT does with `requires_grad`: layers stay
+    `trainable` (a frozen container would hide the LoRA factors under it
+    from `trainable_weights`), so layers such as dropout behave as usual.
+    """
+    lora_ids = {
+        id(v) for layer in lora_layers(model) for v in (layer.lora_a, layer.lora_b)
+    }
+    model.trainable = True
+    for variable in model.weights:
+        variable.trainable = id(variable) in lora_ids
+    return model
+
+
+def trainable_summary(model: keras.layers.Layer) -> dict[str, float]:
+    """Counts of trainable and frozen parameters, like PEFT's summary.
+
+    Returns a dict with `trainable`, `non_trainable`, `total` and
+    `trainable_percent`.
+    """
+    trainable = sum(_size(v) for v in model.trainable_weights)
+    non_trainable = sum(_size(v) for v in model.non_trainable_weights)
+    total = trainable + non_trainable
+    return {
+        "trainable": trainable,
+        "non_trainable": non_trainable,
+        "total": total,
+        "trainable_percent": 100.0 * trainable / total if total else 0.0,
+    }
+
+
+def print_trainable_parameters(model: keras.layers.Layer) -> None:
+    """Print `trainable params: ... || all params: ... || trainable%: ...`."""
+    s = trainable_summary(model)
+    print(
+        f"trainable params: {s['trainable']:,} || all params: {s['total']:,} "
+        f"|| trainable%: {s['trainable_percent']:.4f}"
+    )
+
+
+def _size(variable) -> int:
+    size = 1
+    for dim in variable.shape:
+        size *= int(dim)
+    return size
+
+
+def _is_regex(target: str) -> bool:
+    return any(c in target for c in ".*+?[](){}|^$\\")
+
+
+def _uncompile(model) -> None:
+    # The optimizer and compiled train step were built for the old set of
+    # trainable variables; running them would not train the LoRA factors.
+    model.compiled = False
+    model.train_function = model.test_function = model.predict_function = None
+    warnings.warn(
+        f"inject_lora: model '{model.name}' was compiled before LoRA was "
+        "injected; its optimizer does not know the LoRA factors. Call "
+        "`model.compile(...)` again, with a new optimizer, before `fit`.",
+        stacklevel=3,
+    )

@@ -1,0 +1,224 @@
+"""`LoraLayer`: a frozen Dense/EinsumDense plus a trainable low-rank update."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from keras_lora.kernel_split import KernelSplit, split_kernel
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoraLayer(keras.layers.Layer):
+    """Wraps a built `Dense` or `EinsumDense` layer with a LoRA update.
+
+    The output is `activation(original(x) + scale * B(A(dropout(x))))` with
+    `scale = alpha / rank`: the update goes in before the wrapped layer's
+    activation (keras-hub's feed-forward `Dense` carries a GELU), which moves
+    to this wrapper while the layer is wrapped and goes back on
+    `merge_lora`.
+
+    A maps every input feature the kernel contracts to `rank` and B maps
+    `rank` to every output feature, whatever the order of the kernel's axes
+    (see `keras_lora.kernel_split`). A starts kaiming-uniform, as in the
+    reference LoRA implementation, and B at zero, so a fresh adapter changes
+    no output. Both are float32 under every dtype policy and are created
+    here, when the layer is wrapped: never lazily inside a traced `fit`.
+    The wrapped kernel and bias are frozen.
+
+    Args:
+        original_layer: a built `keras.layers.Dense` or
+            `keras.layers.EinsumDense`.
+        rank: rank of the update, a positive integer.
+        alpha: scaling numerator, a positive number; the update is scaled
+            by `alpha / rank` (or `alpha / sqrt(rank)` with `use_rslora`).
+        dropout: dropout rate on the LoRA path's input, in [0, 1).
+        use_rslora: scale by `alpha / sqrt(rank)` (rank-stabilised LoRA).
+        seed: seed for A's initialisation and the dropout.
+        **kwargs: base `Layer` arguments; `name` defaults to the wrapped
+            layer's name and `dtype` to its dtype policy.
+
+    Example:
+
+    >>> dense = keras.layers.Dense(3)
+    >>> dense.build((None, 8))
+    >>> lora = LoraLayer(dense, rank=2, alpha=4.0)
+    >>> tuple(lora.lora_a.shape), tuple(lora.lora_b.shape)
+    ((8, 2), (2, 3))
+    >>> x = keras.random.normal((5, 8))
+    >>> bool(ops.all(lora(x) == dense(x)))  # B starts at zero.
+    True
+    """
+
+    def __init__(
+        self,
+        original_layer: keras.layers.Layer,
+        rank: int = 4,
+        alpha: float = 32.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        check_wrappable(original_layer)
+        check_hyperparameters(rank, alpha, dropout)
+        kwargs.setdefault("name", original_layer.name)
+        kwargs.setdefault("dtype", original_layer.dtype_policy)
+        super().__init__(**kwargs)
+        self.original_layer = original_layer
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.seed = seed
+        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.split: KernelSplit = split_kernel(original_layer)
+
+        # The update must go in before the activation: the wrapper applies
+        # it, and the wrapped layer computes its linear part only.
+        self.activation = original_layer.activation
+        original_layer.activation = keras.activations.linear
+        original_layer.trainable = False
+
+        self.dropout_layer = (
+            keras.layers.Dropout(self.dropout, seed=seed) if self.dropout else None
+        )
+        # Name the factors after the kernel ("block/query/kernel" gives
+        # "block/query/lora_a"): paths stay unique in the model, which the
+        # torch module registry, layout maps and adapter files rely on.
+        kernel_path = original_layer.kernel.path
+        layer_path, _, _ = kernel_path.rpartition("/")
+        self._parent_path = layer_path.rpartition("/")[0]
+        bound = 1.0 / math.sqrt(self.split.fan_in)
+        self.lora_a = self.add_weight(
+            name="lora_a",
+            shape=self.split.in_shape + (self.rank,),
+            # kaiming_uniform(a=sqrt(5)) on a (rank, fan_in) matrix, as PEFT
+            # and the reference implementation initialise A.
+            initializer=keras.initializers.RandomUniform(-bound, bound, seed),
+            dtype="float32",
+        )
+        self.lora_b = self.add_weight(
+            name="lora_b",
+            shape=(self.rank,) + self.split.out_shape,
+            initializer="zeros",
+            dtype="float32",
+        )
+        self.built = True
+
+    def call(self, inputs, training=None):
+        outputs = self.original_layer(inputs, training=training)
+        outputs = ops.add(outputs, self.lora_update(inputs, training=training))
+        return self.activation(outputs)
+
+    def lora_update(self, inputs, training=None):
+        """`scale * B(A(dropout(inputs)))`, shaped like the layer's output."""
+        x = inputs
+        if self.dropout_layer is not None:
+            x = self.dropout_layer(x, training=training)
+        input_perm, num_batch_axes, output_perm = self.split.call_plan(len(x.shape))
+        if input_perm:
+            x = ops.transpose(x, input_perm)
+        batch_shape = tuple(ops.shape(x)[:num_batch_axes])
+        x = ops.reshape(x, (-1, self.split.fan_in))
+        lora_a = ops.reshape(self.lora_a, (self.split.fan_in, self.rank))
+        lora_b = ops.reshape(self.lora_b, (self.rank, self.split.fan_out))
+        # Scale the (tokens, rank) product: the smallest tensor on the path.
+        x = ops.matmul(ops.matmul(x, lora_a) * self.scale, lora_b)
+        x = ops.reshape(x, batch_shape + self.split.out_shape)
+        if output_perm:
+            x = ops.transpose(x, output_perm)
+        return x
+
+    def delta(self):
+        """`scale * A·B` in float32, shaped like the wrapped kernel."""
+        update = ops.einsum(
+            self.split.delta_equation(),
+            ops.convert_to_tensor(self.lora_a.value, "float32"),
+            ops.convert_to_tensor(self.lora_b.value, "float32"),
+        )
+        return update * self.scale
+
+    def compute_output_shape(self, input_shape):
+        return self.original_layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        original = keras.saving.serialize_keras_object(self.original_layer)
+        # Serialise the wrapped layer as it was before wrapping.
+        original["config"]["activation"] = keras.activations.serialize(
+            self.activation
+        )
+        original["config"]["trainable"] = True
+        config.update(
+            original_layer=original,
+            original_build_config=self.original_layer.get_build_config(),
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            use_rslora=self.use_rslora,
+            seed=self.seed,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        original = keras.saving.deserialize_keras_object(config.pop("original_layer"))
+        build_config = config.pop("original_build_config", None)
+        if build_config and not original.built:
+            original.build_from_config(build_config)
+        return cls(original, **config)
+
+    def unwrap(self) -> keras.layers.Layer:
+        """Give the wrapped layer its activation back and return it."""
+        self.original_layer.activation = self.activation
+        return self.original_layer
+
+
+def check_hyperparameters(rank, alpha, dropout) -> None:
+    """Raise `ValueError` for a rank, alpha or dropout LoRA cannot use."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(
+            f"`rank` must be a positive integer (e.g. rank=4). Received: rank={rank!r}"
+        )
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(
+            "`alpha` must be a positive number (the update is scaled by "
+            f"alpha / rank; e.g. alpha=32.0). Received: alpha={alpha!r}"
+        )
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(
+            "`dropout` must be a rate in [0, 1) (0 disables it). "
+            f"Received: dropout={dropout!r}"
+        )
+
+
+def check_wrappable(layer) -> None:
+    """Raise `ValueError` unless `layer` is a built, plain Dense/EinsumDense."""
+    if isinstance(layer, LoraLayer):
+        raise ValueError(
+            f"Layer '{layer.name}' is already wrapped by a LoraLayer. Call "
+            "`merge_lora(model)` first, or leave it out of `targets`."
+        )
+    if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+        raise ValueError(
+            f"Layer '{getattr(layer, 'name', layer)}' is a "
+            f"{type(layer).__name__}; LoraLayer wraps only keras.layers.Dense "
+            "and keras.layers.EinsumDense. Leave it out of `targets`."
+        )
+    if not layer.built:
+        raise ValueError(
+            f"Layer '{layer.name}' is not built, so its kernel shape is "
+            "unknown. Build the model first (call it on a batch of data, or "
+            "`model.build(input_shape)`), then add LoRA."
+        )
+    if getattr(layer, "lora_enabled", False):
+        raise ValueError(
+            f"Layer '{layer.name}' has Keras's built-in LoRA enabled "
+            "(`enable_lora`). Use one or the other: build the layer without "
+            "`enable_lora` to wrap it with keras_lora."
+        )
+    split_kernel(layer)  # Raises for an equation LoRA cannot factor.

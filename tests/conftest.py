@@ -1,0 +1,13 @@
+import keras
+import pytest
+
+
+def pytest_report_header(config):
+    return f"keras backend: {keras.backend.backend()}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_keras_state():
+    keras.utils.set_random_seed(1234)
+    yield
+    keras.backend.clear_session()

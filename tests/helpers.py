@@ -1,0 +1,97 @@
+"""Small models and data shared by the tests (keras-hub style helpers)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+import keras_hub
+import numpy as np
+
+VOCAB = 64
+SEQ = 8
+
+
+def tiny_gpt2_backbone(**overrides) -> keras_hub.models.GPT2Backbone:
+    config = dict(
+        vocabulary_size=VOCAB,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=16,
+        intermediate_dim=32,
+        max_sequence_length=32,
+    )
+    config.update(overrides)
+    return keras_hub.models.GPT2Backbone(**config)
+
+
+def tiny_gpt2_lm(**overrides) -> keras_hub.models.GPT2CausalLM:
+    return keras_hub.models.GPT2CausalLM(
+        backbone=tiny_gpt2_backbone(**overrides), preprocessor=None
+    )
+
+
+def token_batch(batch=4, seq=SEQ, vocab=VOCAB, seed=0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "token_ids": rng.integers(0, vocab, (batch, seq)).astype("int32"),
+        "padding_mask": np.ones((batch, seq), "int32"),
+    }
+
+
+def next_token_task(batch=8, seq=SEQ, vocab=VOCAB, seed=0):
+    """A memorisable next-token task: x, y, sample_weight."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, seq + 1)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((batch, seq), "int32")}
+    return x, tokens[:, 1:], np.ones((batch, seq), "float32")
+
+
+def mlp(activation="relu") -> keras.Sequential:
+    """The 784-128-256-10 MLP of seed 04, with fixed layer names."""
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(128, activation=activation, name="hidden_1"),
+            keras.layers.Dense(256, activation=activation, name="hidden_2"),
+            keras.layers.Dense(10, name="logits"),
+        ],
+        name="mlp",
+    )
+
+
+def functional_mlp() -> keras.Model:
+    inputs = keras.Input((12,))
+    x = keras.layers.Dense(16, activation="gelu", name="up")(inputs)
+    x = keras.layers.Dense(12, name="down")(x)
+    outputs = keras.layers.Add(name="residual")([inputs, x])
+    return keras.Model(inputs, outputs, name="functional_mlp")
+
+
+def to_numpy(x) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def snapshot(model) -> dict[str, np.ndarray]:
+    """A copy of every weight, keyed by path."""
+    return {w.path: to_numpy(w.value).copy() for w in model.weights}
+
+
+def randomize_lora_b(model, scale=0.1, seed=0) -> None:
+    """Give every LoRA B a non-zero value, as training would."""
+    from keras_lora import lora_layers
+
+    rng = np.random.default_rng(seed)
+    for layer in lora_layers(model):
+        shape = tuple(layer.lora_b.shape)
+        layer.lora_b.assign(rng.normal(0, scale, shape).astype("float32"))
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
