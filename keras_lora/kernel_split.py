@@ -136,7 +136,7 @@ def split_kernel(layer: keras.layers.Layer) -> KernelSplit:
                 f"'{axis}' is summed without the kernel, which LoRA does not "
                 "support. Leave this layer out of `targets`."
             )
-    size = dict(zip(kernel_spec, kernel_shape))
+    size = dict(zip(kernel_spec, kernel_shape, strict=True))
     return KernelSplit(
         input_spec=input_spec,
         output_spec=output_spec,

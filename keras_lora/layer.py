@@ -148,9 +148,7 @@ class LoraLayer(keras.layers.Layer):
         config = super().get_config()
         original = keras.saving.serialize_keras_object(self.original_layer)
         # Serialise the wrapped layer as it was before wrapping.
-        original["config"]["activation"] = keras.activations.serialize(
-            self.activation
-        )
+        original["config"]["activation"] = keras.activations.serialize(self.activation)
         original["config"]["trainable"] = True
         config.update(
             original_layer=original,

@@ -13,7 +13,11 @@ from tests.helpers import dtype_policy, to_numpy
 EINSUM_CASES = {
     "gpt2_query": ("abc,cde->abde", (None, 12, 4), (2, 5, 24), (24, 3), (3, 12, 4)),
     "gpt2_attention_output": (
-        "abcd,cde->abe", (None, 24), (2, 5, 6, 4), (6, 4, 3), (3, 24)
+        "abcd,cde->abe",
+        (None, 24),
+        (2, 5, 6, 4),
+        (6, 4, 3),
+        (3, 24),
     ),
     "gemma_query": ("btd,ndh->btnh", (None, 6, 4), (2, 5, 24), (24, 3), (3, 6, 4)),
     "ellipsis": ("...b,bc->...c", (7,), (2, 3, 5), (5, 3), (3, 7)),
@@ -93,8 +97,10 @@ def test_update_goes_in_before_activation():
     np.testing.assert_allclose(to_numpy(lora(x)), expected, rtol=1e-5, atol=1e-6)
     # The wrapped layer computes its linear part only while wrapped.
     np.testing.assert_allclose(
-        to_numpy(dense(x)), x @ to_numpy(dense.kernel) + to_numpy(dense.bias),
-        rtol=1e-5, atol=1e-6,
+        to_numpy(dense(x)),
+        x @ to_numpy(dense.kernel) + to_numpy(dense.bias),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -137,7 +143,12 @@ def test_config_round_trip_keeps_activation_and_factors_shape():
     config = lora.get_config()
     assert config["original_layer"]["config"]["activation"] == "relu"
     clone = LoraLayer.from_config(config)
-    assert (clone.rank, clone.alpha, clone.dropout, clone.name) == (3, 6.0, 0.1, "dense_x")
+    assert (clone.rank, clone.alpha, clone.dropout, clone.name) == (
+        3,
+        6.0,
+        0.1,
+        "dense_x",
+    )
     assert clone.activation is keras.activations.relu
     assert tuple(clone.lora_a.shape) == (6, 3)
     restored = keras.saving.deserialize_keras_object(
