@@ -31,9 +31,11 @@ def inject_lora(
     ("transformer_layer_0/self_attention/query", see `layer_paths`).
 
     Nothing changes unless every target matches and every matched layer can
-    be wrapped. A model compiled before injection must be compiled again:
-    its optimizer was built without the LoRA factors, so `fit` is disabled
-    until then, with a warning that says so.
+    be wrapped. A model compiled but not yet trained (keras-hub task models
+    compile themselves) trains the LoRA factors as it is. A model that has
+    trained already must be compiled again, since its optimizer was built
+    for other variables: `fit` is disabled until then, with a warning that
+    says so.
 
     Args:
         model: a built Keras model or layer.
@@ -77,7 +79,7 @@ def inject_lora(
     )
     freeze_non_lora(model)
     if getattr(model, "compiled", False):
-        _uncompile(model)
+        _refresh_compile_state(model)
     return model
 
 
@@ -119,9 +121,10 @@ def target_layers(
             matched.append(layer)
     missing = [t for t, n in hits.items() if n == 0]
     if missing:
-        candidates = sorted(
-            {layer.name for _, layer in paths if hasattr(layer, "kernel")}
-            | {layer.name for _, layer in paths if isinstance(layer, LoraLayer)}
+        candidates = dict.fromkeys(
+            layer.name
+            for _, layer in paths
+            if isinstance(layer, LoraLayer) or hasattr(layer, "kernel")
         )
         raise ValueError(
             f"No layer matched targets {tuple(missing)!r}; layers with "
@@ -195,14 +198,23 @@ def _is_regex(target: str) -> bool:
     return any(c in target for c in ".*+?[](){}|^$\\")
 
 
-def _uncompile(model) -> None:
-    # The optimizer and compiled train step were built for the old set of
-    # trainable variables; running them would not train the LoRA factors.
-    model.compiled = False
+def _refresh_compile_state(model) -> None:
+    optimizer = getattr(model, "optimizer", None)
     model.train_function = model.test_function = model.predict_function = None
+    if optimizer is None or not optimizer.built:
+        # The optimizer is built from `trainable_variables` at the first
+        # `fit`, which now lists the LoRA factors: nothing to redo.
+        if hasattr(model, "_compiled_trainable_state"):
+            model._compiled_trainable_state = {
+                layer: layer.trainable for layer in model._flatten_layers()
+            }
+        return
+    # The optimizer was built for the old trainable variables; running it
+    # would not train the LoRA factors.
+    model.compiled = False
     warnings.warn(
-        f"inject_lora: model '{model.name}' was compiled before LoRA was "
-        "injected; its optimizer does not know the LoRA factors. Call "
-        "`model.compile(...)` again, with a new optimizer, before `fit`.",
+        f"inject_lora: model '{model.name}' was compiled and trained before "
+        "LoRA was injected; its optimizer does not know the LoRA factors. "
+        "Call `model.compile(...)` again, with a new optimizer, before `fit`.",
         stacklevel=3,
     )

@@ -125,9 +125,7 @@ def _replace_in(container, old, new) -> None:
 def _replace_in_list(items: list, old, new) -> None:
     for i, item in enumerate(items):
         if item is old:
-            # list.__setitem__ bypasses the TrackedList hooks on purpose: the
-            # tracker's store was already updated in place.
-            list.__setitem__(items, i, new)
+            items[i] = new
 
 
 def _refresh_torch_params(model) -> None:

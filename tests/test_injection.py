@@ -1,0 +1,291 @@
+"""inject_lora and freezing across model kinds: counts, surgery, errors."""
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+from keras_lora import (
+    LoraLayer,
+    freeze_non_lora,
+    inject_lora,
+    layer_paths,
+    lora_layers,
+    trainable_summary,
+)
+from tests.helpers import (
+    functional_mlp,
+    mlp,
+    snapshot,
+    tiny_gpt2_backbone,
+    tiny_gpt2_lm,
+    to_numpy,
+    token_batch,
+)
+
+
+def test_gpt2_base_parameter_counts():
+    """The counts of seed 01: GPT-2 base, rank 4 on query and value."""
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=50257,
+        num_layers=12,
+        num_heads=12,
+        hidden_dim=768,
+        intermediate_dim=3072,
+        max_sequence_length=1024,
+    )
+    inject_lora(backbone)
+    summary = trainable_summary(backbone)
+    assert summary["trainable"] == 147_456
+    assert summary["non_trainable"] == 124_439_808
+    assert len(lora_layers(backbone)) == 24
+
+
+def test_gpt2_causal_lm_surgery_updates_every_reference():
+    lm = tiny_gpt2_lm()
+    attention = lm.backbone.get_layer("transformer_layer_0")._self_attention_layer
+    original_query = attention._query_dense
+    inject_lora(lm, rank=2)
+    wrapped = lora_layers(lm)
+    assert [layer.name for layer in wrapped] == ["query", "value"] * 2
+    assert isinstance(attention._query_dense, LoraLayer)
+    assert attention._query_dense.original_layer is original_query
+    assert original_query not in attention._layers
+    assert attention._query_dense in attention._layers
+    # Every weight appears once, LoRA factors included.
+    paths = [w.path for w in lm.weights]
+    assert len(paths) == len(set(paths))
+    assert "transformer_layer_0/self_attention/query/lora_a" in paths
+    if keras.backend.backend() == "torch":
+        torch_params = dict(lm.named_parameters())
+        assert sum(p.requires_grad for p in torch_params.values()) == 8
+        assert any(name.endswith("query/lora_a") for name in torch_params)
+
+
+def test_fresh_injection_changes_no_output():
+    lm = tiny_gpt2_lm()
+    x = token_batch()
+    before = to_numpy(lm(x))
+    inject_lora(lm, rank=4, targets=("query", "value", "attention_output"))
+    np.testing.assert_array_equal(to_numpy(lm(x)), before)
+
+
+FAMILIES = {
+    "bert": lambda: keras_hub.models.BertBackbone(
+        vocabulary_size=50,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=16,
+    ),
+    "gemma": lambda: keras_hub.models.GemmaBackbone(
+        vocabulary_size=50,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+        head_dim=4,
+    ),
+    "llama": lambda: keras_hub.models.LlamaBackbone(
+        vocabulary_size=50,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_other_keras_hub_families(family):
+    backbone = FAMILIES[family]()
+    inputs = token_batch(batch=2, seq=5, vocab=50)
+    if family == "bert":
+        inputs["segment_ids"] = np.zeros((2, 5), "int32")
+
+    def output():
+        outputs = backbone(inputs)
+        return to_numpy(outputs["sequence_output"] if family == "bert" else outputs)
+
+    before = output()
+    inject_lora(backbone, rank=2)
+    wrapped = lora_layers(backbone)
+    assert [layer.name for layer in wrapped] == ["query", "value"]
+    np.testing.assert_array_equal(output(), before)
+    lora_params = sum(
+        int(np.prod(v.shape)) for layer in wrapped for v in (layer.lora_a, layer.lora_b)
+    )
+    assert trainable_summary(backbone)["trainable"] == lora_params
+    for layer in wrapped:
+        # A covers exactly the contracted hidden axis, wherever it sits.
+        assert tuple(layer.lora_a.shape) == (8, 2)
+        assert layer.lora_b.shape[1:] == tuple(
+            d
+            for d, a in zip(
+                layer.original_layer.kernel.shape, layer.split.kernel_spec, strict=True
+            )
+            if a in layer.split.out_axes
+        )
+
+
+def test_sequential_mlp_by_regex():
+    model = mlp()
+    x = np.random.default_rng(0).normal(size=(4, 784)).astype("float32")
+    before = to_numpy(model(x))
+    inject_lora(model, rank=4, targets=("hidden_.*",))
+    assert [layer.name for layer in lora_layers(model)] == ["hidden_1", "hidden_2"]
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "LoraLayer",
+        "LoraLayer",
+        "Dense",
+    ]
+    np.testing.assert_array_equal(to_numpy(model(x)), before)
+    assert trainable_summary(model)["trainable"] == 4 * (784 + 128) + 4 * (128 + 256)
+
+
+def test_functional_model():
+    model = functional_mlp()
+    x = np.random.default_rng(0).normal(size=(3, 12)).astype("float32")
+    before = to_numpy(model(x))
+    inject_lora(model, rank=2, targets=("up", "down"))
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "InputLayer",
+        "LoraLayer",
+        "LoraLayer",
+        "Add",
+    ]
+    np.testing.assert_array_equal(to_numpy(model(x)), before)
+    # The graph calls the wrappers: a non-zero B changes the output.
+    lora_layers(model)[1].lora_b.assign(np.ones((2, 12), "float32"))
+    assert not np.allclose(to_numpy(model(x)), before)
+
+
+class Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.encoder = keras.layers.Dense(8, activation="relu", name="encoder")
+        self.blocks = [keras.layers.Dense(8, name=f"block_{i}") for i in range(2)]
+        self.head = keras.layers.Dense(3, name="head")
+
+    def call(self, x):
+        x = self.encoder(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def test_subclassed_model_with_layer_list():
+    model = Subclassed()
+    x = np.ones((2, 5), "float32")
+    model(x)
+    inject_lora(model, rank=2, targets=("block_.*", "head"))
+    assert isinstance(model.blocks[0], LoraLayer)
+    assert isinstance(model.head, LoraLayer)
+    assert [layer.name for layer in lora_layers(model)] == [
+        "block_0",
+        "block_1",
+        "head",
+    ]
+    model.blocks[1].lora_b.assign(np.ones((2, 8), "float32"))
+    model.head.lora_b.assign(np.ones((2, 3), "float32"))
+    outputs = to_numpy(model(x))
+    inner = to_numpy(model.encoder(x))
+    for block in model.blocks:
+        inner = inner + to_numpy(block(inner))
+    np.testing.assert_allclose(outputs, to_numpy(model.head(inner)), rtol=1e-6)
+
+
+def test_targets_by_path_suffix_and_full_path():
+    backbone = tiny_gpt2_backbone()
+    assert "transformer_layer_1/self_attention/query" in layer_paths(backbone)
+    inject_lora(
+        backbone,
+        targets=("transformer_layer_1/self_attention/query", "self_attention/value"),
+    )
+    wrapped = [layer.name for layer in lora_layers(backbone)]
+    assert wrapped == ["value", "query", "value"]
+
+
+def test_freeze_non_lora_after_user_unfreezes():
+    lm = tiny_gpt2_lm()
+    inject_lora(lm, rank=2)
+    for weight in lm.weights:
+        weight.trainable = True
+    summary = trainable_summary(lm)
+    assert summary["trainable"] == summary["total"]
+    freeze_non_lora(lm)
+    names = {w.name for w in lm.trainable_weights}
+    assert names == {"lora_a", "lora_b"}
+
+
+BAD_INPUTS = {
+    "rank_zero": (dict(rank=0), "rank"),
+    "alpha_negative": (dict(alpha=-1.0), "alpha"),
+    "dropout_one": (dict(dropout=1.0), "dropout"),
+    "no_match": (
+        dict(targets=("qkv",)),
+        r"No layer matched targets \('qkv',\).*query, key, value",
+    ),
+    "empty_targets": (dict(targets=()), "non-empty"),
+    "unsupported_type": (dict(targets=("token_embedding",)), "ReversibleEmbedding"),
+    "container": (dict(targets=("self_attention",)), "CachedMultiHeadAttention"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_raises_and_leaves_model_unchanged(case):
+    kwargs, message = BAD_INPUTS[case]
+    lm = tiny_gpt2_lm()
+    x = token_batch()
+    before_out, before_weights = to_numpy(lm(x)), snapshot(lm)
+    before_trainable = trainable_summary(lm)
+    with pytest.raises(ValueError, match=message):
+        inject_lora(lm, **kwargs)
+    assert lora_layers(lm) == []
+    assert trainable_summary(lm) == before_trainable
+    assert snapshot(lm).keys() == before_weights.keys()
+    np.testing.assert_array_equal(to_numpy(lm(x)), before_out)
+
+
+def test_already_wrapped_is_refused():
+    lm = tiny_gpt2_lm()
+    inject_lora(lm, rank=2)
+    before = [id(layer) for layer in lora_layers(lm)]
+    with pytest.raises(ValueError, match="already wrapped.*merge_lora"):
+        inject_lora(lm, rank=2, targets=("query", "key"))
+    # The key projections were not wrapped either: all or nothing.
+    assert [id(layer) for layer in lora_layers(lm)] == before
+
+
+def test_unbuilt_model_is_refused():
+    model = keras.Sequential([keras.layers.Dense(4, name="d")])
+    with pytest.raises(ValueError, match="not built"):
+        inject_lora(model, targets="d")
+
+
+def test_inject_after_compile_before_training_trains_lora():
+    model = mlp()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    inject_lora(model, rank=2, targets="hidden_1")
+    x, y = np.ones((8, 784), "float32"), np.zeros((8, 10), "float32")
+    model.fit(x, y, epochs=1, verbose=0)
+    assert np.any(to_numpy(model.layers[0].lora_b))
+
+
+def test_inject_after_training_requires_recompile():
+    model = mlp()
+    model.compile(optimizer="adam", loss="mse")
+    x = np.ones((8, 784), "float32")
+    y = np.zeros((8, 10), "float32")
+    model.fit(x, y, epochs=1, verbose=0)
+    with pytest.warns(UserWarning, match="compile.*again"):
+        inject_lora(model, rank=2, targets="hidden_1")
+    with pytest.raises(ValueError, match="compile"):
+        model.fit(x, y, epochs=1, verbose=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    b_before = to_numpy(model.layers[0].lora_b).copy()
+    model.fit(x, y, epochs=1, verbose=0)
+    assert not np.array_equal(to_numpy(model.layers[0].lora_b), b_before)
