@@ -27,8 +27,9 @@ def inject_lora(
     as attributes of subclassed layers (keras-hub attention's
     `_query_dense`). A target matches a layer when it equals the layer's
     name, equals the end of its path ("self_attention/query"), or is a
-    regular expression that matches its whole path
-    ("transformer_layer_0/self_attention/query", see `layer_paths`).
+    regular expression that matches its whole name or whole path
+    ("feedforward_.*", "transformer_layer_[01]/.*/query"; see
+    `layer_paths`).
 
     Nothing changes unless every target matches and every matched layer can
     be wrapped. A model compiled but not yet trained (keras-hub task models
@@ -113,7 +114,10 @@ def target_layers(
                 layer.name == target
                 or path == target
                 or path.endswith("/" + target)
-                or (pattern is not None and pattern.fullmatch(path))
+                or (
+                    pattern is not None
+                    and (pattern.fullmatch(path) or pattern.fullmatch(layer.name))
+                )
             ):
                 hits[target] += 1
                 found = True
