@@ -90,8 +90,6 @@ def test_merge_under_dtype_policies(policy, atol):
         merge_lora(lm)
         merged = to_numpy(lm(inputs)).astype("float32")
     assert lora_layers(lm) == []
-    # The merge moves the output: otherwise this test could not fail.
-    assert np.abs(unmerged - to_numpy(lm(inputs)).astype("float32")).max() < atol
     np.testing.assert_allclose(merged, unmerged, atol=atol, rtol=0)
     np.testing.assert_array_equal(
         to_numpy(kernel), expected_kernel.astype(to_numpy(kernel).dtype)
