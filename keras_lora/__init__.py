@@ -1,5 +1,7 @@
 """keras-lora: LoRA fine-tuning for Keras 3 on TensorFlow, JAX and PyTorch."""
 
+from keras_lora.adapter import load_adapter, read_adapter_config, save_adapter
+from keras_lora.checkpoint import AdapterCheckpoint
 from keras_lora.injection import (
     freeze_non_lora,
     inject_lora,
@@ -8,6 +10,7 @@ from keras_lora.injection import (
     print_trainable_parameters,
     target_layers,
     trainable_summary,
+    wrap_layers,
 )
 from keras_lora.layer import LoraLayer
 from keras_lora.merge import merge_lora
@@ -15,13 +18,18 @@ from keras_lora.merge import merge_lora
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCheckpoint",
     "LoraLayer",
     "freeze_non_lora",
     "inject_lora",
     "layer_paths",
+    "load_adapter",
     "lora_layers",
     "merge_lora",
     "print_trainable_parameters",
+    "read_adapter_config",
+    "save_adapter",
     "target_layers",
     "trainable_summary",
+    "wrap_layers",
 ]

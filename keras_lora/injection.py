@@ -61,22 +61,33 @@ def inject_lora(
     """
     check_hyperparameters(rank, alpha, dropout)
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    matched = target_layers(model, targets)
-    for layer in matched:
-        check_wrappable(layer)
+    settings = dict(
+        rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed
+    )
+    return wrap_layers(
+        model, {id(layer): settings for layer in target_layers(model, targets)}
+    )
+
+
+def wrap_layers(
+    model: keras.layers.Layer, settings: dict[int, dict]
+) -> keras.layers.Layer:
+    """Wrap chosen layers, each with its own `LoraLayer` arguments.
+
+    The building block of `inject_lora`, `load_adapter` and `import_peft`:
+    `settings` maps `id(layer)` to the keyword arguments of its `LoraLayer`.
+    Every layer is checked before any is wrapped, so an error leaves the
+    model unchanged; afterwards every other weight is frozen.
+    """
+    layers = {id(layer): layer for _, layer in walk_layers(model)}
+    for key, kwargs in settings.items():
+        check_wrappable(layers[key])
+        check_hyperparameters(
+            kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
+        )
     replace_layers(
         model,
-        {
-            id(layer): LoraLayer(
-                layer,
-                rank=rank,
-                alpha=alpha,
-                dropout=dropout,
-                use_rslora=use_rslora,
-                seed=seed,
-            )
-            for layer in matched
-        },
+        {key: LoraLayer(layers[key], **kwargs) for key, kwargs in settings.items()},
     )
     freeze_non_lora(model)
     if getattr(model, "compiled", False):
@@ -152,14 +163,20 @@ def lora_layers(model: keras.layers.Layer) -> list[LoraLayer]:
 def freeze_non_lora(model: keras.layers.Layer) -> keras.layers.Layer:
     """Make every weight that is not a LoRA factor non-trainable.
 
-    Freezing is per variable, as PEFT does with `requires_grad`: layers stay
-    `trainable` (a frozen container would hide the LoRA factors under it
-    from `trainable_weights`), so layers such as dropout behave as usual.
+    Each weight gets its own flag, as PEFT sets `requires_grad`, and every
+    leaf layer outside the LoRA factors is marked `trainable=False` too, so
+    a model saved with `model.save` comes back frozen. Containers stay
+    trainable: a frozen container would hide the LoRA factors inside it
+    from `trainable_weights`.
     """
-    lora_ids = {
-        id(v) for layer in lora_layers(model) for v in (layer.lora_a, layer.lora_b)
-    }
+    wrapped = lora_layers(model)
+    lora_ids = {id(v) for layer in wrapped for v in (layer.lora_a, layer.lora_b)}
     model.trainable = True
+    for _, layer in walk_layers(model):
+        if not layer._layers and not isinstance(layer, LoraLayer):
+            layer.trainable = False
+    for layer in wrapped:
+        layer.original_layer.trainable = False
     for variable in model.weights:
         variable.trainable = id(variable) in lora_ids
     return model

@@ -7,8 +7,9 @@ never called):
 - the parent's attribute (`attention._query_dense`) and any list or dict
   attribute holding it (keras-hub's `transformer_layers`);
 - the parent's tracked layer list (`_layers`, via its tracker);
-- a functional graph's operations and nodes (`Functional`, and the
-  `Functional` a built `Sequential` runs);
+- a functional graph's operations, its nodes and its node keys (which hold
+  the operation's id), in a `Functional` and in the `Functional` a built
+  `Sequential` runs;
 - on the torch backend, the parent's torch module registry (`_modules`)
   and every ancestor's parameter dict (`torch_params`).
 """
@@ -117,6 +118,14 @@ def _replace_in(container, old, new) -> None:
                 for item_key, item in list(value.items()):
                     if item is old:
                         value[item_key] = new
+        # A functional graph keys its nodes by the id of their operation.
+        node_keys = vars(container).get("_nodes")
+        if isinstance(node_keys, set):
+            prefix = f"{id(old)}_ib-"
+            for key in [k for k in node_keys if isinstance(k, str)]:
+                if key.startswith(prefix):
+                    node_keys.remove(key)
+                    node_keys.add(f"{id(new)}_ib-{key[len(prefix) :]}")
     finally:
         if was_locked:
             tracker.lock()

@@ -1,0 +1,403 @@
+"""Adapter files: the LoRA factors alone (safetensors) plus a JSON config.
+
+An adapter is a directory:
+
+    adapter_config.json                       what was wrapped, and how
+    adapter_weights.<sha256[:16]>.safetensors the factors, keyed
+                                              "<layer key>/lora_a|lora_b"
+
+A layer's key is its kernel's Keras variable path without "/kernel"
+("transformer_layer_0/self_attention/query"): variable paths come from
+layer names given at build time, so they do not change when the same model
+is built again in a process that already made one (where a top-level model
+name would get a "_1" suffix).
+
+The config names its weights file, and the file is named after its own
+hash. A save writes the new weights file beside the old one, then replaces
+the config in one atomic rename, then deletes the old weights: whenever a
+save is interrupted, the config still names a complete weights file, so the
+earlier adapter stays loadable. Loading is strict (missing, extra or
+misshapen tensors, another base model, a damaged file: all `ValueError`,
+with the model left unchanged) and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+
+import keras
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from keras_lora.injection import wrap_layers
+from keras_lora.layer import LoraLayer, check_wrappable
+from keras_lora.surgery import walk_layers
+
+CONFIG_NAME = "adapter_config.json"
+FORMAT = "keras_lora.adapter"
+FORMAT_VERSION = 1
+_WEIGHTS_PATTERN = re.compile(r"adapter_weights\.[0-9a-f]{16}\.safetensors")
+
+
+def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> str:
+    """Save the LoRA factors of `model` and their layout to directory `path`.
+
+    Only the factors are written (a GPT-2 base adapter at rank 4 on
+    query/value is about 0.6 MB), with a JSON config that records the
+    format version, each wrapped layer's path, rank, alpha, dropout and
+    shapes, the kernel dtype, the base model's class and a fingerprint of
+    its architecture, and the package version. The write is atomic: an
+    interrupted save leaves an earlier adapter at `path` loadable.
+
+    Args:
+        model: a model with `LoraLayer`s.
+        path: a directory; created if missing.
+
+    Returns:
+        `path`, as a string.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> _ = inject_lora(model, targets="dense")
+    >>> _ = save_adapter(model, "/tmp/my_adapter")
+    >>> _ = load_adapter(model, "/tmp/my_adapter")
+    """
+    from keras_lora import __version__
+
+    path = os.fspath(path)
+    wrapped = _lora_by_path(model)
+    if not wrapped:
+        raise ValueError(
+            f"Model '{model.name}' has no LoraLayer, so there is no adapter to "
+            "save. Call `inject_lora(model)` first."
+        )
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(
+            f"Cannot save an adapter to '{path}': it is a file. An adapter is "
+            "a directory; pass a new or existing directory path."
+        )
+    tensors = {}
+    for layer_path, layer in wrapped.items():
+        tensors[f"{layer_path}/lora_a"] = _float32(layer.lora_a)
+        tensors[f"{layer_path}/lora_b"] = _float32(layer.lora_b)
+    data = safetensors.numpy.save(tensors, metadata={"format": FORMAT})
+    digest = hashlib.sha256(data).hexdigest()
+    weights_name = f"adapter_weights.{digest[:16]}.safetensors"
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "keras_lora_version": __version__,
+        "keras_version": keras.__version__,
+        "saved_on_backend": keras.backend.backend(),
+        "weights_file": weights_name,
+        "weights_sha256": digest,
+        "base_model": _base_model_info(model),
+        "layers": [
+            {
+                "path": layer_path,
+                "class": type(layer.original_layer).__name__,
+                "rank": layer.rank,
+                "alpha": layer.alpha,
+                "dropout": layer.dropout,
+                "use_rslora": layer.use_rslora,
+                "lora_a_shape": list(layer.lora_a.shape),
+                "lora_b_shape": list(layer.lora_b.shape),
+                "kernel_shape": list(layer.original_layer.kernel.shape),
+                "kernel_dtype": keras.backend.standardize_dtype(
+                    layer.original_layer.kernel.dtype
+                ),
+            }
+            for layer_path, layer in wrapped.items()
+        ],
+    }
+    os.makedirs(path, exist_ok=True)
+    _atomic_write(os.path.join(path, weights_name), data)
+    _atomic_write(
+        os.path.join(path, CONFIG_NAME),
+        json.dumps(config, indent=2).encode("utf-8"),
+    )
+    # Only now is the previous weights file unreferenced.
+    for name in os.listdir(path):
+        if _WEIGHTS_PATTERN.fullmatch(name) and name != weights_name:
+            os.remove(os.path.join(path, name))
+    return path
+
+
+def load_adapter(
+    model: keras.layers.Layer, path: str | os.PathLike
+) -> keras.layers.Layer:
+    """Load an adapter saved by `save_adapter` into `model`.
+
+    Into a base model without LoRA, wraps exactly the saved layers (with
+    their saved rank, alpha and dropout) and loads the factors; into a model
+    already wrapped the same way, replaces the factors. The base model must
+    be the one the adapter was trained on (same class and architecture).
+
+    Args:
+        model: the base model, with or without the same LoRA layout.
+        path: an adapter directory.
+
+    Returns:
+        The same model, modified in place.
+
+    Raises:
+        ValueError: if `path` is not a readable adapter (missing, truncated
+            or corrupted files, an unknown format version), if it does not
+            fit the model (another base architecture, missing, extra or
+            misshapen tensors, another LoRA layout). The model is left
+            unchanged.
+    """
+    path = os.fspath(path)
+    config = read_adapter_config(path)
+    tensors = _read_weights(path, config)
+    _check_base_model(model, config)
+    saved = {entry["path"]: entry for entry in config["layers"]}
+    _check_tensors(tensors, saved)
+    layers = _kernel_layers(model)
+    wrapped = _lora_by_path(model)
+    if wrapped:
+        _check_same_layout(wrapped, saved)
+    else:
+        for layer_path, entry in saved.items():
+            layer = layers.get(layer_path)
+            if layer is None:
+                raise ValueError(
+                    f"The adapter at '{path}' wraps layer '{layer_path}', which "
+                    f"model '{model.name}' does not have. Load it into the "
+                    "base model it was trained on."
+                )
+            check_wrappable(layer)
+            if list(layer.kernel.shape) != entry["kernel_shape"]:
+                raise ValueError(
+                    f"Layer '{layer_path}' has kernel shape "
+                    f"{tuple(layer.kernel.shape)}, but the adapter was trained "
+                    f"on {tuple(entry['kernel_shape'])}."
+                )
+        wrap_layers(
+            model,
+            {
+                id(layers[layer_path]): {
+                    "rank": entry["rank"],
+                    "alpha": entry["alpha"],
+                    "dropout": entry["dropout"],
+                    "use_rslora": entry["use_rslora"],
+                }
+                for layer_path, entry in saved.items()
+            },
+        )
+        wrapped = _lora_by_path(model)
+    for layer_path, layer in wrapped.items():
+        layer.lora_a.assign(tensors[f"{layer_path}/lora_a"])
+        layer.lora_b.assign(tensors[f"{layer_path}/lora_b"])
+    return model
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """Read and validate the JSON config of the adapter at `path`."""
+    path = os.fspath(path)
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise ValueError(
+            f"'{path}' is not a keras-lora adapter: {CONFIG_NAME} is missing. "
+            "Pass a directory written by `save_adapter`."
+        )
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{config_path} is not valid JSON ({e}); the adapter is damaged. "
+            "Save it again."
+        ) from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise ValueError(
+            f"{config_path} is not a keras-lora adapter config (no "
+            f"'format': '{FORMAT}'). A PEFT adapter loads with `import_peft`."
+        )
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path} has format version {config.get('format_version')!r}; "
+            f"this keras-lora reads version {FORMAT_VERSION}. Upgrade keras-lora."
+        )
+    layers = config.get("layers")
+    keys = ("path", "rank", "alpha", "dropout", "use_rslora", "lora_a_shape")
+    if (
+        not isinstance(layers, list)
+        or not layers
+        or not all(isinstance(e, dict) and all(k in e for k in keys) for e in layers)
+        or not isinstance(config.get("weights_file"), str)
+        or not _WEIGHTS_PATTERN.fullmatch(config["weights_file"])
+    ):
+        raise ValueError(
+            f"{config_path} is missing required fields; the adapter is damaged. "
+            "Save it again."
+        )
+    return config
+
+
+def _read_weights(path: str, config: dict) -> dict[str, np.ndarray]:
+    weights_path = os.path.join(path, config["weights_file"])
+    try:
+        with open(weights_path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(
+            f"Cannot read the adapter weights {weights_path} ({e.strerror}). "
+            "The adapter is incomplete; save it again."
+        ) from None
+    if hashlib.sha256(data).hexdigest() != config.get("weights_sha256"):
+        raise ValueError(
+            f"{weights_path} does not match the checksum in {CONFIG_NAME}: the "
+            "file is truncated or corrupted. Save the adapter again."
+        )
+    try:
+        return safetensors.numpy.load(data)
+    except (safetensors.SafetensorError, ValueError) as e:
+        raise ValueError(
+            f"{weights_path} is not a valid safetensors file ({e})."
+        ) from None
+
+
+def _check_base_model(model, config) -> None:
+    saved, actual = config.get("base_model", {}), _base_model_info(model)
+    if saved.get("class") != actual["class"]:
+        raise ValueError(
+            f"The adapter was trained on a {saved.get('class')}, not a "
+            f"{actual['class']}. Load it into the same kind of model."
+        )
+    if saved.get("fingerprint") != actual["fingerprint"]:
+        raise ValueError(
+            "The adapter was trained on a different base architecture "
+            f"({saved.get('num_weights')} weights, "
+            f"{saved.get('num_parameters', 0):,} parameters; this model: "
+            f"{actual['num_weights']} weights, {actual['num_parameters']:,} "
+            "parameters, or other weight paths or shapes). Load "
+            "it into the base model it was trained on."
+        )
+
+
+def _check_tensors(tensors: dict, saved: dict) -> None:
+    expected = {f"{p}/{name}" for p in saved for name in ("lora_a", "lora_b")}
+    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or extra:
+        raise ValueError(
+            "The adapter's weights do not match its config: "
+            + (f"missing {missing[:4]}" if missing else "")
+            + (" " if missing and extra else "")
+            + (f"unexpected {extra[:4]}" if extra else "")
+            + ". The adapter is damaged; save it again."
+        )
+    for layer_path, entry in saved.items():
+        rank = entry["rank"]
+        a_shape = tuple(entry["lora_a_shape"])
+        b_shape = tuple(entry.get("lora_b_shape", ()))
+        a, b = tensors[f"{layer_path}/lora_a"], tensors[f"{layer_path}/lora_b"]
+        if (
+            a.shape != a_shape
+            or b.shape != b_shape
+            or a_shape[-1:] != (rank,)
+            or b_shape[:1] != (rank,)
+        ):
+            raise ValueError(
+                f"Adapter tensors for '{layer_path}' have shapes {a.shape} and "
+                f"{b.shape}; the config says {a_shape} and {b_shape} at rank "
+                f"{rank}. The adapter is damaged; save it again."
+            )
+
+
+def _check_same_layout(wrapped: dict, saved: dict) -> None:
+    if set(wrapped) != set(saved):
+        raise ValueError(
+            "The model already has LoRA layers, but not the adapter's: model "
+            f"wraps {sorted(wrapped)[:4]}..., adapter wraps "
+            f"{sorted(saved)[:4]}.... Call `merge_lora` or load the adapter "
+            "into a fresh base model."
+        )
+    for layer_path, layer in wrapped.items():
+        entry = saved[layer_path]
+        ours = (layer.rank, layer.alpha, layer.use_rslora, list(layer.lora_a.shape))
+        theirs = (
+            entry["rank"],
+            entry["alpha"],
+            entry["use_rslora"],
+            entry["lora_a_shape"],
+        )
+        if ours != theirs:
+            raise ValueError(
+                f"Layer '{layer_path}' has rank, alpha, rslora and A shape "
+                f"{ours}; the adapter has {theirs}. Load it into a fresh base "
+                "model, or one injected with the same settings."
+            )
+
+
+def _layer_key(layer) -> str:
+    return layer.kernel.path.rpartition("/")[0]
+
+
+def _lora_by_path(model) -> dict[str, LoraLayer]:
+    return {
+        _layer_key(layer.original_layer): layer
+        for _, layer in walk_layers(model)
+        if isinstance(layer, LoraLayer)
+    }
+
+
+def _kernel_layers(model) -> dict[str, keras.layers.Layer]:
+    """Unwrapped layers with a kernel, by key; keys must be unique."""
+    layers = {}
+    for _, layer in walk_layers(model):
+        if isinstance(layer, LoraLayer) or not hasattr(layer, "kernel"):
+            continue
+        key = _layer_key(layer)
+        if key in layers:
+            raise ValueError(
+                f"Two layers of model '{model.name}' have kernels at path "
+                f"'{key}'; adapters key layers by that path. Give the layers "
+                "distinct names."
+            )
+        layers[key] = layer
+    return layers
+
+
+def _base_model_info(model) -> dict:
+    """Class and architecture fingerprint of the model without LoRA."""
+    lora_ids = {
+        id(v)
+        for layer in _lora_by_path(model).values()
+        for v in (layer.lora_a, layer.lora_b)
+    }
+    base_weights = [v for v in model.weights if id(v) not in lora_ids]
+    entries = sorted(f"{v.path}:{tuple(v.shape)}" for v in base_weights)
+    cls = type(model)
+    return {
+        "class": f"{cls.__module__.split('.')[0]}.{cls.__name__}",
+        "num_weights": len(base_weights),
+        "num_parameters": sum(int(np.prod(v.shape)) for v in base_weights),
+        "fingerprint": hashlib.sha256("\n".join(entries).encode()).hexdigest(),
+    }
+
+
+def _float32(variable) -> np.ndarray:
+    return np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value), "float32")
+
+
+def _atomic_write(final_path: str, data: bytes) -> None:
+    """Write to a temporary file in the same directory, then rename."""
+    directory = os.path.dirname(final_path) or "."
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, final_path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
