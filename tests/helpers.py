@@ -25,6 +25,18 @@ def tiny_gpt2_backbone(**overrides) -> keras_hub.models.GPT2Backbone:
     return keras_hub.models.GPT2Backbone(**config)
 
 
+def gpt2_base_backbone() -> keras_hub.models.GPT2Backbone:
+    """The GPT-2 base (124M) architecture, with random weights."""
+    return keras_hub.models.GPT2Backbone(
+        vocabulary_size=50257,
+        num_layers=12,
+        num_heads=12,
+        hidden_dim=768,
+        intermediate_dim=3072,
+        max_sequence_length=1024,
+    )
+
+
 def tiny_gpt2_lm(**overrides) -> keras_hub.models.GPT2CausalLM:
     return keras_hub.models.GPT2CausalLM(
         backbone=tiny_gpt2_backbone(**overrides), preprocessor=None

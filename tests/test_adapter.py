@@ -24,6 +24,7 @@ from keras_lora import (
 )
 from tests.helpers import (
     constant_token_task,
+    gpt2_base_backbone,
     learnable_lm,
     mlp,
     randomize_lora_b,
@@ -97,14 +98,7 @@ def test_round_trip_in_new_process_and_resume(tmp_path):
 
 
 def test_gpt2_base_adapter_is_under_one_megabyte(tmp_path):
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=50257,
-        num_layers=12,
-        num_heads=12,
-        hidden_dim=768,
-        intermediate_dim=3072,
-        max_sequence_length=1024,
-    )
+    backbone = gpt2_base_backbone()
     inject_lora(backbone, rank=4)
     save_adapter(backbone, tmp_path / "adapter")
     size = sum(f.stat().st_size for f in (tmp_path / "adapter").iterdir())

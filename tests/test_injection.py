@@ -15,6 +15,7 @@ from keras_lora import (
 )
 from tests.helpers import (
     functional_mlp,
+    gpt2_base_backbone,
     mlp,
     snapshot,
     tiny_gpt2_backbone,
@@ -26,14 +27,7 @@ from tests.helpers import (
 
 def test_gpt2_base_parameter_counts():
     """The counts of seed 01: GPT-2 base, rank 4 on query and value."""
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=50257,
-        num_layers=12,
-        num_heads=12,
-        hidden_dim=768,
-        intermediate_dim=3072,
-        max_sequence_length=1024,
-    )
+    backbone = gpt2_base_backbone()
     inject_lora(backbone)
     summary = trainable_summary(backbone)
     assert summary["trainable"] == 147_456
