@@ -14,13 +14,16 @@ from keras_lora.injection import (
 )
 from keras_lora.layer import LoraLayer
 from keras_lora.merge import merge_lora
+from keras_lora.peft import export_peft, import_peft
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCheckpoint",
     "LoraLayer",
+    "export_peft",
     "freeze_non_lora",
+    "import_peft",
     "inject_lora",
     "layer_paths",
     "load_adapter",

@@ -27,8 +27,8 @@ def inject_lora(
     as attributes of subclassed layers (keras-hub attention's
     `_query_dense`). A target matches a layer when it equals the layer's
     name, equals the end of its path ("self_attention/query"), or is a
-    regular expression that matches its whole name or whole path
-    ("feedforward_.*", "transformer_layer_[01]/.*/query"; see
+    regular expression that matches its name or a whole tail of its path
+    ("feedforward_.*_dense", "transformer_layer_[01]/.*/query"; see
     `layer_paths`).
 
     Nothing changes unless every target matches and every matched layer can
@@ -116,7 +116,11 @@ def target_layers(
             "a batch of data, or `model.build(input_shape)`), then add LoRA."
         )
     paths = list(walk_layers(model))
-    patterns = {t: re.compile(t) if _is_regex(t) else None for t in targets}
+    # A regex matches a whole path suffix that starts at a "/" boundary: the
+    # layer's name alone, or any tail of its path.
+    patterns = {
+        t: re.compile(rf"(?:.*/)?(?:{t})") if _is_regex(t) else None for t in targets
+    }
     matched, hits = [], dict.fromkeys(targets, 0)
     for path, layer in paths:
         found = False
@@ -125,10 +129,7 @@ def target_layers(
                 layer.name == target
                 or path == target
                 or path.endswith("/" + target)
-                or (
-                    pattern is not None
-                    and (pattern.fullmatch(path) or pattern.fullmatch(layer.name))
-                )
+                or (pattern is not None and pattern.fullmatch(path))
             ):
                 hits[target] += 1
                 found = True

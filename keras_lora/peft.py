@@ -499,11 +499,14 @@ def _check_config(config: dict) -> None:
     for field, value in config.items():
         if field not in _NEUTRAL_FIELDS and value not in (None, False, [], {}, ""):
             raise ValueError(
-                f"The adapter sets `{field}={value!r}`, a PEFT option that "
-                "changes the model beyond plain LoRA factors; it cannot be "
-                "imported exactly."
+                f"The adapter sets `{field}={value!r}`: a PEFT option that "
+                "changes the model beyond plain LoRA factors (or one unknown "
+                "to keras_lora), so it cannot be imported exactly."
             )
-    base_class = (config.get("auto_mapping") or {}).get("base_model_class")
+    auto_mapping = config.get("auto_mapping")
+    base_class = (
+        auto_mapping.get("base_model_class") if isinstance(auto_mapping, dict) else None
+    )
     if base_class is not None and not str(base_class).startswith("GPT2"):
         raise ValueError(
             f"The adapter is for a {base_class}; only GPT-2 adapters map onto "
@@ -538,23 +541,26 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _load_with_bfloat16(weights_path: str) -> dict[str, np.ndarray]:
-    tensors = {}
-    with safetensors.safe_open(weights_path, framework="np") as f:
-        names = list(f.keys())
+    """`safetensors.numpy.load_file` for a NumPy without bfloat16.
+
+    (With ml_dtypes loaded, as JAX and TensorFlow do, NumPy has it.)
+    """
     with open(weights_path, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_size))
         data = f.read()
-    for name in names:
-        info = header[name]
-        start, end = info["data_offsets"]
-        if info["dtype"] == "BF16":
-            # bfloat16 is the top half of a float32.
-            bits = np.frombuffer(data[start:end], "<u2").astype("<u4") << 16
-            tensors[name] = bits.view("<f4").reshape(info["shape"])
-        else:
-            with safetensors.safe_open(weights_path, framework="np") as g:
-                tensors[name] = g.get_tensor(name)
+    tensors = {}
+    with safetensors.safe_open(weights_path, framework="np") as f:
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] == "BF16":
+                # bfloat16 is the top half of a float32.
+                start, end = info["data_offsets"]
+                bits = np.frombuffer(data[start:end], "<u2").astype("<u4") << 16
+                tensors[name] = bits.view("<f4").reshape(info["shape"])
+            else:
+                tensors[name] = f.get_tensor(name)
     return tensors
 
 

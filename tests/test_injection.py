@@ -203,6 +203,19 @@ def test_targets_by_path_suffix_and_full_path():
     assert wrapped == ["value", "query", "value"]
 
 
+def test_regex_targets_match_a_path_tail():
+    lm = tiny_gpt2_lm()  # paths start with "gpt2_backbone/"
+    inject_lora(lm, targets=("transformer_layer_[1]/.*/query", "feedforward_.*_dense"))
+    wrapped = [layer.name for layer in lora_layers(lm)]
+    assert wrapped == [
+        "feedforward_intermediate_dense",
+        "feedforward_output_dense",
+        "query",
+        "feedforward_intermediate_dense",
+        "feedforward_output_dense",
+    ]
+
+
 def test_freeze_non_lora_after_user_unfreezes():
     lm = tiny_gpt2_lm()
     inject_lora(lm, rank=2)
