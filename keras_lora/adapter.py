@@ -27,13 +27,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 
 import keras
 import numpy as np
 import safetensors
 import safetensors.numpy
 
+from keras_lora.files import atomic_write
 from keras_lora.injection import wrap_layers
 from keras_lora.layer import LoraLayer, check_wrappable
 from keras_lora.surgery import walk_layers
@@ -117,8 +117,8 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> str:
         ],
     }
     os.makedirs(path, exist_ok=True)
-    _atomic_write(os.path.join(path, weights_name), data)
-    _atomic_write(
+    atomic_write(os.path.join(path, weights_name), data)
+    atomic_write(
         os.path.join(path, CONFIG_NAME),
         json.dumps(config, indent=2).encode("utf-8"),
     )
@@ -385,19 +385,3 @@ def _base_model_info(model) -> dict:
 
 def _float32(variable) -> np.ndarray:
     return np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value), "float32")
-
-
-def _atomic_write(final_path: str, data: bytes) -> None:
-    """Write to a temporary file in the same directory, then rename."""
-    directory = os.path.dirname(final_path) or "."
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, final_path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise

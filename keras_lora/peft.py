@@ -39,6 +39,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from keras_lora.files import atomic_write
 from keras_lora.injection import lora_layers, wrap_layers
 from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer
@@ -193,10 +194,15 @@ def export_peft(
         tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(fused.lora_b)
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    safetensors.numpy.save_file(
-        tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"}
+    # Each file is replaced atomically, weights first: an interrupted export
+    # never leaves a half-written file for PEFT to load.
+    atomic_write(
+        os.path.join(path, WEIGHTS_NAME),
+        safetensors.numpy.save(tensors, metadata={"format": "pt"}),
+    )
+    atomic_write(
+        os.path.join(path, CONFIG_NAME),
+        json.dumps(config, indent=2, sort_keys=True).encode("utf-8"),
     )
     return path
 

@@ -273,7 +273,7 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch, fail_at)
     expected = snapshot(lm)
     randomize_lora_b(lm, seed=2)
 
-    real_write = adapter_module._atomic_write
+    real_write = adapter_module.atomic_write
     calls = []
 
     def interrupted_write(final_path, data):
@@ -287,10 +287,10 @@ def test_interrupted_save_keeps_previous_adapter(tmp_path, monkeypatch, fail_at)
             raise KeyboardInterrupt("simulated crash before the config rename")
         real_write(final_path, data)
 
-    monkeypatch.setattr(adapter_module, "_atomic_write", interrupted_write)
+    monkeypatch.setattr(adapter_module, "atomic_write", interrupted_write)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(lm, tmp_path)
-    monkeypatch.setattr(adapter_module, "_atomic_write", real_write)
+    monkeypatch.setattr(adapter_module, "atomic_write", real_write)
 
     fresh = tiny_gpt2_lm()
     load_adapter(fresh, tmp_path)
