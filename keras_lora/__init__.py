@@ -1,6 +1,7 @@
 """keras-lora: LoRA fine-tuning for Keras 3 on TensorFlow, JAX and PyTorch."""
 
 from keras_lora.adapter import load_adapter, read_adapter_config, save_adapter
+from keras_lora.callbacks import GPUMemoryCallback
 from keras_lora.checkpoint import AdapterCheckpoint
 from keras_lora.injection import (
     freeze_non_lora,
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCheckpoint",
+    "GPUMemoryCallback",
     "LoraLayer",
     "export_peft",
     "freeze_non_lora",

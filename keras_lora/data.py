@@ -1,0 +1,377 @@
+"""Text data and tokenizers for fine-tuning GPT-2, online or fully offline.
+
+Three corpora:
+
+- `default_corpus()`: the docstrings of Python standard-library modules,
+  read from the running interpreter. Real English prose that exists on any
+  machine with Python, so fine-tuning runs with no network at all.
+- `text_corpus(path)`: plain text files or folders of them.
+- `reddit_tifu_dataset()`: the Reddit TIFU posts of the keras.io GPT-2 LoRA
+  example, through tensorflow-datasets. Needs the dataset downloaded once
+  (network) or already prepared under `data_dir`.
+
+`train_tokenizer` builds a GPT-2-style byte-level BPE tokenizer from a corpus
+for models without a GPT-2 vocabulary at hand (random-weight architectures),
+and `text_dataset` batches strings for `GPT2CausalLM.fit`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import platform
+import re
+import sys
+from collections.abc import Iterable, Sequence
+
+END_OF_TEXT = "<|endoftext|>"
+
+# A fixed list (not sys.stdlib_module_names) so the corpus is the same on
+# every run of one Python version; none of these has import side effects.
+STDLIB_MODULES = (
+    "abc", "argparse", "ast", "base64", "bisect", "calendar", "cmd",
+    "collections", "configparser", "contextlib", "copy", "csv",
+    "dataclasses", "datetime", "decimal", "difflib", "doctest", "email.message",
+    "enum", "filecmp", "fnmatch", "fractions", "ftplib", "functools",
+    "getopt", "gettext", "glob", "gzip", "heapq", "hmac", "html.parser",
+    "http.client", "http.cookies", "imaplib", "inspect", "io", "ipaddress",
+    "json", "locale", "logging", "lzma", "mailbox", "mimetypes", "netrc",
+    "numbers", "operator", "optparse", "os", "pathlib", "pickle", "pkgutil",
+    "platform", "poplib", "pprint", "pydoc", "queue", "quopri", "random",
+    "re", "sched", "secrets", "selectors", "shelve", "shlex", "shutil",
+    "smtplib", "socket", "socketserver", "sqlite3", "statistics", "string",
+    "subprocess", "tarfile", "tempfile", "textwrap", "threading", "timeit",
+    "tokenize", "trace", "traceback", "turtle", "typing", "unittest.case",
+    "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref",
+    "xml.dom.minidom", "zipfile", "zoneinfo",
+)  # fmt: skip
+
+
+def default_corpus(
+    max_documents: int | None = None, max_chars: int = 2_000_000
+) -> list[str]:
+    """Docstrings of Python standard-library modules, as documents.
+
+    For each module of `STDLIB_MODULES` (in that order) the module docstring
+    comes first, then those of its public classes, functions and methods,
+    sorted by name. Doctest lines (`>>>`, `...`) are dropped and docstrings
+    shorter than 200 characters skipped, which leaves prose. The result is
+    deterministic for a given Python version (docstrings change between
+    versions); `corpus_description()` says which one.
+
+    Args:
+        max_documents: keep at most this many documents.
+        max_chars: stop once the documents hold this many characters.
+
+    Returns:
+        A list of strings, one docstring each.
+
+    Example:
+
+    >>> docs = default_corpus(max_documents=3)
+    >>> len(docs)
+    3
+    """
+    _check_positive("max_documents", max_documents, allow_none=True)
+    _check_positive("max_chars", max_chars)
+    documents: list[str] = []
+    total = 0
+    for text in _stdlib_docstrings():
+        if max_documents is not None and len(documents) >= max_documents:
+            break
+        if total >= max_chars:
+            break
+        text = text[: max_chars - total]
+        documents.append(text)
+        total += len(text)
+    return documents
+
+
+def corpus_description() -> str:
+    """Names the default corpus and the interpreter it was read from."""
+    return (
+        f"Python {platform.python_version()} standard-library docstrings "
+        f"({len(STDLIB_MODULES)} modules, keras_lora.data.default_corpus)"
+    )
+
+
+def _stdlib_docstrings() -> Iterable[str]:
+    seen: set[int] = set()
+    for name in STDLIB_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # A trimmed Python build may lack one (e.g. lzma).
+            continue
+        for obj in _documented_objects(module):
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            text = _clean_docstring(inspect.getdoc(obj) or "")
+            if len(text) >= 200:
+                yield text
+
+
+def _documented_objects(module) -> Iterable[object]:
+    yield module
+    for name, member in sorted(vars(module).items()):
+        if name.startswith("_") or getattr(member, "__module__", None) != (
+            module.__name__
+        ):
+            continue
+        if inspect.isclass(member) or inspect.isfunction(member):
+            yield member
+        if inspect.isclass(member):
+            for attr, method in sorted(vars(member).items()):
+                if not attr.startswith("_") and inspect.isfunction(method):
+                    yield method
+
+
+def _clean_docstring(text: str) -> str:
+    lines = [
+        line
+        for line in text.splitlines()
+        if not line.lstrip().startswith((">>>", "... "))
+    ]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def text_corpus(path: str | os.PathLike, split: str = "file") -> list[str]:
+    """Read documents from a text file or a folder of text files.
+
+    Args:
+        path: a UTF-8 text file, or a folder: every `.txt` and `.md` file
+            under it, in sorted path order.
+        split: `"file"`: one document per file; `"paragraph"`: one document
+            per blank-line-separated paragraph.
+
+    Returns:
+        A list of non-empty strings.
+
+    Example:
+
+    >>> docs = text_corpus("my_texts/", split="paragraph")
+    """
+    if split not in ("file", "paragraph"):
+        raise ValueError(
+            f"split must be 'file' or 'paragraph', got {split!r}: use "
+            "'paragraph' for one document per blank-line-separated paragraph"
+        )
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(
+            os.path.join(root, name)
+            for root, _, names in os.walk(path)
+            for name in names
+            if name.endswith((".txt", ".md"))
+        )
+        if not files:
+            raise FileNotFoundError(
+                f"no .txt or .md files under {path!r}: put the training text "
+                "in such files, or pass one text file"
+            )
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise FileNotFoundError(f"text corpus {path!r} does not exist")
+    documents = []
+    for file in files:
+        with open(file, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        parts = re.split(r"\n\s*\n", text) if split == "paragraph" else [text]
+        documents.extend(p.strip() for p in parts if p.strip())
+    if not documents:
+        raise ValueError(f"the text corpus at {path!r} is empty")
+    return documents
+
+
+def reddit_tifu_dataset(
+    batch_size: int = 32,
+    num_batches: int | None = None,
+    split: str = "train",
+    data_dir: str | None = None,
+    download: bool = False,
+):
+    """Reddit TIFU documents, batched, as in the keras.io GPT-2 LoRA example.
+
+    Exactly the example's pipeline: `tfds.load("reddit_tifu", split="train",
+    as_supervised=True)`, keep the document, `.batch().cache().prefetch()`,
+    `.take(num_batches)`.
+
+    Args:
+        batch_size: strings per batch.
+        num_batches: keep only the first batches; `None` for all.
+        split: the tfds split.
+        data_dir: where tensorflow-datasets keeps prepared data (default
+            `~/tensorflow_datasets`).
+        download: allow tfds to download and prepare the dataset (640 MB,
+            needs network); otherwise it must already be prepared.
+
+    Returns:
+        A `tf.data.Dataset` of batched document strings.
+
+    Raises:
+        OSError: when the dataset is not prepared and `download` is False,
+            or when downloading fails.
+    """
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    _check_positive("batch_size", batch_size)
+    _check_positive("num_batches", num_batches, allow_none=True)
+    try:
+        reddit_ds = tfds.load(
+            "reddit_tifu",
+            split=split,
+            as_supervised=True,
+            data_dir=data_dir,
+            download=download,
+        )
+    except Exception as error:  # tfds raises many types; one message here.
+        where = data_dir or os.path.join("~", "tensorflow_datasets")
+        how = (
+            "the download failed (no network?)"
+            if download
+            else f"it is not prepared under {where}"
+        )
+        raise OSError(
+            f"reddit_tifu is unavailable: {how} ({type(error).__name__}). "
+            "Prepare it once on a machine with network "
+            "(tfds.load('reddit_tifu')) and pass its data_dir, or use the "
+            "offline default corpus or a text path instead"
+        ) from error
+    train_ds = (
+        reddit_ds.map(lambda document, _: document)
+        .batch(batch_size)
+        .cache()
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    if num_batches is not None:
+        train_ds = train_ds.take(num_batches)
+    return train_ds
+
+
+def dataset_texts(dataset, max_documents: int = 2000) -> list[str]:
+    """The first `max_documents` strings of a batched string dataset."""
+    texts: list[str] = []
+    for batch in dataset:
+        texts.extend(t.decode("utf-8", "replace") for t in batch.numpy())
+        if len(texts) >= max_documents:
+            break
+    return texts[:max_documents]
+
+
+def train_tokenizer(
+    texts: Sequence[str], vocabulary_size: int = 8192, min_frequency: int = 2
+):
+    """Train a GPT-2-style byte-level BPE tokenizer on `texts`.
+
+    For models without a GPT-2 vocabulary at hand (random-weight
+    architectures, offline machines). Uses the `tokenizers` package's
+    `ByteLevelBPETokenizer` (the algorithm and pre-tokenisation of GPT-2)
+    and returns a `keras_hub.models.GPT2Tokenizer` holding the learned
+    vocabulary and merges in memory. `<|endoftext|>` is in the vocabulary,
+    as GPT-2's preprocessor needs it.
+
+    Args:
+        texts: the training corpus.
+        vocabulary_size: the largest vocabulary to learn (at least 257: the
+            256 byte symbols plus `<|endoftext|>`); a small corpus may give
+            fewer.
+        min_frequency: merge only pairs seen this often.
+
+    Returns:
+        A `keras_hub.models.GPT2Tokenizer`.
+
+    Example:
+
+    >>> tokenizer = train_tokenizer(default_corpus(max_documents=200), 1000)
+    >>> tokenizer.vocabulary_size() <= 1000
+    True
+    """
+    import json
+
+    import keras_hub
+    from tokenizers import ByteLevelBPETokenizer
+
+    if int(vocabulary_size) < 257:
+        raise ValueError(
+            f"vocabulary_size must be at least 257 (256 bytes and "
+            f"{END_OF_TEXT}), got {vocabulary_size}"
+        )
+    texts = list(texts)
+    if not texts:
+        raise ValueError("cannot train a tokenizer on an empty corpus")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts,
+        vocab_size=int(vocabulary_size),
+        min_frequency=min_frequency,
+        special_tokens=[END_OF_TEXT],
+        show_progress=False,
+    )
+    model = json.loads(bpe.to_str())["model"]
+    # Older `tokenizers` write merges as "a b" strings, newer as pairs.
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return keras_hub.models.GPT2Tokenizer(vocabulary=model["vocab"], merges=merges)
+
+
+def make_preprocessor(tokenizer, sequence_length: int = 128):
+    """A `GPT2CausalLMPreprocessor` over `tokenizer` at `sequence_length`."""
+    import keras_hub
+
+    _check_positive("sequence_length", sequence_length)
+    return keras_hub.models.GPT2CausalLMPreprocessor(
+        tokenizer=tokenizer, sequence_length=sequence_length
+    )
+
+
+def text_dataset(
+    texts: Sequence[str],
+    batch_size: int = 32,
+    repeat: bool = False,
+    shuffle_seed: int | None = None,
+):
+    """Batch strings into a `tf.data.Dataset` for `GPT2CausalLM.fit`.
+
+    The task model's preprocessor tokenizes each batch, as in the keras.io
+    example (`fit` on a dataset of raw strings).
+
+    Args:
+        texts: documents.
+        batch_size: strings per batch.
+        repeat: repeat forever (then pass `steps_per_epoch` to `fit`).
+        shuffle_seed: shuffle the documents with this seed; `None` keeps
+            their order.
+
+    Returns:
+        A `tf.data.Dataset` of string batches, prefetched.
+    """
+    import tensorflow as tf
+
+    _check_positive("batch_size", batch_size)
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no training documents: the corpus is empty")
+    ds = tf.data.Dataset.from_tensor_slices(texts)
+    if shuffle_seed is not None:
+        ds = ds.shuffle(len(texts), seed=shuffle_seed)
+    # No .cache(): the strings are in memory already, and a cache read only
+    # partly (fewer steps than one pass) makes TensorFlow warn.
+    ds = ds.batch(batch_size)
+    if repeat:
+        ds = ds.repeat()
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _check_positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+if __name__ == "__main__":  # Quick look: python -m keras_lora.data
+    docs = default_corpus()
+    print(corpus_description(), file=sys.stderr)
+    print(f"{len(docs)} documents, {sum(map(len, docs)):,} characters")

@@ -1,0 +1,320 @@
+"""End-to-end tests of the `keras-lora` command and `keras_lora.data`.
+
+Everything runs offline on a tiny random GPT-2 (2 layers, hidden 64) with a
+byte-level BPE tokenizer trained on a slice of the default corpus (Python
+standard-library docstrings), for 2 steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import keras_hub
+import numpy as np
+import pytest
+
+from keras_lora import cli, data, load_adapter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# TensorFlow's C++ runtime logs to stderr before Python can stop it; those
+# lines are not ours.
+NATIVE_LOG = re.compile(
+    r"^([IWEF]\d{4} |WARNING: All log messages before absl|To enable the "
+    r"following instructions)"
+)
+TINY = [
+    "--arch", "tiny", "--steps", "2", "--batch", "2", "--seq", "16",
+    "--max-documents", "40", "--vocab-size", "300", "--max-length", "10",
+]  # fmt: skip
+
+
+def run_main(argv) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(argv)
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny fine-tuning run shared by the tests: (out dir, stdout)."""
+    out = str(tmp_path_factory.mktemp("finetune"))
+    code, stdout = run_main(["finetune", *TINY, "--out", out])
+    assert code == 0, stdout
+    return out, stdout
+
+
+def logits(lm, token_ids) -> np.ndarray:
+    x = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
+    return keras.ops.convert_to_numpy(lm(x))
+
+
+def token_ids(lm) -> np.ndarray:
+    return np.array([[5, 17, 42, 99, 7, 3]], dtype="int32") % (
+        lm.backbone.vocabulary_size
+    )
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_default_corpus_is_deterministic_prose():
+    first = data.default_corpus(max_documents=30)
+    assert first == data.default_corpus(max_documents=30)
+    assert len(first) == 30 and all(len(d) >= 200 for d in first)
+    assert not any(">>>" in d for d in first)
+    capped = data.default_corpus(max_chars=5000)
+    assert sum(map(len, capped)) == 5000
+    assert "standard-library docstrings" in data.corpus_description()
+
+
+def test_text_corpus_files_and_paragraphs(tmp_path):
+    (tmp_path / "a.txt").write_text("First para.\n\nSecond para.\n")
+    (tmp_path / "b.md").write_text("Only one.")
+    (tmp_path / "skip.bin").write_text("ignored")
+    assert data.text_corpus(tmp_path) == ["First para.\n\nSecond para.", "Only one."]
+    assert data.text_corpus(tmp_path, split="paragraph") == [
+        "First para.",
+        "Second para.",
+        "Only one.",
+    ]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.text_corpus(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="split"):
+        data.text_corpus(tmp_path, split="line")
+
+
+def test_trained_tokenizer_and_dataset_feed_gpt2():
+    docs = data.default_corpus(max_documents=20)
+    tokenizer = data.train_tokenizer(docs, vocabulary_size=300)
+    assert tokenizer.vocabulary_size() <= 300
+    assert tokenizer.token_to_id(data.END_OF_TEXT) is not None
+    preprocessor = data.make_preprocessor(tokenizer, sequence_length=12)
+    batch = next(iter(data.text_dataset(docs, batch_size=4)))
+    x, y, w = preprocessor(batch)
+    assert tuple(x["token_ids"].shape) == (4, 12)
+    text = docs[0][:40]
+    ids = tokenizer(text)
+    assert tokenizer.detokenize(ids) == text  # Byte-level BPE is lossless.
+    with pytest.raises(ValueError, match="at least 257"):
+        data.train_tokenizer(docs, vocabulary_size=100)
+
+
+def test_reddit_tifu_unavailable_offline_is_a_clear_error(tmp_path):
+    with pytest.raises(OSError, match="reddit_tifu is unavailable"):
+        data.reddit_tifu_dataset(batch_size=2, data_dir=str(tmp_path))
+
+
+# ------------------------------------------------------------------ commands
+
+
+def test_finetune_writes_adapter_base_and_report(run):
+    out, stdout = run
+    with open(os.path.join(out, "run_report.json")) as f:
+        report = json.load(f)
+    assert report["weights"] == "RANDOM weights, GPT-2 tiny architecture"
+    assert "standard-library docstrings" in report["data"]
+    assert report["tokenizer"].startswith("byte-level BPE trained on the corpus")
+    assert report["backend"] == keras.backend.backend()
+    # 2 blocks x (query, value) x (A 64x4 + B 4x(2x32)).
+    assert report["parameters"]["trainable"] == 2048
+    assert len(report["loss_per_step"]) == 2
+    assert all(np.isfinite(report["loss_per_step"]))
+    assert report["loss_per_step"][0] == report["loss_per_step_running_mean"][0]
+    assert len(report["generations_after"]) == 2
+    assert os.path.isfile(os.path.join(out, "adapter", "adapter_config.json"))
+    assert os.path.isfile(os.path.join(out, "base_preset", "config.json"))
+    assert "trainable params: 2,048" in stdout
+    assert "before fine-tuning" in stdout and "after fine-tuning" in stdout
+    assert "2/2" in stdout  # Keras progress bar.
+
+
+def test_generate_with_and_without_adapter(run):
+    out, _ = run
+    base = os.path.join(out, "base_preset")
+    args = ["generate", "--preset", base, "--prompt", "The module", "--seq", "16"]
+    code, stdout = run_main(args + ["--adapter", os.path.join(out, "adapter")])
+    assert code == 0
+    assert "local Keras preset" in stdout
+    # Generated text may hold newlines: look after the header lines.
+    assert stdout.split("adapter: ", 1)[1].splitlines()[1].startswith("The module")
+    code, stdout = run_main(args + ["--max-length", "8"])
+    assert code == 0 and "adapter: none" in stdout
+
+
+def test_merge_writes_a_preset_equal_to_base_plus_adapter(run, tmp_path):
+    out, _ = run
+    base, adapter = os.path.join(out, "base_preset"), os.path.join(out, "adapter")
+    merged = str(tmp_path / "merged")
+    code, stdout = run_main(
+        ["merge", "--preset", base, "--adapter", adapter, "--out", merged]
+    )
+    assert code == 0 and "merged 4 LoRA layers" in stdout
+    merged_lm = keras_hub.models.GPT2CausalLM.from_preset(merged)
+    lora_lm = keras_hub.models.GPT2CausalLM.from_preset(base)
+    load_adapter(lora_lm, adapter)
+    ids = token_ids(lora_lm)
+    np.testing.assert_allclose(
+        logits(merged_lm, ids), logits(lora_lm, ids), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_export_then_import_peft_keeps_the_model(run, tmp_path):
+    out, _ = run
+    base, adapter = os.path.join(out, "base_preset"), os.path.join(out, "adapter")
+    peft_dir, back = str(tmp_path / "peft"), str(tmp_path / "back")
+    code, _ = run_main(
+        ["export-peft", "--preset", base, "--adapter", adapter, "--out", peft_dir]
+    )
+    assert code == 0
+    assert os.path.isfile(os.path.join(peft_dir, "adapter_model.safetensors"))
+    code, stdout = run_main(
+        ["import-peft", "--preset", base, "--peft", peft_dir, "--out", back]
+    )
+    assert code == 0 and "wrote adapter" in stdout
+    original = keras_hub.models.GPT2CausalLM.from_preset(base)
+    load_adapter(original, adapter)
+    imported = keras_hub.models.GPT2CausalLM.from_preset(base)
+    load_adapter(imported, back)
+    ids = token_ids(original)
+    np.testing.assert_allclose(
+        logits(imported, ids), logits(original, ids), atol=1e-4, rtol=1e-4
+    )
+
+
+def test_finetune_a_local_hugging_face_gpt2_for_one_epoch(tmp_path):
+    """A transformers GPT-2 directory with its own vocab.json / merges.txt."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import ByteLevelBPETokenizer
+
+    hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "run")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        data.default_corpus(max_documents=40),
+        vocab_size=300,
+        special_tokens=[data.END_OF_TEXT],
+        show_progress=False,
+    )
+    os.makedirs(hf_dir)
+    bpe.save_model(hf_dir)
+    config = transformers.GPT2Config(
+        vocab_size=bpe.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2,
+        n_head=2, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
+    argv = ["--preset", hf_dir, "--seq", "16", "--max-length", "8"]
+    code, stdout = run_main(
+        ["finetune", *argv, "--epochs", "1", "--max-documents", "4", "--batch", "2"]
+        + ["--out", out]
+    )
+    assert code == 0, stdout
+    with open(os.path.join(out, "run_report.json")) as f:
+        report = json.load(f)
+    assert report["weights"].startswith("local Hugging Face GPT-2")
+    assert report["tokenizer"].startswith("the preset's tokenizer")
+    assert report["steps"] is None and len(report["loss_per_step_running_mean"]) == 2
+    assert not os.path.exists(os.path.join(out, "base_preset"))
+    adapter = os.path.join(out, "adapter")
+    code, stdout = run_main(["generate", *argv, "--adapter", adapter, "--prompt", "A"])
+    assert code == 0 and "local Hugging Face GPT-2" in stdout
+
+
+def test_compare_runs_the_benchmark(tmp_path):
+    out = str(tmp_path / "bench")
+    argv = [
+        "compare", "--tiny", "--backend", keras.backend.backend(), "--runs",
+        "lora", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16",
+        "--inference-runs", "1", "--out", out,
+    ]  # fmt: skip
+    code, stdout = run_main(argv)
+    assert code == 0, stdout
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)["results"]
+    assert [(r["run"], r["status"]) for r in results] == [("lora", "ok")]
+    assert results[0]["trainable_params"] == 2048
+
+
+# ------------------------------------------------------------------ errors
+
+
+def expect_one_line(capsys, *fragments) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("keras-lora") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["bogus"], "invalid choice: 'bogus'"),
+        ([], "required: COMMAND"),
+        (["finetune", "--arch", "tiny", "--rank", "0", "--out", "x"], "--rank"),
+        (["finetune", "--arch", "tiny", "--alpha", "-1", "--out", "x"], "--alpha"),
+        (["finetune", "--arch", "huge", "--out", "x"], "--arch"),
+        (["finetune", "--arch", "tiny"], "--out"),
+        (["generate", "--preset", "p"], "--prompt"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    expect_one_line(capsys, fragment)
+
+
+def test_missing_files_exit_1_with_one_line(capsys, run, tmp_path):
+    out, _ = run
+    base = os.path.join(out, "base_preset")
+    cases = [
+        (["generate", "--preset", str(tmp_path / "nope"), "--prompt", "x"], "nope"),
+        (["merge", "--preset", base, "--adapter", "/no/adapter", "--out", "m"], "/no"),
+        (["finetune", "--arch", "tiny", "--data", "/no/text.txt", "--out", "o"], ""),
+        (["import-peft", "--preset", base, "--peft", "/no/peft", "--out", "o"], ""),
+        (["generate", "--preset", str(tmp_path), "--prompt", "x"], "config.json"),
+        # A directory that is not an adapter: the library's ValueError.
+        (["generate", "--preset", base, "--adapter", base, "--prompt", "x"], ""),
+    ]
+    for argv, fragment in cases:
+        assert cli.main(argv) == 1, argv
+        expect_one_line(capsys, fragment)
+    # Unknown targets fail before anything is written.
+    bad = str(tmp_path / "bad")
+    argv = ["finetune", *TINY, "--targets", "nope", "--out", bad]
+    assert cli.main(argv) == 1
+    expect_one_line(capsys, "No layer matched")
+    assert not os.path.exists(os.path.join(bad, "base_preset"))
+
+
+def test_compare_without_a_checkout_says_so(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "_source_root", lambda: str(tmp_path))
+    monkeypatch.delenv("KERAS_LORA_BENCHMARK", raising=False)
+    assert cli.main(["compare", "--tiny"]) == 1
+    expect_one_line(capsys, "benchmarks/benchmark.py", "not found")
+
+
+def test_module_entry_point_exit_codes():
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    missing = ["merge", "--preset", "/no/where", "--adapter", "a", "--out", "o"]
+    for argv, code in ((["bogus"], 2), (missing, 1)):
+        proc = subprocess.run(
+            [sys.executable, "-m", "keras_lora.cli", *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert proc.returncode == code, proc.stderr
+        ours = [line for line in proc.stderr.splitlines() if not NATIVE_LOG.match(line)]
+        assert len(ours) == 1 and ours[0].startswith("keras-lora"), proc.stderr
+        assert "Traceback" not in proc.stderr
