@@ -1,0 +1,467 @@
+"""One benchmark run, in its own process: `python worker.py SPEC.json`.
+
+`benchmark.py` starts this script once per (backend, run) with
+`KERAS_BACKEND` set, because Keras fixes its backend at import and because a
+run's peak memory must not include another run's. The spec (JSON) says what
+to run; the result (JSON) goes to `spec["result_path"]`.
+
+Runs:
+    full     every weight trains.
+    lora     keras_lora.inject_lora(rank, alpha, targets).
+    builtin  keras-hub's `backbone.enable_lora(rank, target_layer_names)`.
+    floor    every weight frozen except one bias vector in the first
+             transformer block: the cost of a forward pass plus
+             back-propagation down to block 0, which any adapter there pays.
+    peft     Hugging Face PEFT LoRA on a transformers GPT2LMHeadModel of the
+             same size (torch, no Keras).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+# keras-hub GPT-2 layer names -> the transformers GPT-2 modules that hold
+# them (c_attn is the fused query|key|value projection; "c_proj" matches
+# both attn.c_proj and mlp.c_proj).
+PEFT_MODULES = {
+    "query": "c_attn",
+    "key": "c_attn",
+    "value": "c_attn",
+    "attention_output": "attn.c_proj",
+    "feedforward_intermediate_dense": "c_fc",
+    "feedforward_output_dense": "mlp.c_proj",
+}
+
+
+def main(spec_path: str) -> int:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    started = time.perf_counter()
+    try:
+        if spec["run"] == "peft":
+            result = peft_run(spec)
+        else:
+            result = keras_run(spec)
+        result["status"] = "ok"
+    except Exception as error:  # Reported in the table, not a crash.
+        traceback.print_exc()
+        result = {"status": "error", "error": f"{type(error).__name__}: {error}"}
+    result.update(
+        run=spec["run"],
+        backend=spec["backend"],
+        wall_s=round(time.perf_counter() - started, 2),
+    )
+    with open(spec["result_path"], "w") as f:
+        json.dump(result, f, indent=2)
+    return 0 if result["status"] == "ok" else 1
+
+
+# ----------------------------------------------------------------- data
+
+
+def token_data(spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Random next-token data: inputs (n, seq) and labels (n, seq)."""
+    n = (spec["warmup"] + spec["steps"]) * spec["batch"]
+    rng = np.random.default_rng(spec["seed"])
+    vocab = spec["arch"]["vocabulary_size"]
+    tokens = rng.integers(0, vocab, (n, spec["seq"] + 1)).astype("int32")
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def step_stats(step_times: list[float], cpu_times: list[float], spec: dict) -> dict:
+    """Median wall time per step after warm-up, and tokens/s from it.
+
+    Also the median process CPU time per step (all threads): on a shared
+    machine, other processes stretch wall time far more than CPU time, so
+    it shows whether a wall-time difference is the run's own work. The load
+    average says how busy the machine was.
+    """
+    measured = step_times[spec["warmup"] :]
+    median = statistics.median(measured)
+    return {
+        "step_times_s": [round(t, 4) for t in step_times],
+        "median_step_s": round(median, 4),
+        "tokens_per_s": round(spec["batch"] * spec["seq"] / median, 1),
+        "median_step_cpu_s": round(statistics.median(cpu_times[spec["warmup"] :]), 4),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+# ------------------------------------------------------------ keras runs
+
+
+def keras_run(spec: dict) -> dict:
+    import keras
+
+    import keras_lora
+    from keras_lora.callbacks import GPUMemoryCallback, host_peak_rss_bytes
+
+    keras.utils.set_random_seed(spec["seed"])
+    if spec["dtype_policy"]:
+        keras.config.set_dtype_policy(spec["dtype_policy"])
+
+    t0 = time.perf_counter()
+    lm = build_lm(spec)
+    build_s = time.perf_counter() - t0
+    tokens, labels = token_data(spec)
+    x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
+
+    run = spec["run"]
+    if run == "lora":
+        keras_lora.inject_lora(
+            lm, rank=spec["rank"], alpha=spec["alpha"], targets=spec["targets"]
+        )
+    elif run == "builtin":
+        lm.backbone.enable_lora(spec["rank"], target_layer_names=spec["targets"])
+    elif run == "floor":
+        freeze_all_but_first_bias(lm)
+    elif run != "full":
+        raise ValueError(f"Unknown run {run!r}.")
+
+    lm.compile(
+        # The floor trains one bias: excluding it from weight decay would
+        # leave Keras's torch AdamW an empty list to decay, which it cannot
+        # handle (RuntimeError in torch._foreach_mul_; see RESULTS.md).
+        optimizer=seed_optimizer(
+            keras, spec["learning_rate"], exclude_from_decay=run != "floor"
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    trainable = sum(math.prod(v.shape) for v in lm.trainable_weights)
+    frozen = sum(math.prod(v.shape) for v in lm.non_trainable_weights)
+
+    timer = make_step_timer(keras)
+    memory = GPUMemoryCallback(target_batches=[spec["warmup"]])
+    build_peak = host_peak_rss_bytes()
+    lm.fit(
+        x,
+        labels,
+        batch_size=spec["batch"],
+        epochs=1,
+        shuffle=False,
+        callbacks=[timer, memory],
+        verbose=0,
+    )
+    result = {
+        "trainable_params": int(trainable),
+        "frozen_params": int(frozen),
+        "build_s": round(build_s, 2),
+        "jit_compile": bool(getattr(lm, "jit_compile", False)),
+        "memory_device": memory.device,
+        "peak_memory_gb": memory.peak_usage,
+        "peak_memory_readings": dict(
+            zip(memory.labels, memory.memory_usage, strict=True)
+        ),
+        "final_loss": round(timer.step_losses[-1], 4),
+        "mean_loss": round(statistics.fmean(timer.step_losses), 4),
+    }
+    if not memory.on_accelerator:
+        result["process_peak_rss_gb"] = round(
+            max(build_peak, host_peak_rss_bytes()) / 2**30, 3
+        )
+    result.update(step_stats(timer.step_times, timer.cpu_times, spec))
+    result.update(adapter_size(lm, spec, keras_lora))
+    if run == "lora":
+        result.update(inference_latency(lm, spec, x, keras_lora))
+    return result
+
+
+def build_lm(spec: dict):
+    import keras_hub
+
+    if spec["preset"]:
+        backbone = keras_hub.models.GPT2Backbone.from_preset(spec["preset"])
+    else:
+        backbone = keras_hub.models.GPT2Backbone(**spec["arch"])
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+
+
+def seed_optimizer(keras, learning_rate: float, exclude_from_decay: bool = True):
+    """AdamW as in the keras.io GPT-2 LoRA example (seed 01)."""
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=learning_rate,
+        weight_decay=0.01,
+        epsilon=1e-6,
+        global_clipnorm=1.0,
+    )
+    if exclude_from_decay:
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+def freeze_all_but_first_bias(lm) -> None:
+    """Train only the query bias of transformer block 0 (768 values)."""
+    block = lm.backbone.get_layer("transformer_layer_0")
+    bias = block._self_attention_layer._query_dense.bias
+    lm.trainable = True
+    for variable in lm.weights:
+        variable.trainable = variable is bias
+
+
+def make_step_timer(keras):
+    """A callback that times each train step, begin to end of batch.
+
+    Defining `on_train_batch_end` turns off Keras's asynchronous callback
+    dispatch, and the logs arrive converted to Python floats, which waits
+    for the step's device work: each interval covers the whole step.
+    """
+
+    class StepTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.step_times: list[float] = []
+            self.cpu_times: list[float] = []
+            self.step_losses: list[float] = []
+            self._start = self._cpu_start = 0.0
+            self._running_mean = 0.0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._start = time.perf_counter()
+            self._cpu_start = time.process_time()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.step_times.append(time.perf_counter() - self._start)
+            self.cpu_times.append(time.process_time() - self._cpu_start)
+            # Keras logs the running mean of the epoch's loss; undo the mean
+            # to get this step's loss (the batches are equal-sized).
+            mean = float(logs["loss"])
+            k = len(self.step_times)
+            self.step_losses.append(k * mean - (k - 1) * self._running_mean)
+            self._running_mean = mean
+
+    return StepTimer()
+
+
+def adapter_size(lm, spec: dict, keras_lora) -> dict:
+    """Bytes a user must keep to restore the fine-tuned model."""
+    run = spec["run"]
+    if run in ("full", "floor"):
+        bytes_ = sum(
+            math.prod(v.shape) * np.dtype(v.dtype).itemsize
+            for v in lm.trainable_weights
+        )
+        return {"adapter_bytes": int(bytes_), "adapter_source": "trainable weights"}
+    with tempfile.TemporaryDirectory() as tmp:
+        if run == "builtin":
+            lm.backbone.save_lora_weights(os.path.join(tmp, "adapter.lora.h5"))
+            source = "backbone.save_lora_weights (.lora.h5)"
+        elif hasattr(keras_lora, "save_adapter"):
+            keras_lora.save_adapter(lm, os.path.join(tmp, "adapter"))
+            source = "keras_lora.save_adapter (safetensors)"
+        else:
+            import safetensors.numpy
+
+            tensors = {}
+            for layer in keras_lora.lora_layers(lm):
+                for variable in (layer.lora_a, layer.lora_b):
+                    tensors[variable.path] = np.asarray(
+                        variable.numpy(), dtype="float32"
+                    )
+            safetensors.numpy.save_file(tensors, os.path.join(tmp, "a.safetensors"))
+            source = "safetensors.numpy.save_file of the LoRA factors"
+        return {**file_bytes(tmp), "adapter_source": source}
+
+
+def file_bytes(directory: str) -> dict:
+    weights = total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            size = os.path.getsize(os.path.join(root, name))
+            total += size
+            if not name.endswith(".json"):
+                weights += size
+    return {"adapter_bytes": weights, "adapter_files_bytes": total}
+
+
+def inference_latency(lm, spec: dict, x: dict, keras_lora) -> dict:
+    """Median forward pass (`predict_on_batch`) of LoRA and merged vs base.
+
+    Each is timed against a freshly built base model of the same
+    architecture, alternating calls in ABBA order, so drift in the
+    machine's speed and any cost of going first affect both alike.
+    """
+    batch = {k: v[: spec["batch"]] for k, v in x.items()}
+    runs = spec["inference_runs"]
+    base = build_lm(spec)
+
+    def predict(model):
+        return lambda: model.predict_on_batch(batch)
+
+    unmerged, base_1 = latency_samples([predict(lm), predict(base)], runs)
+    keras_lora.merge_lora(lm)
+    # merge_lora leaves the compiled predict function in place; on
+    # TensorFlow a function traced before the merge still runs the LoRA
+    # path (see benchmarks/RESULTS.md). Rebuild it.
+    lm.predict_function = None
+    merged, base_2 = latency_samples([predict(lm), predict(base)], runs)
+    median = statistics.median
+    return {
+        "inference_unmerged_s": round(median(unmerged), 4),
+        "inference_base_with_unmerged_s": round(median(base_1), 4),
+        "inference_merged_s": round(median(merged), 4),
+        "inference_base_s": round(median(base_2), 4),
+        "inference_samples_s": {
+            "unmerged": unmerged,
+            "base (with unmerged)": base_1,
+            "merged": merged,
+            "base": base_2,
+        },
+    }
+
+
+def latency_samples(functions, runs: int, warmup: int = 2) -> list[list[float]]:
+    """Seconds per call of each function, alternating them ABBA-style."""
+    for fn in functions:
+        for _ in range(warmup):  # Compiles the predict function.
+            fn()
+    samples = [[] for _ in functions]
+    for i in range(runs):
+        order = range(len(functions))
+        for j in order if i % 2 == 0 else reversed(order):
+            start = time.perf_counter()
+            np.asarray(functions[j]())  # NumPy out: the call has finished.
+            samples[j].append(round(time.perf_counter() - start, 4))
+    return samples
+
+
+# --------------------------------------------------------------- PEFT run
+
+
+def peft_run(spec: dict) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(spec["seed"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    arch = spec["arch"]
+    config = transformers.GPT2Config(
+        vocab_size=arch["vocabulary_size"],
+        n_positions=arch["max_sequence_length"],
+        n_embd=arch["hidden_dim"],
+        n_layer=arch["num_layers"],
+        n_head=arch["num_heads"],
+        n_inner=arch["intermediate_dim"],
+    )
+    t0 = time.perf_counter()
+    model = transformers.GPT2LMHeadModel(config)  # Random weights.
+    modules = sorted({PEFT_MODULES[t] for t in spec["targets"]})
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=spec["rank"],
+            lora_alpha=spec["alpha"],
+            lora_dropout=0.0,
+            target_modules=modules,
+            fan_in_fan_out=True,  # GPT-2's Conv1D keeps weights (in, out).
+            bias="none",
+        ),
+    )
+    model.to(device).train()
+    build_s = time.perf_counter() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    optimizer = torch.optim.AdamW(
+        params, lr=spec["learning_rate"], weight_decay=0.01, eps=1e-6
+    )
+    autocast_dtype = {
+        "mixed_float16": torch.float16,
+        "mixed_bfloat16": torch.bfloat16,
+    }.get(spec["dtype_policy"] or "")
+    scaler = torch.amp.GradScaler(device, enabled=autocast_dtype == torch.float16)
+
+    tokens, labels = token_data(spec)
+    tokens = torch.from_numpy(tokens.astype("int64"))
+    labels = torch.from_numpy(labels.astype("int64"))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        memory_device = "cuda:0"
+    else:
+        reset_host_peak()
+        memory_device = "host RSS"
+
+    step_times, cpu_times, losses = [], [], []
+    b = spec["batch"]
+    for step in range(spec["warmup"] + spec["steps"]):
+        ids = tokens[step * b : (step + 1) * b].to(device)
+        target = labels[step * b : (step + 1) * b].to(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with torch.autocast(
+            device, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)
+        ):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1)
+        )
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # global_clipnorm=1.0
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # Waits for the step on an accelerator.
+        step_times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = host_peak()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        sizes = file_bytes(tmp)
+    result = {
+        "trainable_params": int(trainable),
+        "frozen_params": int(frozen),
+        "peft_target_modules": modules,
+        "build_s": round(build_s, 2),
+        "memory_device": memory_device,
+        "peak_memory_gb": round(peak / 2**30, 3),
+        "final_loss": round(losses[-1], 4),
+        "mean_loss": round(statistics.fmean(losses), 4),
+        "torch_threads": torch.get_num_threads(),
+        **sizes,
+        "adapter_source": "PeftModel.save_pretrained (safetensors)",
+    }
+    result.update(step_stats(step_times, cpu_times, spec))
+    return result
+
+
+# Host peak RSS, as keras_lora.callbacks measures it; repeated here so the
+# PEFT process does not import Keras (which would add to its memory).
+def host_peak() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def reset_host_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass  # The peak then covers the whole process.
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python worker.py SPEC.json (started by benchmark.py)")
+    sys.exit(main(sys.argv[1]))

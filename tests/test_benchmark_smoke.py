@@ -1,0 +1,118 @@
+"""The benchmark script end to end: 2 steps of a tiny GPT-2, this backend only."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "benchmark.py")
+
+COMMON_KEYS = {
+    "status",
+    "run",
+    "backend",
+    "trainable_params",
+    "frozen_params",
+    "step_times_s",
+    "median_step_s",
+    "tokens_per_s",
+    "peak_memory_gb",
+    "memory_device",
+    "final_loss",
+    "adapter_bytes",
+}
+POSITIVE = (
+    "trainable_params",
+    "frozen_params",
+    "median_step_s",
+    "tokens_per_s",
+    "peak_memory_gb",
+    "final_loss",
+    "adapter_bytes",
+)
+
+
+def run_benchmark(args, out_dir):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, SCRIPT, *args, "--out", str(out_dir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_benchmark_tiny_two_steps(tmp_path):
+    backend = keras.backend.backend()
+    # PEFT runs on torch, so the torch test process also smoke-tests it.
+    runs = ["lora", "floor"] + (["peft"] if backend == "torch" else [])
+    args = [
+        "--tiny",
+        "--backend",
+        backend,
+        "--runs",
+        *runs,
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--inference-runs",
+        "1",
+    ]
+    proc = run_benchmark(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    with open(tmp_path / "results.json") as f:
+        data = json.load(f)
+    assert "RANDOM weights" in data["config"]["model_label"]
+    assert data["config"]["weights"] == "random"
+    results = {r["run"]: r for r in data["results"]}
+    assert sorted(results) == sorted(runs)
+    for run, result in results.items():
+        assert COMMON_KEYS <= set(result), (run, COMMON_KEYS - set(result))
+        assert result["status"] == "ok"
+        for key in POSITIVE:
+            assert result[key] > 0, (run, key, result[key])
+        assert len(result["step_times_s"]) == 3  # 1 warm-up + 2 timed steps.
+
+    lora, floor = results["lora"], results["floor"]
+    assert lora["backend"] == floor["backend"] == backend
+    assert floor["trainable_params"] == 64  # One query bias, hidden 64.
+    # 2 blocks x (query, value) x (A 64x4 + B 4x64) at rank 4.
+    assert lora["trainable_params"] == 2 * 2 * (64 * 4 + 4 * 64)
+    for key in ("inference_base_s", "inference_merged_s", "inference_unmerged_s"):
+        assert lora[key] > 0, key
+    if "peft" in results:
+        assert results["peft"]["backend"] == "torch"
+        assert results["peft"]["trainable_params"] == 2 * (64 * 4 + 4 * 3 * 64)
+
+    names = {row["ratio"] for row in data["ratios"]}
+    assert {"lora/floor step time", "merged/base inference"} <= names
+    for name in ("results.md", "peak_memory.png", "step_time.png", "tokens_per_s.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert "| ratio | backend | value | target | verdict |" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backend", "jaxx"], "unknown backend"),
+        (["--runs", "lora", "qlora"], "unknown run"),
+        (["--targets", "query", "mlp.*"], "unknown target"),
+        (["--tiny", "--seq", "4096"], "exceeds the model's max_sequence_length"),
+    ],
+)
+def test_benchmark_rejects_bad_arguments(args, message, tmp_path):
+    proc = run_benchmark(args, tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr
