@@ -20,6 +20,7 @@ runs offline; every output says so.
     python benchmarks/benchmark.py                      # jax + tensorflow
     python benchmarks/benchmark.py --backend jax --targets all --steps 6
     python benchmarks/benchmark.py --tiny --steps 2 --warmup 1
+    python benchmarks/benchmark.py --render benchmarks/results/results.json
 
 Writes results.json, results.md and bar charts (PNG) into --out (default
 benchmarks/results/) and prints the table and the ratios the issue-7
@@ -130,6 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timeout", type=float, default=3600, help="Seconds allowed per run."
     )
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        help="Run nothing: rewrite the table, ratios and charts of an earlier "
+        "results.json (in its own directory).",
+    )
     args = parser.parse_args(argv)
     check_args(parser, args)
     return args
@@ -246,26 +253,80 @@ def run_child(spec: dict, backend: str, log_path: str, timeout: float) -> dict:
     }
 
 
-def pick_round(every_round: list[dict], backend: str, run: str) -> dict:
-    """The round of (backend, run) with the lowest median step time."""
+def pick_round(every_round: list[dict], backend: str, run: str, warmup: int) -> dict:
+    """The round of (backend, run) with the lowest median step time.
+
+    Adds `round_median_steps_s` (every round's median) and `min_step_s`
+    (the fastest timed step of any round: the least disturbed estimate).
+    """
     rounds = [r for r in every_round if (r["backend"], r["run"]) == (backend, run)]
     ok = [r for r in rounds if r.get("status") == "ok"]
     if not ok:
         return rounds[-1]
     best = dict(min(ok, key=lambda r: r["median_step_s"]))
     best["round_median_steps_s"] = [r["median_step_s"] for r in ok]
+    best["min_step_s"] = min(min(r["step_times_s"][warmup:]) for r in ok)
     return best
 
 
+def plan_for(config: dict) -> list[tuple[str, str]]:
+    plan = [(b, r) for b in config["backends"] for r in config["runs"] if r != "peft"]
+    if "peft" in config["runs"]:
+        plan.append(("torch", "peft"))
+    return plan
+
+
+def write_outputs(config: dict, every_round: list[dict], out: str) -> int:
+    """Pick each run's round, write JSON, markdown and charts, print them."""
+    results = [
+        pick_round(every_round, backend, run, config["warmup"])
+        for backend, run in plan_for(config)
+    ]
+    rows = report.ratios(results, config)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(
+            {
+                "config": config,
+                "results": results,
+                "ratios": rows,
+                "all_rounds": every_round,
+            },
+            f,
+            indent=2,
+        )
+    text = report.markdown(config, results, rows)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    charts = report.plots(config, results, out)
+    print("\n" + text)
+    print(
+        f"Wrote {os.path.join(out, 'results.json')}, results.md, "
+        + ", ".join(os.path.basename(c) for c in charts)
+    )
+    return 0 if all(r.get("status") == "ok" for r in results) else 1
+
+
+def render(results_json: str) -> int:
+    """Rewrite the table, ratios and charts of an earlier results.json."""
+    with open(results_json) as f:
+        data = json.load(f)
+    every_round = data.get("all_rounds") or data["results"]
+    return write_outputs(
+        data["config"], every_round, os.path.dirname(os.path.abspath(results_json))
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.render:
+        return render(args.render)
     arch, label = model_config(args)
     out = os.path.abspath(args.out)
     runs_dir = os.path.join(out, "runs")
     os.makedirs(runs_dir, exist_ok=True)
     command = shlex.join(
-        ["python", os.path.relpath(os.path.abspath(__file__), ROOT)]
-        + (sys.argv[1:] if argv is None else argv)
+        ["python", os.path.relpath(os.path.abspath(__file__), ROOT)] + argv
     )
     config = {
         "command": command,
@@ -294,9 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
         },
     }
-    plan = [(b, r) for b in args.backend for r in args.runs if r != "peft"]
-    if "peft" in args.runs:
-        plan.append(("torch", "peft"))
+    plan = plan_for(config)
     print(f"{label}\n{report.describe(config)}\n", flush=True)
 
     every_round = []
@@ -336,30 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"{elapsed:6.1f} s  FAILED: {result.get('error')}", flush=True)
             every_round.append(result)
-    results = [pick_round(every_round, backend, run) for backend, run in plan]
-
-    rows = report.ratios(results, config)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(
-            {
-                "config": config,
-                "results": results,
-                "ratios": rows,
-                "all_rounds": every_round,
-            },
-            f,
-            indent=2,
-        )
-    text = report.markdown(config, results, rows)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text)
-    charts = report.plots(config, results, out)
-    print("\n" + text)
-    print(
-        f"Wrote {os.path.join(out, 'results.json')}, results.md, "
-        + ", ".join(os.path.basename(c) for c in charts)
-    )
-    return 0 if all(r.get("status") == "ok" for r in results) else 1
+    return write_outputs(config, every_round, out)
 
 
 if __name__ == "__main__":

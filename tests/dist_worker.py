@@ -24,7 +24,9 @@ import tempfile
 
 # A run takes 10-30 s; if one hangs, print every thread's stack and exit
 # (before the test's own timeout), so the test reports where.
-faulthandler.dump_traceback_later(200, exit=True)
+faulthandler.dump_traceback_later(
+    float(os.environ.get("DIST_WORKER_DUMP_AFTER", "200")), exit=True
+)
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "jax"
 if MODE == "jax":
@@ -140,8 +142,8 @@ def logits(lm, scope=None):
 def predict_diff(lm, scope, expected, reset=False):
     """`predict` against `expected`: {"diff": max |difference|} or {"error"}.
 
-    With `reset`, the compiled steps are dropped first (what `merge_lora`
-    should do itself; see test_distribution.py). On JAX a failed `predict`
+    With `reset`, the compiled steps are dropped by hand first (as
+    `merge_lora` does itself since it was fixed). On JAX a failed `predict`
     leaves the model's variables purged, so only a model's last call may
     fail."""
     if reset:
