@@ -3,6 +3,7 @@
 from keras_lora.adapter import load_adapter, read_adapter_config, save_adapter
 from keras_lora.callbacks import GPUMemoryCallback
 from keras_lora.checkpoint import AdapterCheckpoint
+from keras_lora.distribution import distribute_lora, gpt2_layout_map
 from keras_lora.injection import (
     freeze_non_lora,
     inject_lora,
@@ -23,8 +24,10 @@ __all__ = [
     "AdapterCheckpoint",
     "GPUMemoryCallback",
     "LoraLayer",
+    "distribute_lora",
     "export_peft",
     "freeze_non_lora",
+    "gpt2_layout_map",
     "import_peft",
     "inject_lora",
     "layer_paths",
