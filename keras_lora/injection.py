@@ -222,7 +222,6 @@ def _is_regex(target: str) -> bool:
 
 def _refresh_compile_state(model) -> None:
     optimizer = getattr(model, "optimizer", None)
-    model.train_function = model.test_function = model.predict_function = None
     if optimizer is None or not optimizer.built:
         # The optimizer is built from `trainable_variables` at the first
         # `fit`, which now lists the LoRA factors: nothing to redo.

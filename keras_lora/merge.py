@@ -56,9 +56,4 @@ def merge_lora(model: keras.layers.Layer) -> keras.layers.Layer:
         merged = ops.add(ops.cast(kernel.value, "float32"), layer.delta())
         kernel.assign(ops.cast(merged, kernel.dtype))
     replace_layers(model, {id(layer): layer.unwrap() for layer in wrapped})
-    # Compiled steps traced through the LoraLayers would still run the
-    # update (on top of the merged kernels): let Keras trace them again.
-    for name in ("train_function", "test_function", "predict_function"):
-        if getattr(model, name, None) is not None:
-            setattr(model, name, None)
     return model

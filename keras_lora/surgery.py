@@ -94,6 +94,11 @@ def replace_layers(
         old._outbound_nodes = []
     if keras.backend.backend() == "torch":
         _refresh_torch_params(model)
+    # Steps traced before the swap still call the old layers (or the wrappers
+    # after a merge, adding the update twice): let Keras trace them again.
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
 
 
 def _replace_in(container, old, new) -> None:

@@ -17,6 +17,7 @@ from tests.helpers import (
     functional_mlp,
     gpt2_base_backbone,
     mlp,
+    randomize_lora_b,
     snapshot,
     tiny_gpt2_backbone,
     tiny_gpt2_lm,
@@ -271,6 +272,17 @@ def test_unbuilt_model_is_refused():
     model = keras.Sequential([keras.layers.Dense(4, name="d")])
     with pytest.raises(ValueError, match="not built"):
         inject_lora(model, targets="d")
+
+
+def test_inject_after_predict_drops_the_traced_step():
+    model = mlp()
+    x = np.random.default_rng(0).normal(size=(4, 784)).astype("float32")
+    model.predict(x, verbose=0)  # traces a predict step without LoRA
+    inject_lora(model, rank=2, targets=("hidden_1",))
+    randomize_lora_b(model, scale=0.5)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), to_numpy(model(x)), atol=1e-5, rtol=0
+    )
 
 
 def test_inject_after_compile_before_training_trains_lora():
