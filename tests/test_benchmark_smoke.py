@@ -102,6 +102,12 @@ def test_benchmark_tiny_two_steps(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "| ratio | backend | value | target | verdict |" in proc.stdout
 
+    # --render rewrites the report from results.json without running anything.
+    (tmp_path / "results.md").unlink()
+    proc = run_benchmark(["--render", str(tmp_path / "results.json")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| lora/floor step time |" in (tmp_path / "results.md").read_text()
+
 
 @pytest.mark.parametrize(
     "args, message",
