@@ -91,14 +91,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keras-hub GPT-2 preset (name or local directory) for the Keras "
         "runs; the PEFT run uses the same architecture with random weights.",
     )
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="Sequences per step.")
     parser.add_argument("--seq", type=int, default=128, help="Tokens per sequence.")
     parser.add_argument("--steps", type=int, default=10, help="Timed steps.")
     parser.add_argument(
         "--warmup", type=int, default=3, help="Untimed steps first (compilation)."
     )
-    parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    parser.add_argument(
+        "--alpha", type=float, default=32.0, help="LoRA alpha (scale alpha / rank)."
+    )
     parser.add_argument(
         "--targets",
         nargs="+",
@@ -107,15 +109,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         + ", ".join(report.ALL_SIX)
         + "; 'all' means all six.",
     )
-    parser.add_argument("--dtype-policy", choices=DTYPE_POLICIES, default="float32")
+    parser.add_argument(
+        "--dtype-policy",
+        choices=DTYPE_POLICIES,
+        default="float32",
+        help="Keras dtype policy (the PEFT run uses torch autocast to match).",
+    )
     parser.add_argument(
         "--runs",
         nargs="+",
         default=list(RUNS),
         help=f"Which runs ({', '.join(RUNS)}).",
     )
-    parser.add_argument("--learning-rate", type=float, default=5e-5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--learning-rate", type=float, default=5e-5, help="AdamW learning rate."
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed for weights and token data."
+    )
     parser.add_argument(
         "--inference-runs", type=int, default=8, help="Timed forward passes (each)."
     )

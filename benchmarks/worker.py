@@ -298,9 +298,9 @@ def inference_latency(lm, spec: dict, x: dict, keras_lora) -> dict:
 
     unmerged, base_1 = latency_samples([predict(lm), predict(base)], runs)
     keras_lora.merge_lora(lm)
-    # merge_lora leaves the compiled predict function in place; on
-    # TensorFlow a function traced before the merge still runs the LoRA
-    # path (see benchmarks/RESULTS.md). Rebuild it.
+    # merge_lora drops compiled steps itself now; before it did, a
+    # TensorFlow predict function traced before the merge kept running the
+    # LoRA path on top of the merged kernel. Keep older versions honest.
     lm.predict_function = None
     merged, base_2 = latency_samples([predict(lm), predict(base)], runs)
     median = statistics.median
