@@ -1,6 +1,7 @@
 """Compare keras-lora with full fine-tuning, Keras's built-in LoRA and PEFT.
 
-Every run trains the same model on the same random token data with the same
+Every run trains the same model on the same token data (random ids, or
+`--tokens` from real text, with `--eval-batches` held out) with the same
 batch and number of steps, each in its own process (Keras fixes its backend
 at import, and a run's peak memory must be its own):
 
@@ -23,7 +24,7 @@ runs offline; every output says so.
     python benchmarks/benchmark.py --render benchmarks/results/results.json
 
 Writes results.json, results.md and bar charts (PNG) into --out (default
-benchmarks/results/) and prints the table and the ratios the issue-7
+benchmarks/results/) and prints the table and the ratios the project's
 targets are about. Exits 1 if a run failed.
 """
 
@@ -128,6 +129,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=int, default=0, help="Seed for weights and token data."
     )
     parser.add_argument(
+        "--tokens",
+        metavar="NPY",
+        help="Train (and evaluate) on these token ids instead of random ones: "
+        "a .npy int array of shape (rows, seq + 1), e.g. tokenized text "
+        "(keras_lora.data.token_windows). Every run reads the same rows.",
+    )
+    parser.add_argument(
+        "--eval-batches",
+        type=int,
+        default=0,
+        help="Hold out this many batches (the last rows of the data) and "
+        "report each run's loss on them after training: the quality column.",
+    )
+    parser.add_argument(
         "--inference-runs", type=int, default=8, help="Timed forward passes (each)."
     )
     parser.add_argument(
@@ -188,6 +203,42 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--warmup must be 0 or more")
     if args.alpha <= 0:
         parser.error("--alpha must be positive")
+    if args.eval_batches < 0:
+        parser.error("--eval-batches must be 0 or more")
+
+
+def check_tokens(args: argparse.Namespace, vocabulary_size: int) -> str:
+    """Validate `--tokens` against the run; returns the data label."""
+    if not args.tokens:
+        return f"random token ids (numpy default_rng, seed {args.seed})"
+    import numpy as np
+
+    try:
+        rows = np.load(args.tokens, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: --tokens {args.tokens!r}: cannot read a .npy ({error})")
+    needed = (args.warmup + args.steps + args.eval_batches) * args.batch
+    if rows.ndim != 2 or rows.shape[1] != args.seq + 1:
+        sys.exit(
+            f"error: --tokens {args.tokens!r} has shape {rows.shape}; expected "
+            f"(rows, {args.seq + 1}) for --seq {args.seq} (inputs plus the "
+            "next token)"
+        )
+    if rows.dtype.kind not in "iu":
+        sys.exit(f"error: --tokens {args.tokens!r} holds {rows.dtype}, not int ids")
+    if len(rows) < needed:
+        sys.exit(
+            f"error: --tokens {args.tokens!r} has {len(rows)} rows; (warmup "
+            f"{args.warmup} + steps {args.steps} + eval batches "
+            f"{args.eval_batches}) x batch {args.batch} = {needed} are needed "
+            "(lower --steps or --batch, or tokenize more text)"
+        )
+    if rows.size and (rows.min() < 0 or rows.max() >= vocabulary_size):
+        sys.exit(
+            f"error: --tokens {args.tokens!r} has ids in [{rows.min()}, "
+            f"{rows.max()}]; the model's vocabulary is {vocabulary_size}"
+        )
+    return f"token ids from {os.path.abspath(args.tokens)} ({len(rows)} rows)"
 
 
 def model_config(args: argparse.Namespace) -> tuple[dict, str]:
@@ -333,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         return render(args.render)
     arch, label = model_config(args)
+    data_label = check_tokens(args, arch["vocabulary_size"])
     out = os.path.abspath(args.out)
     runs_dir = os.path.join(out, "runs")
     os.makedirs(runs_dir, exist_ok=True)
@@ -359,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "inference_runs": args.inference_runs,
         "rounds": args.rounds,
-        "data": "random token ids (numpy default_rng)",
+        "data": data_label,
+        "tokens_path": os.path.abspath(args.tokens) if args.tokens else None,
+        "eval_batches": args.eval_batches,
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),

@@ -18,6 +18,7 @@ Runs:
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -69,12 +70,33 @@ def main(spec_path: str) -> int:
 
 
 def token_data(spec: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Random next-token data: inputs (n, seq) and labels (n, seq)."""
+    """Training data: inputs (n, seq) and next-token labels (n, seq).
+
+    Rows of `spec["tokens_path"]` (a .npy of shape (rows, seq + 1), e.g.
+    tokenized text; checked by benchmark.py) when given, else random ids.
+    """
     n = (spec["warmup"] + spec["steps"]) * spec["batch"]
+    return _split(_token_rows(spec)[:n])
+
+
+def eval_data(spec: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """Held-out rows (the last `eval_batches` batches), never trained on."""
+    n = spec.get("eval_batches", 0) * spec["batch"]
+    return _split(_token_rows(spec)[-n:]) if n else None
+
+
+def _token_rows(spec: dict) -> np.ndarray:
+    if spec.get("tokens_path"):
+        return np.load(spec["tokens_path"]).astype("int32")
+    batches = spec["warmup"] + spec["steps"] + spec.get("eval_batches", 0)
     rng = np.random.default_rng(spec["seed"])
     vocab = spec["arch"]["vocabulary_size"]
-    tokens = rng.integers(0, vocab, (n, spec["seq"] + 1)).astype("int32")
-    return tokens[:, :-1], tokens[:, 1:]
+    shape = (batches * spec["batch"], spec["seq"] + 1)
+    return rng.integers(0, vocab, shape).astype("int32")
+
+
+def _split(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return rows[:, :-1], rows[:, 1:]
 
 
 def step_stats(step_times: list[float], cpu_times: list[float], spec: dict) -> dict:
@@ -151,6 +173,7 @@ def keras_run(spec: dict) -> dict:
         callbacks=[timer, memory],
         verbose=0,
     )
+    eval_loss = keras_eval_loss(lm, spec)
     result = {
         "trainable_params": int(trainable),
         "frozen_params": int(frozen),
@@ -163,6 +186,7 @@ def keras_run(spec: dict) -> dict:
         ),
         "final_loss": round(timer.step_losses[-1], 4),
         "mean_loss": round(statistics.fmean(timer.step_losses), 4),
+        "eval_loss": eval_loss,
     }
     if not memory.on_accelerator:
         result["process_peak_rss_gb"] = round(
@@ -173,6 +197,17 @@ def keras_run(spec: dict) -> dict:
     if run == "lora":
         result.update(inference_latency(lm, spec, x, keras_lora))
     return result
+
+
+def keras_eval_loss(lm, spec: dict) -> float | None:
+    """Mean loss on the held-out batches after training (None without)."""
+    held_out = eval_data(spec)
+    if held_out is None:
+        return None
+    tokens, labels = held_out
+    x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
+    loss = lm.evaluate(x, labels, batch_size=spec["batch"], verbose=0)
+    return round(float(np.ravel(loss)[0]), 4)
 
 
 def build_lm(spec: dict):
@@ -323,6 +358,9 @@ def latency_samples(functions, runs: int, warmup: int = 2) -> list[list[float]]:
     for fn in functions:
         for _ in range(warmup):  # Compiles the predict function.
             fn()
+    # Buffers freed before (old kernels after a merge, training state) are
+    # reclaimed now rather than in the middle of a timed call.
+    gc.collect()
     samples = [[] for _ in functions]
     for i in range(runs):
         order = range(len(functions))
@@ -413,6 +451,25 @@ def peft_run(spec: dict) -> dict:
         step_times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
 
+    eval_loss = None
+    held_out = eval_data(spec)
+    if held_out is not None:
+        model.eval()
+        eval_losses = []
+        with torch.no_grad():
+            for start in range(0, len(held_out[0]), b):
+                ids, target = (
+                    torch.from_numpy(a[start : start + b].astype("int64")).to(device)
+                    for a in held_out
+                )
+                logits = model(input_ids=ids).logits.float()
+                eval_losses.append(
+                    torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
+                    ).item()
+                )
+        eval_loss = round(statistics.fmean(eval_losses), 4)
+
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
@@ -429,6 +486,7 @@ def peft_run(spec: dict) -> dict:
         "peak_memory_gb": round(peak / 2**30, 3),
         "final_loss": round(losses[-1], 4),
         "mean_loss": round(statistics.fmean(losses), 4),
+        "eval_loss": eval_loss,
         "torch_threads": torch.get_num_threads(),
         **sizes,
         "adapter_source": "PeftModel.save_pretrained (safetensors)",

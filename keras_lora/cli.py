@@ -1,5 +1,6 @@
 """The `keras-lora` command: fine-tune, merge, generate, compare, PEFT files.
 
+    keras-lora demo                          # the offline main job (~5 min)
     keras-lora finetune --arch tiny --steps 20 --out runs/tiny
     keras-lora generate --preset runs/tiny/base_preset \\
         --adapter runs/tiny/adapter --prompt "The module"
@@ -66,7 +67,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
     try:
         value = int(text)
     except ValueError:
@@ -78,7 +80,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0."""
     try:
         value = float(text)
     except ValueError:
@@ -132,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument(
         "--vocab-size",
-        type=_positive_int,
+        type=positive_int,
         help="vocabulary of the tokenizer trained for --arch "
         "(default 1024 for tiny, 8192 otherwise).",
     )
@@ -145,17 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ft.add_argument("--data-dir", help="tensorflow-datasets data_dir for reddit_tifu.")
     ft.add_argument(
+        "--download",
+        action="store_true",
+        help="for reddit_tifu: let tensorflow-datasets download and prepare "
+        "it first (needs network, ~640 MB).",
+    )
+    ft.add_argument(
         "--paragraphs",
         action="store_true",
         help="for a text path: one document per blank-line-separated paragraph.",
     )
     ft.add_argument(
         "--max-documents",
-        type=_positive_int,
+        type=positive_int,
         help="use at most this many documents of the corpus.",
     )
-    ft.add_argument("--rank", type=_positive_int, default=4)
-    ft.add_argument("--alpha", type=_positive_float, default=32.0)
+    ft.add_argument("--rank", type=positive_int, default=4)
+    ft.add_argument("--alpha", type=positive_float, default=32.0)
     ft.add_argument("--dropout", type=_dropout, default=0.0)
     ft.add_argument(
         "--targets",
@@ -163,16 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=["query", "value"],
         help="layer names, path suffixes or regexes to adapt.",
     )
-    ft.add_argument("--batch", type=_positive_int, default=8)
-    ft.add_argument("--seq", type=_positive_int, default=128, help="tokens per text.")
+    ft.add_argument("--batch", type=positive_int, default=8)
+    ft.add_argument("--seq", type=positive_int, default=128, help="tokens per text.")
     length = ft.add_mutually_exclusive_group()
     length.add_argument(
-        "--steps", type=_positive_int, help="train this many batches (default 20)."
+        "--steps", type=positive_int, help="train this many batches (default 20)."
     )
     length.add_argument(
-        "--epochs", type=_positive_int, help="train whole passes over the data."
+        "--epochs", type=positive_int, help="train whole passes over the data."
     )
-    ft.add_argument("--learning-rate", type=_positive_float, default=5e-5)
+    ft.add_argument("--learning-rate", type=positive_float, default=5e-5)
     ft.add_argument("--dtype-policy", choices=DTYPE_POLICIES, default="float32")
     ft.add_argument(
         "--prompt",
@@ -181,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keras.io example's two).",
     )
     ft.add_argument(
-        "--max-length", type=_positive_int, default=40, help="generation length."
+        "--max-length", type=positive_int, default=40, help="generation length."
     )
     ft.add_argument("--seed", type=int, default=0)
     ft.add_argument(
@@ -199,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(gen)
     gen.add_argument("--adapter", help="adapter directory (save_adapter format).")
     gen.add_argument("--prompt", action="append", required=True, help="repeatable.")
-    gen.add_argument("--max-length", type=_positive_int, default=40)
+    gen.add_argument("--max-length", type=positive_int, default=40)
     gen.add_argument("--merge", action="store_true", help="merge before generating.")
 
     mg = sub.add_parser(
@@ -224,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--peft", required=True, help="PEFT adapter directory.")
     im.add_argument("--out", required=True, help="adapter directory to write.")
 
+    dm = sub.add_parser(
+        "demo",
+        help="The offline main job: a short LoRA fine-tune, then full "
+        "fine-tuning vs LoRA (table, charts, report).",
+        formatter_class=fmt,
+    )
+    from keras_lora import demo as demo_lib
+
+    demo_lib.add_arguments(dm)
+
     # Handled before parsing (see main): every option goes to the benchmark.
     sub.add_parser(
         "compare",
@@ -243,7 +262,7 @@ def _add_base(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokenizer", help="directory with vocab.json and merges.txt.")
     parser.add_argument(
-        "--seq", type=_positive_int, default=128, help="preprocessor length."
+        "--seq", type=positive_int, default=128, help="preprocessor length."
     )
 
 
@@ -268,6 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "merge": merge,
         "export-peft": export_peft_command,
         "import-peft": import_peft_command,
+        "demo": demo_command,
     }[args.command]
     return _safely(command, args)
 
@@ -416,7 +436,7 @@ def _load_data(args):
         return texts, None, data.corpus_description()
     if args.data == "reddit_tifu":
         ds = data.reddit_tifu_dataset(
-            batch_size=args.batch, data_dir=args.data_dir, download=False
+            batch_size=args.batch, data_dir=args.data_dir, download=args.download
         )
         return None, ds, "reddit_tifu train split (tensorflow-datasets)"
     split = "paragraph" if args.paragraphs else "file"
@@ -473,7 +493,6 @@ def _finetune(args) -> int:
         )
     if args.preset:
         describe_preset(args.preset)  # Fails early on a missing directory.
-    os.makedirs(args.out, exist_ok=True)
 
     from keras_lora import data as data_lib
     from keras_lora import (
@@ -510,7 +529,8 @@ def _finetune(args) -> int:
                 f"({tokenizer.vocabulary_size()} tokens, asked {vocab})"
             )
         lm, arch_config = random_task(args.arch, tokenizer, args.seq, args.seed)
-        weights_label = f"RANDOM weights, GPT-2 {args.arch} architecture"
+        size = args.arch.removeprefix("gpt2-").removesuffix("-random")
+        weights_label = f"RANDOM weights, GPT-2 {size} architecture"
     else:
         lm, labels = load_task(args.preset, args.seq, args.tokenizer)
         weights_label, tokenizer_label = labels["weights"], labels["tokenizer"]
@@ -519,6 +539,7 @@ def _finetune(args) -> int:
     print(f"data:      {data_label}")
 
     target_layers(lm, tuple(args.targets))  # Bad targets fail before any write.
+    os.makedirs(args.out, exist_ok=True)
     base_preset = None
     if args.arch and not args.no_save_base:
         # The adapter only means something on these exact random weights.
@@ -611,15 +632,46 @@ def _finetune(args) -> int:
     report_path = os.path.join(args.out, "run_report.json")
     with open(report_path, "w") as f:
         json.dump(report, f, indent=2)
+    plot_path = plot_losses(
+        step_losses.losses,
+        os.path.join(args.out, "training_loss.png"),
+        title=f"LoRA fine-tune: {weights_label}\n{data_label}",
+    )
     first, last = step_losses.losses[:5], step_losses.losses[-5:]
     print(
         f"\nloss (mean of first / last {len(last)} steps) "
         f"{sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f} "
         f"in {fit_seconds:.1f} s; adapter {adapter_dir}; report {report_path}"
+        + (f"; plot {plot_path}" if plot_path else "")
     )
     if base_preset:
         print(f"base weights (random) saved as preset {base_preset}")
     return 0
+
+
+def plot_losses(losses: list[float], path: str, title: str) -> str | None:
+    """Loss per step and its running mean as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("(no training_loss.png: pip install matplotlib to get one)")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = range(1, len(losses) + 1)
+    running = [sum(losses[:k]) / k for k in steps]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, losses, marker=".", label="loss of the step")
+    ax.plot(steps, running, label="running mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(title, fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 class _StepLosses(keras.callbacks.Callback):
@@ -726,6 +778,13 @@ def import_peft_command(args) -> int:
         f"wrote adapter {os.path.abspath(path)}"
     )
     return 0
+
+
+def demo_command(args) -> int:
+    """`keras-lora demo`: fine-tune + comparison + report (keras_lora.demo)."""
+    from keras_lora import demo
+
+    return demo.demo(args)
 
 
 def find_benchmark() -> str:

@@ -364,6 +364,64 @@ def text_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def token_windows(
+    texts: Sequence[str],
+    tokenizer,
+    length: int,
+    max_rows: int | None = None,
+    shuffle_seed: int | None = 0,
+):
+    """Cut tokenized text into rows of `length` consecutive token ids.
+
+    The documents are tokenized, joined with the tokenizer's end-of-text
+    token between them (as GPT-2 was trained) and cut into non-overlapping
+    windows; a row of `seq + 1` ids gives inputs `row[:-1]` and next-token
+    labels `row[1:]`. For token-level training and benchmarks that bypass
+    the preprocessor (`benchmarks/benchmark.py --tokens`).
+
+    Args:
+        texts: documents.
+        tokenizer: a keras-hub tokenizer (e.g. from `train_tokenizer`).
+        length: ids per row.
+        max_rows: keep at most this many rows (after shuffling).
+        shuffle_seed: shuffle the rows with this seed; `None` keeps the
+            order of the text.
+
+    Returns:
+        An int32 NumPy array of shape `(rows, length)`.
+
+    Example:
+
+    >>> texts = default_corpus(max_documents=50)
+    >>> rows = token_windows(texts, train_tokenizer(texts, 500), length=33)
+    >>> rows.shape[1]
+    33
+    """
+    import numpy as np
+
+    _check_positive("length", length)
+    _check_positive("max_rows", max_rows, allow_none=True)
+    texts = list(texts)
+    if not texts:
+        raise ValueError("no documents to tokenize: the corpus is empty")
+    end = tokenizer.token_to_id(END_OF_TEXT)
+    stream: list[int] = []
+    # Tokenize in chunks: one call per document is slow in TensorFlow.
+    for start in range(0, len(texts), 256):
+        for ids in tokenizer(texts[start : start + 256]):
+            stream.extend(np.asarray(ids).tolist())
+            stream.append(end)
+    rows = len(stream) // length
+    if rows == 0:
+        raise ValueError(
+            f"the corpus has {len(stream)} tokens, fewer than one row of {length}"
+        )
+    windows = np.asarray(stream[: rows * length], dtype="int32").reshape(rows, length)
+    if shuffle_seed is not None:
+        windows = windows[np.random.default_rng(shuffle_seed).permutation(rows)]
+    return windows[:max_rows] if max_rows else windows
+
+
 def _check_positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return

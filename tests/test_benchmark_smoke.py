@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,6 +69,8 @@ def test_benchmark_tiny_two_steps(tmp_path):
         "16",
         "--inference-runs",
         "1",
+        "--eval-batches",
+        "1",
     ]
     proc = run_benchmark(args, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -84,6 +87,8 @@ def test_benchmark_tiny_two_steps(tmp_path):
         for key in POSITIVE:
             assert result[key] > 0, (run, key, result[key])
         assert len(result["step_times_s"]) == 3  # 1 warm-up + 2 timed steps.
+        # Random ids over 1024 tokens: the held-out loss is near ln(1024).
+        assert abs(result["eval_loss"] - np.log(1024)) < 0.5, (run, result)
 
     lora, floor = results["lora"], results["floor"]
     assert lora["backend"] == floor["backend"] == backend
@@ -122,3 +127,26 @@ def test_benchmark_rejects_bad_arguments(args, message, tmp_path):
     proc = run_benchmark(args, tmp_path)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def write_tokens(path, rows, width, high=1024):
+    tokens = np.random.default_rng(0).integers(0, high, (rows, width))
+    np.save(path, tokens.astype("int32"))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "rows, width, high, message",
+    [
+        (20, 16, 1024, "expected (rows, 17) for --seq 16"),
+        (5, 17, 1024, "has 5 rows; (warmup 1 + steps 2 + eval batches 1) x batch 2"),
+        (20, 17, 5000, "the model's vocabulary is 1024"),
+    ],
+)
+def test_benchmark_rejects_bad_token_files(tmp_path, rows, width, high, message):
+    tokens = write_tokens(tmp_path / "tokens.npy", rows, width, high)
+    args = ["--tiny", "--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1"]
+    proc = run_benchmark(args + ["--eval-batches", "1", "--tokens", tokens], tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "results.json").exists()

@@ -107,6 +107,23 @@ def test_trained_tokenizer_and_dataset_feed_gpt2():
         data.train_tokenizer(docs, vocabulary_size=100)
 
 
+def test_token_windows_cut_the_tokenized_corpus():
+    docs = data.default_corpus(max_documents=20)
+    tokenizer = data.train_tokenizer(docs, vocabulary_size=300)
+    end = tokenizer.token_to_id(data.END_OF_TEXT)
+    rows = data.token_windows(docs, tokenizer, length=33, shuffle_seed=None)
+    stream = []
+    for doc in docs:
+        stream += np.asarray(tokenizer(doc)).tolist() + [end]
+    assert rows.dtype == np.int32 and rows.shape == (len(stream) // 33, 33)
+    np.testing.assert_array_equal(rows.ravel(), stream[: rows.size])
+    shuffled = data.token_windows(docs, tokenizer, length=33, max_rows=5)
+    assert shuffled.shape == (5, 33)
+    assert {tuple(r) for r in shuffled} <= {tuple(r) for r in rows}
+    with pytest.raises(ValueError, match="fewer than one row"):
+        data.token_windows(docs[:1], tokenizer, length=10**6)
+
+
 def test_reddit_tifu_unavailable_offline_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="reddit_tifu is unavailable"):
         data.reddit_tifu_dataset(batch_size=2, data_dir=str(tmp_path))
@@ -241,6 +258,62 @@ def test_compare_runs_the_benchmark(tmp_path):
     assert results[0]["trainable_params"] == 2048
 
 
+def test_demo_fine_tunes_compares_and_reports(tmp_path):
+    out = str(tmp_path / "demo")
+    argv = [
+        "demo", "--arch", "tiny", "--steps", "2", "--compare-steps", "1",
+        "--warmup", "1", "--eval-batches", "1", "--batch", "2", "--seq", "16",
+        "--max-documents", "40", "--vocab-size", "300", "--runs", "full",
+        "lora", "--verbose", "0", "--out", out,
+    ]  # fmt: skip
+    code, stdout = run_main(argv)
+    assert code == 0, stdout
+    # The fine-tune: adapter, base, report, plot.
+    with open(os.path.join(out, "run_report.json")) as f:
+        report = json.load(f)
+    assert report["parameters"]["trainable"] == 2048
+    lm = keras_hub.models.GPT2CausalLM.from_preset(os.path.join(out, "base_preset"))
+    load_adapter(lm, os.path.join(out, "adapter"))
+    with open(os.path.join(out, "training_loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The comparison ran on the corpus tokens, with a held-out loss.
+    with open(os.path.join(out, "compare", "results.json")) as f:
+        compare = json.load(f)
+    assert compare["config"]["backends"] == [keras.backend.backend()]
+    assert compare["config"]["data"].startswith("token ids from")
+    rows = np.load(os.path.join(out, "compare", "tokens.npy"))
+    assert rows.shape == (6, 17) and rows.max() < 300  # (1 + 1 + 1) x 2 rows.
+    results = {r["run"]: r for r in compare["results"]}
+    assert [results[r]["status"] for r in ("full", "lora")] == ["ok", "ok"]
+    assert results["lora"]["trainable_params"] == 2048
+    # Benchmark tiny GPT-2: embeddings (1024 + 256) x 64, two blocks of
+    # 33,472 (norms, q/k/v, output, 64->128->64 MLP), final norm 128.
+    assert results["full"]["trainable_params"] == 1280 * 64 + 2 * 33_472 + 128
+    for result in results.values():
+        assert 0 < result["eval_loss"] < 10
+    assert os.path.getsize(os.path.join(out, "compare", "peak_memory.png")) > 0
+    # One page with both, and the table printed.
+    with open(os.path.join(out, "report.md")) as f:
+        page = f.read()
+    assert f"| {keras.backend.backend()} | keras-lora |" in page
+    assert "| full fine-tuning |" in page and "| keras-lora |" in page
+    assert "standard-library docstrings" in page
+    assert "| held-out loss |" in stdout and "demo finished in" in stdout
+
+
+def test_demo_needs_enough_corpus_for_the_comparison(run):
+    out, _ = run
+    args = cli.build_parser().parse_args(
+        ["demo", "--arch", "tiny", "--max-documents", "40", "--out", out]
+    )
+    from keras_lora import demo
+
+    path = os.path.join(out, "tokens.npy")
+    with pytest.raises(ValueError, match="the comparison needs 1000000"):
+        demo._write_tokens(args, path, needed_rows=10**6)
+    assert not os.path.exists(path)
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -264,6 +337,8 @@ def expect_one_line(capsys, *fragments) -> str:
         (["finetune", "--arch", "huge", "--out", "x"], "--arch"),
         (["finetune", "--arch", "tiny"], "--out"),
         (["generate", "--preset", "p"], "--prompt"),
+        (["demo", "--compare-steps", "0"], "--compare-steps"),
+        (["demo", "--runs", "full", "qlora"], "--runs"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, argv, fragment):
@@ -281,6 +356,20 @@ def test_missing_files_exit_1_with_one_line(capsys, run, tmp_path):
         (["merge", "--preset", base, "--adapter", "/no/adapter", "--out", "m"], "/no"),
         (["finetune", "--arch", "tiny", "--data", "/no/text.txt", "--out", "o"], ""),
         (["import-peft", "--preset", base, "--peft", "/no/peft", "--out", "o"], ""),
+        (
+            [
+                "finetune",
+                "--arch",
+                "tiny",
+                "--data",
+                "reddit_tifu",
+                "--data-dir",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "reddit_tifu is unavailable",
+        ),  # fmt: skip
         (["generate", "--preset", str(tmp_path), "--prompt", "x"], "config.json"),
         # A directory that is not an adapter: the library's ValueError.
         (["generate", "--preset", base, "--adapter", base, "--prompt", "x"], ""),
@@ -288,6 +377,7 @@ def test_missing_files_exit_1_with_one_line(capsys, run, tmp_path):
     for argv, fragment in cases:
         assert cli.main(argv) == 1, argv
         expect_one_line(capsys, fragment)
+    assert not os.path.exists(tmp_path / "o")  # Nothing written on failure.
     # Unknown targets fail before anything is written.
     bad = str(tmp_path / "bad")
     argv = ["finetune", *TINY, "--targets", "nope", "--out", bad]
