@@ -637,7 +637,7 @@ def _finetune(args) -> int:
         os.path.join(args.out, "training_loss.png"),
         title=f"LoRA fine-tune: {weights_label}\n{data_label}",
     )
-    first, last = step_losses.losses[:5], step_losses.losses[-5:]
+    first, last = first_and_last(step_losses.losses)
     print(
         f"\nloss (mean of first / last {len(last)} steps) "
         f"{sum(first) / len(first):.4f} -> {sum(last) / len(last):.4f} "
@@ -647,6 +647,12 @@ def _finetune(args) -> int:
     if base_preset:
         print(f"base weights (random) saved as preset {base_preset}")
     return 0
+
+
+def first_and_last(losses: list[float], most: int = 5):
+    """The first and last steps to average, never overlapping (when 2+)."""
+    k = max(1, min(most, len(losses) // 2))
+    return losses[:k], losses[-k:]
 
 
 def plot_losses(losses: list[float], path: str, title: str) -> str | None:

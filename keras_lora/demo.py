@@ -194,7 +194,7 @@ def write_report(out: str, compare_dir: str, seconds: float) -> str:
     with open(os.path.join(compare_dir, "results.md")) as f:
         comparison = f.read().split("\n", 1)[1].strip()  # Drop its title.
     losses = run["loss_per_step"]
-    head, tail = losses[: min(5, len(losses))], losses[-min(5, len(losses)) :]
+    head, tail = cli.first_and_last(losses)
     generations = [
         f"- `{p}` -> before: {b!r}; after: {a!r}"
         for p, b, a in zip(

@@ -1,6 +1,9 @@
 """GPUMemoryCallback: labels, values, the host fallback and validation."""
 
 import doctest
+import os
+import subprocess
+import sys
 import warnings
 
 import keras
@@ -112,6 +115,31 @@ def test_host_peak_reset_where_supported():
     high = callbacks_module.host_peak_rss_bytes()
     callbacks_module.reset_host_peak_rss()
     assert callbacks_module.host_peak_rss_bytes() <= high - 64 * 2**20
+
+
+def test_host_peak_tracks_a_large_allocation_in_a_fresh_process():
+    # A fresh process: inside the suite the allocator may reuse freed memory,
+    # so a new array need not raise the high-water mark there.
+    code = (
+        "import numpy as np\n"
+        "from keras_lora.callbacks import host_peak_rss_bytes as peak\n"
+        "before = peak()\n"
+        "block = np.ones(384 * 2**20, dtype='uint8')  # Touched: resident.\n"
+        "print(before, peak())\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = map(int, proc.stdout.split()[-2:])
+    assert after - before >= 300 * 2**20, (before, after)
 
 
 class FakeCounter:
