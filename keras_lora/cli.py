@@ -664,6 +664,7 @@ def plot_losses(losses: list[float], path: str, title: str) -> str | None:
         return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     steps = range(1, len(losses) + 1)
     running = [sum(losses[:k]) / k for k in steps]
@@ -671,6 +672,7 @@ def plot_losses(losses: list[float], path: str, title: str) -> str | None:
     ax.plot(steps, losses, marker=".", label="loss of the step")
     ax.plot(steps, running, label="running mean")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("cross-entropy")
     ax.set_title(title, fontsize=8)
     ax.legend()
