@@ -503,6 +503,7 @@ def _finetune(args) -> int:
         trainable_summary,
     )
     from keras_lora.callbacks import GPUMemoryCallback
+    from keras_lora.files import atomic_write
 
     started = time.perf_counter()
     if args.dtype_policy != "float32":
@@ -630,8 +631,7 @@ def _finetune(args) -> int:
         "base_preset": os.path.abspath(base_preset) if base_preset else args.preset,
     }
     report_path = os.path.join(args.out, "run_report.json")
-    with open(report_path, "w") as f:
-        json.dump(report, f, indent=2)
+    atomic_write(report_path, json.dumps(report, indent=2).encode("utf-8"))
     plot_path = plot_losses(
         step_losses.losses,
         os.path.join(args.out, "training_loss.png"),

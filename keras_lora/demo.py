@@ -31,6 +31,7 @@ import time
 import keras
 
 from keras_lora import cli, data
+from keras_lora.files import atomic_write
 
 BENCHMARK_ARCH = {"tiny": ["--tiny"], "gpt2-base-random": ["--arch", "base"]}
 COMPARE_RUNS = ("full", "lora", "builtin", "peft")
@@ -242,6 +243,5 @@ def write_report(out: str, compare_dir: str, seconds: float) -> str:
         "",
     ]
     path = os.path.join(out, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    atomic_write(path, "\n".join(lines).encode("utf-8"))
     return path
