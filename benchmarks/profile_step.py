@@ -25,24 +25,9 @@ def profile(run: str, spec: dict) -> dict:
     import jax
     import keras
 
-    import keras_lora
-
     keras.utils.set_random_seed(spec["seed"])
     lm = worker.build_lm(spec)
-    if run == "lora":
-        keras_lora.inject_lora(
-            lm, rank=spec["rank"], alpha=spec["alpha"], targets=spec["targets"]
-        )
-    elif run == "builtin":
-        lm.backbone.enable_lora(spec["rank"], target_layer_names=spec["targets"])
-    elif run == "floor":
-        worker.freeze_all_but_first_bias(lm)
-    lm.compile(
-        optimizer=worker.seed_optimizer(
-            keras, spec["learning_rate"], exclude_from_decay=run != "floor"
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    worker.prepare_run(lm, run, spec)
     tokens, labels = worker.token_data(dict(spec, steps=1, warmup=0))
     data = ({"token_ids": tokens, "padding_mask": tokens * 0 + 1}, labels, None)
     lm._symbolic_build(data_batch=data)  # Builds the optimizer and metrics.

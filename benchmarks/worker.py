@@ -138,26 +138,7 @@ def keras_run(spec: dict) -> dict:
     x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
 
     run = spec["run"]
-    if run == "lora":
-        keras_lora.inject_lora(
-            lm, rank=spec["rank"], alpha=spec["alpha"], targets=spec["targets"]
-        )
-    elif run == "builtin":
-        lm.backbone.enable_lora(spec["rank"], target_layer_names=spec["targets"])
-    elif run == "floor":
-        freeze_all_but_first_bias(lm)
-    elif run != "full":
-        raise ValueError(f"Unknown run {run!r}.")
-
-    lm.compile(
-        # The floor trains one bias: excluding it from weight decay would
-        # leave Keras's torch AdamW an empty list to decay, which it cannot
-        # handle (RuntimeError in torch._foreach_mul_; see RESULTS.md).
-        optimizer=seed_optimizer(
-            keras, spec["learning_rate"], exclude_from_decay=run != "floor"
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
+    prepare_run(lm, run, spec)
     trainable = sum(math.prod(v.shape) for v in lm.trainable_weights)
     frozen = sum(math.prod(v.shape) for v in lm.non_trainable_weights)
 
@@ -197,6 +178,33 @@ def keras_run(spec: dict) -> dict:
     if run == "lora":
         result.update(inference_latency(lm, spec, x, keras_lora))
     return result
+
+
+def prepare_run(lm, run: str, spec: dict) -> None:
+    """Turn a freshly built model into `run` and compile it (AdamW, CE)."""
+    import keras
+
+    import keras_lora
+
+    if run == "lora":
+        keras_lora.inject_lora(
+            lm, rank=spec["rank"], alpha=spec["alpha"], targets=spec["targets"]
+        )
+    elif run == "builtin":
+        lm.backbone.enable_lora(spec["rank"], target_layer_names=spec["targets"])
+    elif run == "floor":
+        freeze_all_but_first_bias(lm)
+    elif run != "full":
+        raise ValueError(f"Unknown run {run!r}.")
+    lm.compile(
+        # The floor trains one bias: excluding it from weight decay would
+        # leave Keras's torch AdamW an empty list to decay, which it cannot
+        # handle (RuntimeError in torch._foreach_mul_; see RESULTS.md).
+        optimizer=seed_optimizer(
+            keras, spec["learning_rate"], exclude_from_decay=run != "floor"
+        ),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
 
 
 def keras_eval_loss(lm, spec: dict) -> float | None:

@@ -10,6 +10,15 @@ import numpy as np
 
 VOCAB = 64
 SEQ = 8
+# Every projection of a keras-hub GPT-2 block, attention first.
+GPT2_PROJECTIONS = (
+    "query",
+    "key",
+    "value",
+    "attention_output",
+    "feedforward_intermediate_dense",
+    "feedforward_output_dense",
+)
 
 
 def tiny_gpt2_backbone(**overrides) -> keras_hub.models.GPT2Backbone:

@@ -23,21 +23,13 @@ import pytest
 
 from keras_lora import inject_lora
 from keras_lora.distribution import distribute_lora, gpt2_layout_map
-from tests.helpers import tiny_gpt2_backbone, tiny_gpt2_lm
+from tests.helpers import GPT2_PROJECTIONS, tiny_gpt2_backbone, tiny_gpt2_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
 TOL = 1e-5
 # A worker takes 10-30 s on 2 CPU cores.
 WORKER_TIMEOUT = 240
-ALL_SIX = (
-    "query",
-    "key",
-    "value",
-    "attention_output",
-    "feedforward_intermediate_dense",
-    "feedforward_output_dense",
-)
 
 
 def expected_axes(path: str, ndim: int, shard_embeddings: bool = True) -> list:
@@ -181,7 +173,7 @@ def _mesh(names=("batch", "model")):
 
 def _gpt2_paths() -> list[tuple[str, int]]:
     lm = tiny_gpt2_lm(num_heads=4)
-    inject_lora(lm, rank=4, targets=ALL_SIX)
+    inject_lora(lm, rank=4, targets=GPT2_PROJECTIONS)
     return [(v.path, len(v.shape)) for v in lm.weights]
 
 
