@@ -19,6 +19,7 @@ from __future__ import annotations
 import keras
 
 from keras_lora.injection import lora_layers
+from keras_lora.surgery import drop_compiled_functions
 
 # Variable paths of keras-hub GPT-2 (base sizes; "..." = transformer_layer_i):
 #   token_embedding/embeddings                      (50257, 768)  tied LM head
@@ -272,7 +273,5 @@ def distribute_lora(
             variable._layout = None
             variable._layout = distribution.get_variable_layout(variable)
             variable.assign(variable.value)  # Lays the value out.
-    for attribute in ("train_function", "test_function", "predict_function"):
-        if getattr(model, attribute, None) is not None:
-            setattr(model, attribute, None)
+    drop_compiled_functions(model)
     return model

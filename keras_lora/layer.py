@@ -85,12 +85,10 @@ class LoraLayer(keras.layers.Layer):
         self.dropout_layer = (
             keras.layers.Dropout(self.dropout, seed=seed) if self.dropout else None
         )
-        # Name the factors after the kernel ("block/query/kernel" gives
-        # "block/query/lora_a"): paths stay unique in the model, which the
-        # torch module registry, layout maps and adapter files rely on.
-        kernel_path = original_layer.kernel.path
-        layer_path, _, _ = kernel_path.rpartition("/")
-        self._parent_path = layer_path.rpartition("/")[0]
+        # The wrapper keeps the wrapped layer's name, so the factors sit
+        # beside its kernel ("block/query/kernel", "block/query/lora_a"):
+        # paths stay unique in the model, which the torch module registry,
+        # layout maps and adapter files rely on.
         bound = 1.0 / math.sqrt(self.split.fan_in)
         self.lora_a = self.add_weight(
             name="lora_a",

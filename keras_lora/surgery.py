@@ -96,6 +96,15 @@ def replace_layers(
         _refresh_torch_params(model)
     # Steps traced before the swap still call the old layers (or the wrappers
     # after a merge, adding the update twice): let Keras trace them again.
+    drop_compiled_functions(model)
+
+
+def drop_compiled_functions(model: keras.layers.Layer) -> None:
+    """Forget the train/test/predict steps Keras traced for `model`.
+
+    A traced step holds the layers and variable layouts of its time; after a
+    swap or a re-layout Keras must trace it again on the next call.
+    """
     for name in ("train_function", "test_function", "predict_function"):
         if getattr(model, name, None) is not None:
             setattr(model, name, None)

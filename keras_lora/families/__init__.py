@@ -1,0 +1,26 @@
+"""keras-hub model families as data (see `family.py`); one module each."""
+
+from keras_lora.families.family import Family, Projection
+from keras_lora.families.gpt2 import GPT2
+
+FAMILIES = (GPT2,)
+
+__all__ = ["FAMILIES", "GPT2", "Family", "Projection", "family_of"]
+
+
+def family_of(model) -> Family:
+    """The family of a keras-hub backbone or task model (its `.backbone`).
+
+    Raises:
+        ValueError: for a model of no known family, naming the known ones.
+    """
+    backbone = getattr(model, "backbone", model)
+    names = {c.__name__ for c in type(backbone).__mro__}
+    for family in FAMILIES:
+        if family.backbone_class in names:
+            return family
+    known = ", ".join(f"{f.name} ({f.backbone_class})" for f in FAMILIES)
+    raise ValueError(
+        f"{type(model).__name__} is not a keras-hub model of a known family; "
+        f"known: {known}."
+    )
