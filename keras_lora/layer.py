@@ -88,7 +88,10 @@ class LoraLayer(keras.layers.Layer):
         # The wrapper keeps the wrapped layer's name, so the factors sit
         # beside its kernel ("block/query/kernel", "block/query/lora_a"):
         # paths stay unique in the model, which the torch module registry,
-        # layout maps and adapter files rely on.
+        # layout maps and adapter files rely on. Keras's
+        # `name_scope(caller=self)` reads `_parent_path` to place the weights
+        # of a layer created outside its parent's scope, as this one is.
+        self._parent_path = original_layer.path.rpartition("/")[0] or None
         bound = 1.0 / math.sqrt(self.split.fan_in)
         self.lora_a = self.add_weight(
             name="lora_a",
