@@ -11,8 +11,8 @@ where each adaptable projection of a block lives (`Projection.path` below
 shaped (rank, fan_in) and (fan_out, rank); the file format itself is
 `keras_lora.interop.peft_format`.
 
-Several roles sharing one `hf_module` form a fused projection (GPT-2's
-query, key and value): its outputs are the roles' outputs concatenated in
+Several roles sharing one `hf_module` form a fused projection
+(`Family.hf_modules`): its outputs are the roles' outputs concatenated in
 `projections` order, each flattened as the keras-hub kernel's output axes
 flatten. Separate factors for the roles are therefore one fused adapter of
 rank `sum(ranks)`: A stacks their A's, B is block-diagonal (zero rows for a
@@ -101,7 +101,7 @@ def export_peft(
     The directory loads with `peft.PeftModel.from_pretrained(base, path)`
     on the transformers model holding the same base weights, and computes
     the same outputs. The factors of the roles that share one Hugging Face
-    module (GPT-2's query, key and value) fuse into one adapter whose rank
+    module (a fused projection) fuse into one adapter whose rank
     is the sum of their ranks; its `lora_alpha` is chosen so that PEFT's
     scaling equals the Keras layers' `scale`. Modules whose rank or alpha
     differ from the most common ones go into `rank_pattern` /
@@ -113,8 +113,8 @@ def export_peft(
             any of the family's `roles`.
         path: directory to write (created if needed; files are replaced).
         hf_model: the transformers class the adapter is for, one of the
-            family's `hf_model_prefixes` (GPT-2: "GPT2LMHeadModel", the
-            default, or "GPT2Model"); the default is the first.
+            family's `hf_model_prefixes`; by default the first (the class
+            with the language-model head).
         base_model_name_or_path: recorded in the config for reference.
 
     Returns:
@@ -198,7 +198,8 @@ def import_peft(
 
     Each adapted module becomes `LoraLayer`s (all other weights are frozen,
     as by `inject_lora`) holding exactly the adapter's factors and scale: a
-    fused module of rank r (GPT-2's query, key and value) becomes one layer
+    fused module of rank r (several roles in one Hugging Face module) becomes
+    one layer
     of rank r per role, all sharing its A and taking their rows of its B.
     `rank_pattern`, `alpha_pattern`, `use_rslora` and `lora_dropout` carry
     over. The model must hold the base weights the adapter was trained on
@@ -304,7 +305,7 @@ def _locate(model) -> _Located:
 
 
 def _module_name(family: Family, block: int, module: str) -> str:
-    """A module's name below the model prefix ("h.0.attn.c_attn" in GPT-2)."""
+    """A module's name below the model prefix: `hf_block`, then `module`."""
     return f"{family.hf_block.format(block=block)}.{module}"
 
 
@@ -413,8 +414,8 @@ def _key_pattern(family: Family) -> re.Pattern:
 
 
 def _key_help(family: Family) -> str:
-    """The supported keys, for messages:
-    "base_model.model.[transformer.]h.{i}.{attn.c_attn, ...}.lora_{A,B}.weight"."""
+    """The supported keys, for messages: optional prefixes in brackets,
+    alternatives in braces, `{i}` for the block index."""
     prefixes = sorted(p for p in set(family.hf_model_prefixes.values()) if p)
     prefix = prefixes[0] if len(prefixes) == 1 else "{" + ", ".join(prefixes) + "}"
     if not prefixes:
@@ -458,7 +459,7 @@ def _read_modules(found: _Located, config, tensors) -> dict:
         if block >= found.num_blocks:
             raise ValueError(
                 f"The adapter adapts block {block} ('{name}'), but the model "
-                f"has {found.num_blocks} transformer layers."
+                f"has {found.num_blocks} blocks."
             )
         splits = [found.split(block, role) for role in family.hf_modules[module]]
         modules[block, module] = peft_format.peft_module(

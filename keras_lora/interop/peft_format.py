@@ -213,8 +213,8 @@ def peft_module(
 
     Args:
         config: the adapter config.
-        name: the module's name as PEFT matches patterns against it
-            ("transformer.h.0.attn.c_attn").
+        name: the module's full name, as PEFT matches patterns against
+            it (model prefix, block, module: no "base_model.model.").
         factors: `{"A": lora_A, "B": lora_B}` as read.
         fan_in: the input features of the model's module.
         fan_out: its output features (of all roles, for a fused module).
@@ -251,7 +251,7 @@ def peft_module(
 
 
 def module_rank_alpha(config: dict, name: str) -> tuple[int, float]:
-    """The rank and alpha PEFT gives a module ("transformer.h.0.attn.c_attn")."""
+    """The rank and alpha PEFT gives a module, by its full name."""
     rank = _pattern_value(
         config.get("rank_pattern"), name, config.get("r", _DEFAULT_RANK)
     )
@@ -301,7 +301,7 @@ def lora_config(
     """A LoraConfig dict: the most common rank and alpha, patterns for the rest.
 
     Args:
-        modules: module name below the model's prefix ("h.0.attn.c_attn")
+        modules: module name below the model's prefix (block and module)
             -> its factors; every name becomes one escaped pattern key.
         target_modules: the config's `target_modules`.
         use_rslora: PEFT's one `use_rslora` flag.
@@ -313,8 +313,8 @@ def lora_config(
     counts = collections.Counter
     rank = counts(m.rank for m in modules.values()).most_common(1)[0][0]
     alpha = counts(m.alpha for m in modules.values()).most_common(1)[0][0]
-    # Pattern keys are regexes PEFT matches at the end of a module name
-    # ("transformer.h.0.attn.c_attn"); escaped, each names one module.
+    # Pattern keys are regexes PEFT matches at the end of a module's full
+    # name; escaped, each names one module.
     return {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -352,8 +352,8 @@ def tidy(value: float) -> int | float:
 
 
 def write_adapter(path: str, config: dict, modules: dict[str, PeftModule]) -> str:
-    """Write an adapter directory; `modules` maps full key prefixes
-    ("base_model.model.transformer.h.0.attn.c_attn") to factors.
+    """Write an adapter directory; `modules` maps each module's key prefix
+    (everything before ".lora_A.weight") to its factors.
 
     Each file is replaced atomically, weights first: an interrupted export
     never leaves a half-written file for PEFT to load.
