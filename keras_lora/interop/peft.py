@@ -48,7 +48,6 @@ _KEY_ROOT = "base_model.model."
 class _Located:
     """A keras-hub model, walked once: its family and its layers by path."""
 
-    model: keras.layers.Layer
     family: Family
     backbone: keras.layers.Layer
     layers: dict[str, keras.layers.Layer]  # Paths below the backbone.
@@ -301,7 +300,7 @@ def _locate(model) -> _Located:
     num_blocks = 0
     while family.block.format(block=num_blocks) in layers:
         num_blocks += 1
-    return _Located(model, family, backbone, layers, lora, num_blocks)
+    return _Located(family, backbone, layers, lora, num_blocks)
 
 
 def _module_name(family: Family, block: int, module: str) -> str:
