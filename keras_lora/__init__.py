@@ -3,7 +3,8 @@
 from keras_lora.adapter import load_adapter, read_adapter_config, save_adapter
 from keras_lora.callbacks import GPUMemoryCallback
 from keras_lora.checkpoint import AdapterCheckpoint
-from keras_lora.distribution import distribute_lora, gpt2_layout_map
+from keras_lora.distribution import distribute_lora
+from keras_lora.families.gpt2 import gpt2_layout_map
 from keras_lora.injection import (
     freeze_non_lora,
     inject_lora,
@@ -14,9 +15,9 @@ from keras_lora.injection import (
     trainable_summary,
     wrap_layers,
 )
+from keras_lora.interop import export_peft, import_peft
 from keras_lora.layer import LoraLayer
 from keras_lora.merge import merge_lora
-from keras_lora.peft import export_peft, import_peft
 
 __version__ = "0.1.0"
 

@@ -21,12 +21,12 @@ import peft  # noqa: E402
 import safetensors.numpy  # noqa: E402
 import transformers  # noqa: E402
 
-import keras_lora.peft  # noqa: E402
 from keras_lora import LoraLayer, inject_lora, lora_layers  # noqa: E402
-from keras_lora.peft import export_peft, import_peft  # noqa: E402
+from keras_lora.families import GPT2  # noqa: E402
+from keras_lora.interop import export_peft, import_peft, peft_format  # noqa: E402
 from keras_lora.surgery import walk_layers  # noqa: E402
 from tests import peft_helpers as ph  # noqa: E402
-from tests.helpers import GPT2_PROJECTIONS, randomize_lora_b, snapshot  # noqa: E402
+from tests.helpers import randomize_lora_b, snapshot  # noqa: E402
 
 ATOL = 1e-4
 
@@ -68,14 +68,11 @@ def peft_adapter(hf_dir, out_dir, dtype=None, **config) -> str:
     return os.fspath(out_dir)
 
 
-_ROLE_TO_MODULE = {
-    "query": "attn.c_attn",
-    "key": "attn.c_attn",
-    "value": "attn.c_attn",
-    "attention_output": "attn.c_proj",
-    "feedforward_intermediate_dense": "mlp.c_fc",
-    "feedforward_output_dense": "mlp.c_proj",
-}
+_ROLE_TO_MODULE = {p.role: p.hf_module for p in GPT2.projections}
+# "transformer_layer_(\d+)/": a keras-hub block's path, with its index.
+_BLOCK = re.compile(
+    r"(\d+)".join(re.escape(part) for part in GPT2.block.split("{block}")) + "/"
+)
 
 
 def _peft_lora_modules(model) -> dict:
@@ -93,7 +90,7 @@ def _keras_lora_modules(lm) -> list:
     found = []
     for path, layer in walk_layers(lm):
         if isinstance(layer, LoraLayer):
-            block = re.search(r"transformer_layer_(\d+)/", path)[1]
+            block = _BLOCK.search(path)[1]
             module = _ROLE_TO_MODULE[layer.name]
             found.append((f"transformer.h.{block}.{module}", layer))
     return found
@@ -128,8 +125,8 @@ EXPORT_CASES = {
     "qv_r4_a8": ([(("query", "value"), 4, 8.0)], False),
     "qkv_r2_a16_rslora": ([(("query", "key", "value"), 2, 16.0)], True),
     "value_only_r3_a5": ([(("value",), 3, 5.0)], False),
-    "all_six_r2_a4": ([(GPT2_PROJECTIONS, 2, 4.0)], False),
-    "all_six_r1_a32_rslora": ([(GPT2_PROJECTIONS, 1, 32.0)], True),
+    "all_six_r2_a4": ([(GPT2.roles, 2, 4.0)], False),
+    "all_six_r1_a32_rslora": ([(GPT2.roles, 1, 32.0)], True),
     "mixed_ranks_rslora": (
         [(("query", "value"), 2, 4.0), (("feedforward_.*_dense",), 4, 2.0)],
         True,
@@ -228,7 +225,7 @@ def test_export_fused_c_attn_layout(hf_dir, tmp_path):
 
 def test_export_backbone_to_gpt2_model(hf_dir, ids, tmp_path):
     backbone = keras_hub.models.GPT2Backbone.from_preset(hf_dir)
-    inject_lora(backbone, rank=3, alpha=6.0, targets=GPT2_PROJECTIONS)
+    inject_lora(backbone, rank=3, alpha=6.0, targets=GPT2.roles)
     randomize_lora_b(backbone, scale=0.5)
     adapter = export_peft(backbone, tmp_path, hf_model="GPT2Model")
     base = transformers.GPT2Model.from_pretrained(hf_dir).eval()
@@ -338,7 +335,7 @@ def test_import_bfloat16_adapter(hf_dir, tmp_path):
 
     # The reader for a NumPy without bfloat16 (no ml_dtypes) agrees.
     weights = tmp_path / "adapter_model.safetensors"
-    by_hand = keras_lora.peft._load_with_bfloat16(os.fspath(weights))
+    by_hand = peft_format._load_with_bfloat16(os.fspath(weights))
     key = "base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"
     np.testing.assert_array_equal(by_hand[key], expected.T)
 
@@ -372,7 +369,21 @@ BAD_ADAPTERS = {
                 {"base_model.model.lm_head.lora_A.weight": np.zeros((2, 16), "f4")}
             ),
         ),
-        "does not map onto keras-hub GPT-2",
+        re.escape(
+            "does not map onto keras-hub GPT-2: "
+            "'base_model.model.lm_head.lora_A.weight'. Supported: "
+            "base_model.model.[transformer.]h.{i}.{attn.c_attn, attn.c_proj, "
+            "mlp.c_fc, mlp.c_proj}.lora_{A,B}.weight."
+        ),
+    ),
+    "mixed_prefixes": (
+        lambda a: _edit_tensors(
+            a,
+            lambda t: t.update(
+                {k.replace("transformer.h.1.", "h.1."): t.pop(k) for k in list(t)}
+            ),
+        ),
+        "mixes keys under",
     ),
     "shape_mismatch": (
         lambda a: _edit_tensors(
@@ -484,6 +495,14 @@ def test_export_refuses_mixed_dropout(hf_dir, tmp_path):
     inject_lora(lm, targets=("attention_output",))
     with pytest.raises(ValueError, match="lora_dropout"):
         export_peft(lm, tmp_path)
+
+
+def test_export_refuses_unknown_hf_model(hf_dir, tmp_path):
+    lm = ph.keras_lm(hf_dir)
+    inject_lora(lm, targets=("query",))
+    with pytest.raises(ValueError, match="`hf_model` must be one of"):
+        export_peft(lm, tmp_path, hf_model="LlamaForCausalLM")
+    assert not os.listdir(tmp_path)
 
 
 def test_export_refuses_model_without_lora(hf_dir, tmp_path):

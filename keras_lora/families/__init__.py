@@ -1,15 +1,31 @@
 """keras-hub model families as data (see `family.py`); one module each."""
 
-from keras_lora.families.family import Family, Projection
-from keras_lora.families.gpt2 import GPT2
+from keras_lora.families.family import Family, Projection, Sharding
+from keras_lora.families.gpt2 import GPT2, gpt2_layout_map
+from keras_lora.families.layout import layout_map
 
 FAMILIES = (GPT2,)
 
-__all__ = ["FAMILIES", "GPT2", "Family", "Projection", "family_of"]
+__all__ = [
+    "FAMILIES",
+    "GPT2",
+    "Family",
+    "Projection",
+    "Sharding",
+    "family_of",
+    "gpt2_layout_map",
+    "layout_map",
+]
 
 
 def family_of(model) -> Family:
     """The family of a keras-hub backbone or task model (its `.backbone`).
+
+    Args:
+        model: a keras-hub backbone, or a task model with a `.backbone`.
+
+    Returns:
+        The `Family` whose `backbone_class` the backbone is (or subclasses).
 
     Raises:
         ValueError: for a model of no known family, naming the known ones.

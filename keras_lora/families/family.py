@@ -13,6 +13,11 @@ Paths are `keras_lora.layer_paths` paths below the backbone, with
 | `projections[i].path` | `self_attention/query`, ... (below a block) |
 | `projections[i].hf_module` | `attn.c_attn`, ... (below `hf_block`) |
 | `hf_block` | `h.{block}` |
+
+`sharding` says how `families.layout.layout_map` lays the family's weights
+out over a device mesh; its axes name `MODEL` (the mesh's model axis),
+`HIDDEN` (the hidden-size axes: the model axis when the embeddings are
+sharded, else replicated) or `None` (replicated).
 """
 
 from __future__ import annotations
@@ -38,6 +43,30 @@ class Projection:
     hf_module: str
 
 
+# Symbolic mesh axes in `Sharding`: the model axis, and the hidden-size axes
+# (sharded on the model axis only when the embeddings are).
+MODEL = "model"
+HIDDEN = "hidden"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """Megatron-style layouts of one family's weights, LoRA factors included.
+
+    Every layout is a tuple with one entry per variable axis: `MODEL`,
+    `HIDDEN` or `None`.
+
+    Args:
+        embeddings: embedding variable path below the backbone
+            ("token_embedding/embeddings") -> layout.
+        projections: role -> variable name ("kernel", "lora_a", "lora_b")
+            -> layout. Variables named nowhere are replicated.
+    """
+
+    embeddings: dict[str, tuple[str | None, ...]]
+    projections: dict[str, dict[str, tuple[str | None, ...]]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A keras-hub model family.
@@ -52,9 +81,16 @@ class Family:
         default_targets: the roles `inject_lora` adapts by default.
         hf_block: the Hugging Face path template of one block.
         hf_model_prefixes: transformers model class -> the prefix of its
-            block paths ("GPT2LMHeadModel" -> "transformer.").
+            block paths ("GPT2LMHeadModel" -> "transformer."); the first
+            is the class `export_peft` writes for by default.
         fan_in_fan_out: whether Hugging Face stores these weights as
             (in, out) (GPT-2's Conv1D) rather than (out, in).
+        title: the family's name in messages ("GPT-2").
+        hf_class_prefix: how transformers class names of this family begin
+            ("GPT2"): an adapter recorded for another class is refused.
+        hf_task_types: transformers class -> the PEFT `task_type` of an
+            adapter for it ("GPT2LMHeadModel" -> "CAUSAL_LM"); others: none.
+        sharding: the layouts for `families.layout.layout_map`, if known.
     """
 
     name: str
@@ -65,6 +101,15 @@ class Family:
     hf_block: str
     hf_model_prefixes: dict[str, str]
     fan_in_fan_out: bool = False
+    title: str = ""
+    hf_class_prefix: str = ""
+    hf_task_types: dict[str, str] = dataclasses.field(default_factory=dict)
+    sharding: Sharding | None = None
+
+    @property
+    def label(self) -> str:
+        """The family's name for messages: `title`, else `name`."""
+        return self.title or self.name
 
     @property
     def roles(self) -> tuple[str, ...]:

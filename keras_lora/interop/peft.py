@@ -1,0 +1,477 @@
+"""Exchange LoRA adapters with Hugging Face PEFT, for every known family.
+
+The family module (`keras_lora.families`) says everything model-specific:
+where each adaptable projection of a block lives (`Projection.path` below
+`Family.block`) and which Hugging Face module holds it (`hf_module` below
+`hf_block`). A PEFT adapter for the transformers class `C` then has the keys
+
+    base_model.model.{hf_model_prefixes[C]}{hf_block}.{hf_module}.lora_A.weight
+    ...lora_B.weight
+
+shaped (rank, fan_in) and (fan_out, rank); the file format itself is
+`keras_lora.interop.peft_format`.
+
+Several roles sharing one `hf_module` form a fused projection
+(`Family.hf_modules`): its outputs are the roles' outputs concatenated in
+`projections` order, each flattened as the keras-hub kernel's output axes
+flatten. Separate factors for the roles are therefore one fused adapter of
+rank `sum(ranks)`: A stacks their A's, B is block-diagonal (zero rows for a
+role without LoRA). Going back, every row block of a fused B takes the
+whole (shared) A. Both directions are exact: the same function, not an
+approximation.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+import re
+
+import keras
+import numpy as np
+
+from keras_lora.families import FAMILIES, Family, family_of
+from keras_lora.injection import wrap_layers
+from keras_lora.interop import peft_format
+from keras_lora.interop.peft_format import PeftModule
+from keras_lora.kernel_split import KernelSplit, split_kernel
+from keras_lora.layer import LoraLayer
+from keras_lora.surgery import walk_layers
+
+# Every PEFT key starts with this (PeftModel's `base_model.model`).
+_KEY_ROOT = "base_model.model."
+
+
+@dataclasses.dataclass
+class _Located:
+    """A keras-hub model, walked once: its family and its layers by path."""
+
+    family: Family
+    backbone: keras.layers.Layer
+    layers: dict[str, keras.layers.Layer]  # Paths below the backbone.
+    lora: list[tuple[str | None, LoraLayer]]  # Path below it, or None.
+    num_blocks: int
+
+    def path(self, block: int, role: str) -> str:
+        projection = self.family.projection(role)
+        return f"{self.family.block.format(block=block)}/{projection.path}"
+
+    def layer(self, block: int, role: str) -> keras.layers.Layer:
+        path = self.path(block, role)
+        if path not in self.layers:
+            raise ValueError(
+                f"The {self.family.label} model has no layer '{path}' (role "
+                f"{role!r} of block {block}); its keras-hub version lays its "
+                "blocks out differently from `keras_lora.families."
+                f"{self.family.name}`."
+            )
+        return self.layers[path]
+
+    def split(self, block: int, role: str) -> KernelSplit:
+        layer = self.layer(block, role)
+        return layer.split if isinstance(layer, LoraLayer) else split_kernel(layer)
+
+    def wrapper(self, block: int, role: str) -> LoraLayer:
+        """The `LoraLayer` that now wraps the indexed layer (after a wrap).
+
+        Looked up in its parent only: the index still holds the original.
+        """
+        path = self.path(block, role)
+        original = self.layers[path]
+        parent_path = path.rpartition("/")[0]
+        parent = self.layers[parent_path] if parent_path else self.backbone
+        for child in parent._layers:
+            if isinstance(child, LoraLayer) and child.original_layer is original:
+                return child
+        raise RuntimeError(f"No LoraLayer wraps '{path}' after wrapping it.")
+
+
+def export_peft(
+    model: keras.layers.Layer,
+    path: str | os.PathLike,
+    *,
+    hf_model: str | None = None,
+    base_model_name_or_path: str | None = None,
+) -> str:
+    """Write the LoRA factors of a keras-hub model as a PEFT adapter.
+
+    The directory loads with `peft.PeftModel.from_pretrained(base, path)`
+    on the transformers model holding the same base weights, and computes
+    the same outputs. The factors of the roles that share one Hugging Face
+    module (a fused projection) fuse into one adapter whose rank
+    is the sum of their ranks; its `lora_alpha` is chosen so that PEFT's
+    scaling equals the Keras layers' `scale`. Modules whose rank or alpha
+    differ from the most common ones go into `rank_pattern` /
+    `alpha_pattern`.
+
+    Args:
+        model: a keras-hub backbone or task model of a family in
+            `keras_lora.families` with `LoraLayer`s (from `inject_lora`) on
+            any of the family's `roles`.
+        path: directory to write (created if needed; files are replaced).
+        hf_model: the transformers class the adapter is for, one of the
+            family's `hf_model_prefixes`; by default the first (the class
+            with the language-model head).
+        base_model_name_or_path: recorded in the config for reference.
+
+    Returns:
+        The directory path, as a string.
+
+    Raises:
+        ValueError: if the model is of no known family, has no `LoraLayer`,
+            has one on a layer the family has no PEFT module for, or its
+            factors need what one PEFT config cannot say: roles of one
+            fused module with different scales, or different dropout rates.
+
+    Example (a tiny GPT-2 and back):
+
+    >>> import json, os, tempfile, keras_hub
+    >>> from keras_lora import inject_lora, lora_layers
+    >>> def tiny_gpt2():
+    ...     backbone = keras_hub.models.GPT2Backbone(
+    ...         vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
+    ...         intermediate_dim=32, max_sequence_length=16)
+    ...     return keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
+    >>> lm = inject_lora(tiny_gpt2(), rank=4, alpha=8.0, targets=("query", "value"))
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     adapter = export_peft(lm, tmp)
+    ...     with open(os.path.join(adapter, "adapter_config.json")) as f:
+    ...         config = json.load(f)
+    ...     other = import_peft(tiny_gpt2(), adapter)
+    >>> config["r"], config["lora_alpha"]  # query + value fused: rank 8
+    (8, 16)
+    >>> [(layer.name, layer.rank) for layer in lora_layers(other)]
+    [('query', 8), ('key', 8), ('value', 8)]
+    """
+    found = _locate(model)
+    family = found.family
+    if hf_model is None:
+        hf_model = next(iter(family.hf_model_prefixes))
+    if hf_model not in family.hf_model_prefixes:
+        raise ValueError(
+            f"`hf_model` must be one of {sorted(family.hf_model_prefixes)}. "
+            f"Received: hf_model={hf_model!r}"
+        )
+    wrapped = [layer for _, layer in found.lora]
+    if not wrapped:
+        raise ValueError(
+            f"Model '{model.name}' has no LoraLayer to export. Call "
+            "`inject_lora(model)` first."
+        )
+    use_rslora = all(layer.use_rslora for layer in wrapped)
+    modules = {
+        (block, module): _fused_module(found, block, module, layers, use_rslora)
+        for (block, module), layers in _group_by_module(found).items()
+    }
+    names = {key: _module_name(family, *key) for key in modules}
+    targets = sorted({module for _, module in modules})
+    if set(modules) != {(b, m) for b in range(found.num_blocks) for m in targets}:
+        # Not every block has the same modules: name each one.
+        targets = list(names.values())
+    config = peft_format.lora_config(
+        {names[key]: fused for key, fused in modules.items()},
+        target_modules=targets,
+        use_rslora=use_rslora,
+        dropout=_common_dropout(wrapped),
+        fan_in_fan_out=family.fan_in_fan_out,
+        task_type=family.hf_task_types.get(hf_model),
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    prefix = _KEY_ROOT + family.hf_model_prefixes[hf_model]
+    return peft_format.write_adapter(
+        os.fspath(path),
+        config,
+        {prefix + names[key]: fused for key, fused in modules.items()},
+    )
+
+
+def import_peft(
+    model: keras.layers.Layer,
+    path: str | os.PathLike,
+    *,
+    seed: int | None = None,
+) -> keras.layers.Layer:
+    """Load a Hugging Face PEFT LoRA adapter into a keras-hub model.
+
+    Each adapted module becomes `LoraLayer`s (all other weights are frozen,
+    as by `inject_lora`) holding exactly the adapter's factors and scale: a
+    fused module of rank r (several roles in one Hugging Face module) becomes
+    one layer
+    of rank r per role, all sharing its A and taking their rows of its B.
+    `rank_pattern`, `alpha_pattern`, `use_rslora` and `lora_dropout` carry
+    over. The model must hold the base weights the adapter was trained on
+    (keras-hub's `from_preset` reads a Hugging Face checkpoint directory).
+
+    Everything is checked before the model changes: on error it is left as
+    it was.
+
+    Args:
+        model: a keras-hub backbone or task model of a family in
+            `keras_lora.families`, without `LoraLayer`s.
+        path: a PEFT adapter directory (`adapter_config.json` and
+            `adapter_model.safetensors`), as written by PEFT's
+            `save_pretrained` or `export_peft`.
+        seed: seed for the LoRA dropout.
+
+    Returns:
+        The same model, modified in place.
+
+    Raises:
+        ValueError: if a file is missing (or only a pickled
+            `adapter_model.bin` exists), the model is of no known family or
+            already has `LoraLayer`s, or the adapter cannot be mapped
+            exactly: not LoRA, DoRA, `bias` other than "none", base-weight
+            rewriting initialisations (PiSSA, OLoRA, LoftQ, ...), other
+            options that change the forward pass, an adapter recorded for
+            another architecture, keys for other modules, missing factors,
+            shapes that do not fit the model.
+
+    Example: see `export_peft`.
+    """
+    found = _locate(model)
+    family = found.family
+    if found.lora:
+        raise ValueError(
+            f"Model '{model.name}' already has LoraLayers. Import a PEFT "
+            "adapter into a model without LoRA (merge or rebuild it first)."
+        )
+    path = os.fspath(path)
+    config = peft_format.read_config(path)
+    peft_format.check_config(config, base_model=f"the original {family.label}")
+    _check_base_class(family, config)
+    modules = _read_modules(found, config, peft_format.read_tensors(path))
+    common = dict(
+        dropout=float(config.get("lora_dropout") or 0.0),
+        use_rslora=bool(config.get("use_rslora", False)),
+        seed=seed,
+    )
+    # One call wraps every layer, each with its module's rank and alpha,
+    # and freezes the rest, as `inject_lora` does.
+    wrap_layers(
+        model,
+        {
+            id(found.layer(block, role)): dict(
+                common, rank=fused.rank, alpha=fused.alpha
+            )
+            for (block, module), fused in modules.items()
+            for role in family.hf_modules[module]
+        },
+    )
+    for (block, module), fused in modules.items():
+        row = 0
+        for role in family.hf_modules[module]:
+            layer = found.wrapper(block, role)
+            rows = slice(row, row + layer.split.fan_out)
+            row = rows.stop
+            layer.lora_a.assign(
+                fused.lora_a.T.reshape(layer.split.in_shape + (fused.rank,))
+            )
+            layer.lora_b.assign(
+                fused.lora_b[rows].T.reshape((fused.rank,) + layer.split.out_shape)
+            )
+    return model
+
+
+def _locate(model) -> _Located:
+    """Find the model's family, and index its layers in one walk."""
+    try:
+        family = family_of(model)
+    except ValueError as e:
+        labels = " and ".join(f.label for f in FAMILIES)
+        raise ValueError(
+            f"PEFT exchange supports keras-hub {labels} only: {e}"
+        ) from None
+    backbone = getattr(model, "backbone", model)
+    walked = dict(walk_layers(model))
+    prefix = ""
+    if backbone is not model:
+        prefix = next((p + "/" for p, x in walked.items() if x is backbone), None)
+        if prefix is None:  # Not a tracked sublayer: index it on its own.
+            prefix = "\0backbone/"
+            walked.update((prefix + p, x) for p, x in walk_layers(backbone))
+    layers = {p[len(prefix) :]: x for p, x in walked.items() if p.startswith(prefix)}
+    lora = [
+        (p[len(prefix) :] if p.startswith(prefix) else None, x)
+        for p, x in walked.items()
+        if isinstance(x, LoraLayer)
+    ]
+    num_blocks = 0
+    while family.block.format(block=num_blocks) in layers:
+        num_blocks += 1
+    return _Located(family, backbone, layers, lora, num_blocks)
+
+
+def _module_name(family: Family, block: int, module: str) -> str:
+    """A module's name below the model prefix: `hf_block`, then `module`."""
+    return f"{family.hf_block.format(block=block)}.{module}"
+
+
+def _group_by_module(found: _Located) -> dict:
+    """The LoraLayers by PEFT module: `(block, module) -> {role: layer}`."""
+    family = found.family
+    where = {
+        found.path(block, role): (block, role)
+        for block in range(found.num_blocks)
+        for role in family.roles
+    }
+    modules = {}
+    for path, layer in found.lora:
+        if path not in where:
+            raise ValueError(
+                f"LoraLayer '{layer.name}' wraps a layer that transformers' "
+                f"{family.label} has no PEFT module for; only "
+                f"{_and(family.roles)} can be exported."
+            )
+        block, role = where[path]
+        module = family.projection(role).hf_module
+        modules.setdefault((block, module), {})[role] = layer
+    return dict(sorted(modules.items()))
+
+
+def _fused_module(found, block, module, layers, use_rslora) -> PeftModule:
+    """The PEFT factors and alpha of one module from its Keras LoraLayers.
+
+    `layers` maps the module's wrapped roles to their LoraLayers; every
+    role of the module (wrapped or not) gives its rows of B.
+    """
+    roles = found.family.hf_modules[module]
+    scales = {role: layer.scale for role, layer in layers.items()}
+    scale = next(iter(scales.values()))
+    if not all(math.isclose(s, scale, rel_tol=1e-9) for s in scales.values()):
+        # One fused adapter has one scaling; folding the ratios into B
+        # would change how the adapter trains further.
+        raise ValueError(
+            f"{_and(roles)} of block {block} share one PEFT module "
+            f"({module}), which has one scaling, but their LoRA scales "
+            f"differ: {scales}. Give them the same alpha / rank (inject them "
+            "in one `inject_lora` call)."
+        )
+    rank = sum(layer.rank for layer in layers.values())
+    # Choose lora_alpha so that PEFT's scaling is the Keras scale.
+    alpha = peft_format.tidy(scale * (math.sqrt(rank) if use_rslora else rank))
+    splits = [found.split(block, role) for role in roles]
+    fan_in = splits[0].fan_in
+    lora_a = np.zeros((rank, fan_in), "float32")
+    lora_b = np.zeros((sum(s.fan_out for s in splits), rank), "float32")
+    row = col = 0
+    for role, split in zip(roles, splits, strict=True):
+        layer = layers.get(role)
+        if layer is not None:
+            cols = slice(col, col + layer.rank)
+            a = _to_numpy(layer.lora_a).reshape(fan_in, layer.rank)
+            b = _to_numpy(layer.lora_b).reshape(layer.rank, split.fan_out)
+            lora_a[cols] = a.T
+            lora_b[row : row + split.fan_out, cols] = b.T
+            col = cols.stop
+        row += split.fan_out
+    return PeftModule(rank=rank, alpha=alpha, lora_a=lora_a, lora_b=lora_b)
+
+
+def _to_numpy(variable) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(variable.value), "float32")
+
+
+def _common_dropout(wrapped) -> float:
+    rates = {layer.dropout for layer in wrapped}
+    if len(rates) > 1:
+        raise ValueError(
+            "PEFT has one `lora_dropout` per adapter, but the LoraLayers use "
+            f"several: {sorted(rates)}. Use one dropout rate to export."
+        )
+    return rates.pop()
+
+
+def _check_base_class(family: Family, config: dict) -> None:
+    """Refuse an adapter PEFT recorded for another architecture."""
+    base_class = peft_format.base_model_class(config)
+    if base_class is None or base_class in family.hf_model_prefixes:
+        return
+    if family.hf_class_prefix and base_class.startswith(family.hf_class_prefix):
+        return
+    raise ValueError(
+        f"The adapter is for a {base_class}; only {family.label} adapters map "
+        f"onto keras-hub {family.label}."
+    )
+
+
+def _key_pattern(family: Family) -> re.Pattern:
+    """The PEFT keys of a family's adapters, with their parts as groups."""
+    prefixes = "|".join(
+        re.escape(p)
+        for p in sorted(set(family.hf_model_prefixes.values()), key=len, reverse=True)
+    )
+    block = r"(?P<block>\d+)".join(
+        re.escape(part) for part in family.hf_block.split("{block}")
+    )
+    modules = "|".join(re.escape(m) for m in family.hf_modules)
+    return re.compile(
+        re.escape(_KEY_ROOT) + rf"(?P<prefix>{prefixes}){block}\."
+        rf"(?P<module>{modules})\.lora_(?P<factor>[AB])\.weight"
+    )
+
+
+def _key_help(family: Family) -> str:
+    """The supported keys, for messages: optional prefixes in brackets,
+    alternatives in braces, `{i}` for the block index."""
+    prefixes = sorted(p for p in set(family.hf_model_prefixes.values()) if p)
+    prefix = prefixes[0] if len(prefixes) == 1 else "{" + ", ".join(prefixes) + "}"
+    if not prefixes:
+        prefix = ""
+    elif "" in family.hf_model_prefixes.values():
+        prefix = f"[{prefix}]"
+    modules = ", ".join(family.hf_modules)
+    return (
+        f"{_KEY_ROOT}{prefix}{family.hf_block.format(block='{i}')}."
+        f"{{{modules}}}.lora_{{A,B}}.weight"
+    )
+
+
+def _read_modules(found: _Located, config, tensors) -> dict:
+    """Validate every key and shape; return `(block, module) -> PeftModule`."""
+    family = found.family
+    pattern = _key_pattern(family)
+    factors = collections.defaultdict(dict)
+    prefixes = set()
+    for key, value in tensors.items():
+        match = pattern.fullmatch(key)
+        if match is None:
+            raise ValueError(
+                f"The adapter has a key that does not map onto keras-hub "
+                f"{family.label}: '{key}'. Supported: {_key_help(family)}."
+            )
+        prefixes.add(match["prefix"])
+        factors[int(match["block"]), match["module"]][match["factor"]] = value
+    if not factors:
+        raise ValueError("The adapter has no LoRA weights.")
+    if len(prefixes) > 1:
+        raise ValueError(
+            "The adapter mixes keys under "
+            f"{_and([repr(_KEY_ROOT + p) for p in sorted(prefixes)])}; they "
+            "come from different base models."
+        )
+    prefix = prefixes.pop()
+    modules = {}
+    for (block, module), pair in sorted(factors.items()):
+        name = prefix + _module_name(family, block, module)
+        if block >= found.num_blocks:
+            raise ValueError(
+                f"The adapter adapts block {block} ('{name}'), but the model "
+                f"has {found.num_blocks} blocks."
+            )
+        splits = [found.split(block, role) for role in family.hf_modules[module]]
+        modules[block, module] = peft_format.peft_module(
+            config,
+            name,
+            pair,
+            fan_in=splits[0].fan_in,
+            fan_out=sum(s.fan_out for s in splits),
+        )
+    return modules
+
+
+def _and(items) -> str:
+    """ "a, b and c"."""
+    items = list(items)
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
