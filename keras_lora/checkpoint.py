@@ -96,27 +96,39 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         return checkpoints[-1] if checkpoints else None
 
     def on_epoch_begin(self, epoch, logs=None):
-        # The optimizer's step counter, read once an epoch: reading model
-        # state every batch would force a JAX state sync every step.
-        # Within the epoch, `batch` is the index of the last step run
-        # (with `steps_per_execution > 1`, Keras calls this hook once per
-        # execution), so the count stays exact.
-        optimizer = getattr(self.model, "optimizer", None)
-        iterations = getattr(optimizer, "iterations", None)
-        self._epoch_start = (
-            int(keras.ops.convert_to_numpy(iterations))
-            if iterations is not None
-            else self.steps
-        )
+        # The optimizer's step counter is read once an epoch and when a
+        # save may be due: on JAX, reading model state forces a state sync,
+        # which every step would slow training down.
+        self._epoch_start = self._iterations()
         self.steps = self._epoch_start
 
     def on_train_batch_end(self, batch, logs=None):
-        previous, self.steps = self.steps, self._epoch_start + int(batch) + 1
+        # `batch` is the last step index of the execution that just ran
+        # (with `steps_per_execution > 1` this hook runs once per
+        # execution); Keras reports a full execution even when the epoch's
+        # last one is short, hence the clamp and the exact read below.
+        steps_per_epoch = self.params.get("steps") if self.params else None
+        in_epoch = int(batch) + 1
+        if steps_per_epoch:
+            in_epoch = min(in_epoch, int(steps_per_epoch))
+        previous, estimate = self.steps, self._epoch_start + in_epoch
         n = self.every_n_steps
-        if n and self.steps // n > previous // n:
-            self._save()
+        if n and estimate // n > previous // n:
+            self.steps = self._iterations()
+            if self.steps // n > previous // n:
+                self._save()
+        else:
+            self.steps = estimate
+
+    def _iterations(self) -> int:
+        """`model.optimizer.iterations`, or the last count without one."""
+        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
+        if iterations is None:
+            return self.steps
+        return int(keras.ops.convert_to_numpy(iterations))
 
     def on_epoch_end(self, epoch, logs=None):
+        self.steps = self._iterations()
         if self.save_at_epoch_end and self._saved_at != self.steps:
             self._save()
 
