@@ -68,8 +68,8 @@ from keras_lora import (  # noqa: E402
     merge_lora,
     save_adapter,
 )
+from keras_lora.families import GPT2  # noqa: E402
 from tests.helpers import (  # noqa: E402
-    GPT2_PROJECTIONS,
     constant_token_task,
     learnable_lm,
     randomize_lora_b,
@@ -89,18 +89,18 @@ def reference():
     keras.utils.set_random_seed(0)
     lm = learnable_lm(**MODEL_ARGS)
     base = lm.get_weights()
-    inject_lora(lm, rank=4, alpha=8.0, targets=GPT2_PROJECTIONS, seed=1)
+    inject_lora(lm, rank=4, alpha=8.0, targets=GPT2.roles, seed=1)
     randomize_lora_b(lm, scale=0.1)
     return base, lm.get_weights(), [v.path for v in lm.weights]
 
 
 def build(weights, scope=None, lora_paths=None):
     """A tiny GPT-2 holding `weights`, built in `scope`; with `lora_paths`
-    (the reference's weight paths), LoRA on `GPT2_PROJECTIONS` is injected first."""
+    (the reference's weight paths), LoRA on `GPT2.roles` is injected first."""
     with scope or contextlib.nullcontext():
         lm = tiny_gpt2_lm(**MODEL_ARGS)
         if lora_paths is not None:
-            inject_lora(lm, rank=4, alpha=8.0, targets=GPT2_PROJECTIONS, seed=1)
+            inject_lora(lm, rank=4, alpha=8.0, targets=GPT2.roles, seed=1)
             assert [v.path for v in lm.weights] == lora_paths
         lm.set_weights(weights)
     return lm
@@ -248,7 +248,7 @@ def run_jax() -> dict:
 
     # LoRA injected outside the scope, then laid out by distribute_lora.
     late = build(base, mp_scope())
-    inject_lora(late, rank=4, alpha=8.0, targets=GPT2_PROJECTIONS, seed=1)
+    inject_lora(late, rank=4, alpha=8.0, targets=GPT2.roles, seed=1)
     late.set_weights(full)
     out["late_specs_before"] = {
         p: s for p, s in jax_specs(late).items() if p.endswith(("lora_a", "lora_b"))

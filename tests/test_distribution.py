@@ -23,7 +23,8 @@ import pytest
 
 from keras_lora import inject_lora
 from keras_lora.distribution import distribute_lora, gpt2_layout_map
-from tests.helpers import GPT2_PROJECTIONS, tiny_gpt2_backbone, tiny_gpt2_lm
+from keras_lora.families import GPT2
+from tests.helpers import tiny_gpt2_backbone, tiny_gpt2_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
@@ -173,7 +174,7 @@ def _mesh(names=("batch", "model")):
 
 def _gpt2_paths() -> list[tuple[str, int]]:
     lm = tiny_gpt2_lm(num_heads=4)
-    inject_lora(lm, rank=4, targets=GPT2_PROJECTIONS)
+    inject_lora(lm, rank=4, targets=GPT2.roles)
     return [(v.path, len(v.shape)) for v in lm.weights]
 
 

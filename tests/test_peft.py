@@ -23,10 +23,11 @@ import transformers  # noqa: E402
 
 import keras_lora.peft  # noqa: E402
 from keras_lora import LoraLayer, inject_lora, lora_layers  # noqa: E402
+from keras_lora.families import GPT2  # noqa: E402
 from keras_lora.peft import export_peft, import_peft  # noqa: E402
 from keras_lora.surgery import walk_layers  # noqa: E402
 from tests import peft_helpers as ph  # noqa: E402
-from tests.helpers import GPT2_PROJECTIONS, randomize_lora_b, snapshot  # noqa: E402
+from tests.helpers import randomize_lora_b, snapshot  # noqa: E402
 
 ATOL = 1e-4
 
@@ -128,8 +129,8 @@ EXPORT_CASES = {
     "qv_r4_a8": ([(("query", "value"), 4, 8.0)], False),
     "qkv_r2_a16_rslora": ([(("query", "key", "value"), 2, 16.0)], True),
     "value_only_r3_a5": ([(("value",), 3, 5.0)], False),
-    "all_six_r2_a4": ([(GPT2_PROJECTIONS, 2, 4.0)], False),
-    "all_six_r1_a32_rslora": ([(GPT2_PROJECTIONS, 1, 32.0)], True),
+    "all_six_r2_a4": ([(GPT2.roles, 2, 4.0)], False),
+    "all_six_r1_a32_rslora": ([(GPT2.roles, 1, 32.0)], True),
     "mixed_ranks_rslora": (
         [(("query", "value"), 2, 4.0), (("feedforward_.*_dense",), 4, 2.0)],
         True,
@@ -228,7 +229,7 @@ def test_export_fused_c_attn_layout(hf_dir, tmp_path):
 
 def test_export_backbone_to_gpt2_model(hf_dir, ids, tmp_path):
     backbone = keras_hub.models.GPT2Backbone.from_preset(hf_dir)
-    inject_lora(backbone, rank=3, alpha=6.0, targets=GPT2_PROJECTIONS)
+    inject_lora(backbone, rank=3, alpha=6.0, targets=GPT2.roles)
     randomize_lora_b(backbone, scale=0.5)
     adapter = export_peft(backbone, tmp_path, hf_model="GPT2Model")
     base = transformers.GPT2Model.from_pretrained(hf_dir).eval()
