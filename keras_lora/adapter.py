@@ -65,12 +65,16 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> str:
 
     >>> import tempfile
     >>> from keras_lora import inject_lora, lora_layers
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
+    >>> def base_model():  # The same architecture, layer and model names.
+    ...     return keras.Sequential(
+    ...         [keras.Input((8,)), keras.layers.Dense(4, name="d")], name="m"
+    ...     )
+    >>> model = base_model()
     >>> _ = inject_lora(model, targets="d")
     >>> path = save_adapter(model, tempfile.mkdtemp() + "/adapter")
     >>> sorted(name.split(".")[0] for name in os.listdir(path))
     ['adapter_config', 'adapter_weights']
-    >>> base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
+    >>> base = base_model()
     >>> [layer.name for layer in lora_layers(load_adapter(base, path))]
     ['d']
     """

@@ -204,7 +204,7 @@ def layer_paths(model: keras.layers.Layer) -> list[str]:
 
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
     >>> layer_paths(model)
-    ['d']
+    ['input_layer...', 'd']
     """
     return LayerIndex(model).paths()
 
@@ -269,8 +269,16 @@ def freeze_non_lora(
 def trainable_summary(model: keras.layers.Layer) -> dict[str, float]:
     """Counts of trainable and frozen parameters, like PEFT's summary.
 
-    Returns a dict with `trainable`, `non_trainable`, `total` and
-    `trainable_percent`.
+    Returns:
+        A dict with `trainable`, `non_trainable`, `total` and
+        `trainable_percent`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
+    >>> _ = inject_lora(model, rank=2, targets="d")
+    >>> trainable_summary(model)["trainable"]  # A (8, 2) and B (2, 4).
+    24
     """
     trainable = sum(_size(v) for v in model.trainable_weights)
     non_trainable = sum(_size(v) for v in model.non_trainable_weights)
@@ -284,7 +292,15 @@ def trainable_summary(model: keras.layers.Layer) -> dict[str, float]:
 
 
 def print_trainable_parameters(model: keras.layers.Layer) -> None:
-    """Print `trainable params: ... || all params: ... || trainable%: ...`."""
+    """Print `trainable params: ... || all params: ... || trainable%: ...`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
+    >>> _ = inject_lora(model, rank=2, targets="d")
+    >>> print_trainable_parameters(model)
+    trainable params: 24 || all params: 60 || trainable%: 40.0000
+    """
     s = trainable_summary(model)
     print(
         f"trainable params: {s['trainable']:,} || all params: {s['total']:,} "

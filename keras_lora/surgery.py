@@ -35,7 +35,7 @@ def walk_layers(model: keras.layers.Layer) -> Iterator[tuple[str, keras.layers.L
 
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
     >>> [path for path, _ in walk_layers(model)]
-    ['d']
+    ['input_layer...', 'd']
     """
     yield from _walk_below(model, "", {id(model)})
 
@@ -72,7 +72,7 @@ class LayerIndex:
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
     >>> index = LayerIndex(model)
     >>> index.paths(), index["d"].units
-    (['d'], 2)
+    (['input_layer...', 'd'], 2)
     """
 
     def __init__(self, model: keras.layers.Layer):
