@@ -17,8 +17,7 @@ from keras_lora.injection import (
 from keras_lora.layer import LoraLayer
 from keras_lora.merge import merge_lora
 from keras_lora.peft import export_peft, import_peft
-
-__version__ = "0.1.0"
+from keras_lora.version import __version__ as __version__
 
 __all__ = [
     "AdapterCheckpoint",

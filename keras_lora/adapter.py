@@ -37,6 +37,7 @@ from keras_lora.files import atomic_write
 from keras_lora.injection import wrap_layers
 from keras_lora.layer import LoraLayer, check_wrappable
 from keras_lora.surgery import LayerIndex
+from keras_lora.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "keras_lora.adapter"
@@ -78,8 +79,6 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> str:
     >>> [layer.name for layer in lora_layers(load_adapter(base, path))]
     ['d']
     """
-    from keras_lora import __version__
-
     path = os.fspath(path)
     index = LayerIndex(model)
     wrapped = _lora_by_path(index)
