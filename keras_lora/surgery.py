@@ -124,25 +124,19 @@ class LayerIndex:
         """
         replace_layers(self.model, replacements)
         swapped = [p for p, v in self._by_path.items() if id(v) in replacements]
-        if not swapped:
-            return
-        seen = {id(self.model)}
-        seen.update(
-            id(v)
-            for p, v in self._by_path.items()
-            if not any(p.startswith(s + "/") for s in swapped)
-        )
+
+        def below_swapped(path: str) -> bool:
+            return any(path.startswith(s + "/") for s in swapped)
+
+        kept = {p: v for p, v in self._by_path.items() if not below_swapped(p)}
+        # A layer yielded once stays yielded once, as in `walk_layers`.
+        seen = {id(self.model)} | {id(v) for v in kept.values()}
         rebuilt: dict[str, keras.layers.Layer] = {}
-        for path, layer in self._by_path.items():
-            if any(path.startswith(s + "/") for s in swapped):
-                continue
+        for path, layer in kept.items():
             new = replacements.get(id(layer))
-            if new is None:
-                rebuilt[path] = layer
-                continue
-            rebuilt[path] = new
-            seen.add(id(new))
-            if not isinstance(new, LoraLayer):
+            rebuilt[path] = layer if new is None else new
+            if new is not None and not isinstance(new, LoraLayer):
+                seen.add(id(new))
                 rebuilt.update(_walk_below(new, path + "/", seen))
         self._by_path = rebuilt
 
