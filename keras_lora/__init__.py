@@ -18,8 +18,7 @@ from keras_lora.injection import (
 from keras_lora.interop import export_peft, import_peft
 from keras_lora.layer import LoraLayer
 from keras_lora.merge import merge_lora
-
-__version__ = "0.1.0"
+from keras_lora.version import __version__ as __version__
 
 __all__ = [
     "AdapterCheckpoint",

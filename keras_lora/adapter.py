@@ -36,7 +36,8 @@ import safetensors.numpy
 from keras_lora.files import atomic_write
 from keras_lora.injection import wrap_layers
 from keras_lora.layer import LoraLayer, check_wrappable
-from keras_lora.surgery import walk_layers
+from keras_lora.surgery import LayerIndex
+from keras_lora.version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "keras_lora.adapter"
@@ -63,15 +64,24 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> str:
 
     Example:
 
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
-    >>> _ = inject_lora(model, targets="dense")
-    >>> _ = save_adapter(model, "/tmp/my_adapter")
-    >>> _ = load_adapter(model, "/tmp/my_adapter")
+    >>> import tempfile
+    >>> from keras_lora import inject_lora, lora_layers
+    >>> def base_model():  # The same architecture, layer and model names.
+    ...     return keras.Sequential(
+    ...         [keras.Input((8,)), keras.layers.Dense(4, name="d")], name="m"
+    ...     )
+    >>> model = base_model()
+    >>> _ = inject_lora(model, targets="d")
+    >>> path = save_adapter(model, tempfile.mkdtemp() + "/adapter")
+    >>> sorted(name.split(".")[0] for name in os.listdir(path))
+    ['adapter_config', 'adapter_weights']
+    >>> base = base_model()
+    >>> [layer.name for layer in lora_layers(load_adapter(base, path))]
+    ['d']
     """
-    from keras_lora import __version__
-
     path = os.fspath(path)
-    wrapped = _lora_by_path(model)
+    index = LayerIndex(model)
+    wrapped = _lora_by_path(index)
     if not wrapped:
         raise ValueError(
             f"Model '{model.name}' has no LoraLayer, so there is no adapter to "
@@ -97,7 +107,7 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> str:
         "saved_on_backend": keras.backend.backend(),
         "weights_file": weights_name,
         "weights_sha256": digest,
-        "base_model": _base_model_info(model),
+        "base_model": _base_model_info(model, wrapped),
         "layers": [
             {
                 "path": layer_path,
@@ -156,11 +166,13 @@ def load_adapter(
     path = os.fspath(path)
     config = read_adapter_config(path)
     tensors = _read_weights(path, config)
-    _check_base_model(model, config)
+    # One walk of the tree serves every check and the wrapping.
+    index = LayerIndex(model)
+    wrapped = _lora_by_path(index)
+    _check_base_model(model, config, wrapped)
     saved = {entry["path"]: entry for entry in config["layers"]}
     _check_tensors(tensors, saved)
-    layers = _kernel_layers(model)
-    wrapped = _lora_by_path(model)
+    layers = _kernel_layers(model, index)
     if wrapped:
         _check_same_layout(wrapped, saved)
     else:
@@ -190,8 +202,9 @@ def load_adapter(
                 }
                 for layer_path, entry in saved.items()
             },
+            index=index,
         )
-        wrapped = _lora_by_path(model)
+        wrapped = _lora_by_path(index)
     for layer_path, layer in wrapped.items():
         layer.lora_a.assign(tensors[f"{layer_path}/lora_a"])
         layer.lora_b.assign(tensors[f"{layer_path}/lora_b"])
@@ -264,8 +277,8 @@ def _read_weights(path: str, config: dict) -> dict[str, np.ndarray]:
         ) from None
 
 
-def _check_base_model(model, config) -> None:
-    saved, actual = config.get("base_model", {}), _base_model_info(model)
+def _check_base_model(model, config, wrapped: dict) -> None:
+    saved, actual = config.get("base_model", {}), _base_model_info(model, wrapped)
     if saved.get("class") != actual["class"]:
         raise ValueError(
             f"The adapter was trained on a {saved.get('class')}, not a "
@@ -340,18 +353,14 @@ def _layer_key(layer) -> str:
     return layer.kernel.path.rpartition("/")[0]
 
 
-def _lora_by_path(model) -> dict[str, LoraLayer]:
-    return {
-        _layer_key(layer.original_layer): layer
-        for _, layer in walk_layers(model)
-        if isinstance(layer, LoraLayer)
-    }
+def _lora_by_path(index: LayerIndex) -> dict[str, LoraLayer]:
+    return {_layer_key(layer.original_layer): layer for layer in index.lora_layers()}
 
 
-def _kernel_layers(model) -> dict[str, keras.layers.Layer]:
+def _kernel_layers(model, index: LayerIndex) -> dict[str, keras.layers.Layer]:
     """Unwrapped layers with a kernel, by key; keys must be unique."""
     layers = {}
-    for _, layer in walk_layers(model):
+    for layer in index.layers():
         if isinstance(layer, LoraLayer) or not hasattr(layer, "kernel"):
             continue
         key = _layer_key(layer)
@@ -365,12 +374,11 @@ def _kernel_layers(model) -> dict[str, keras.layers.Layer]:
     return layers
 
 
-def _base_model_info(model) -> dict:
-    """Class and architecture fingerprint of the model without LoRA."""
+def _base_model_info(model, wrapped: dict[str, LoraLayer]) -> dict:
+    """Class and architecture fingerprint of the model without LoRA
+    (`wrapped`: its LoRA layers)."""
     lora_ids = {
-        id(v)
-        for layer in _lora_by_path(model).values()
-        for v in (layer.lora_a, layer.lora_b)
+        id(v) for layer in wrapped.values() for v in (layer.lora_a, layer.lora_b)
     }
     base_weights = [v for v in model.weights if id(v) not in lora_ids]
     entries = sorted(f"{v.path}:{tuple(v.shape)}" for v in base_weights)

@@ -274,7 +274,17 @@ def _torch_probe() -> MemoryProbe | None:
 
 
 def host_probe() -> MemoryProbe:
-    """The host's peak resident memory (peak RSS) of this process."""
+    """The host's peak resident memory (peak RSS) of this process.
+
+    Its `reset_peak` is `None` where the peak cannot be reset (anywhere but
+    Linux).
+
+    Example:
+
+    >>> probe = host_probe()
+    >>> probe.device, probe.on_accelerator, probe.read_peak() > 0
+    ('host RSS', False, True)
+    """
     return MemoryProbe(
         HOST_DEVICE,
         read_peak=host_peak_rss_bytes,
@@ -286,31 +296,90 @@ def host_probe() -> MemoryProbe:
 def host_peak_rss_bytes() -> int:
     """Peak resident set size of this process in bytes, since the last reset.
 
-    Linux keeps it as `VmHWM` in /proc/self/status; elsewhere
-    `resource.getrusage` reports it (in bytes on macOS, KiB on other Unix).
-    On Windows psutil's `peak_wset` does.
+    Needs nothing beyond the standard library (psutil is not a dependency):
+    Linux keeps the peak as `VmHWM` in /proc/self/status (resettable, see
+    `reset_host_peak_rss`); other Unix systems report it through
+    `resource.getrusage` (bytes on macOS, KiB elsewhere); Windows through
+    `GetProcessMemoryInfo` (`PeakWorkingSetSize`).
+
+    Raises:
+        OSError: on a platform that offers none of these.
+
+    Example:
+
+    >>> host_peak_rss_bytes() > 2**20  # A Python process holds > 1 MiB.
+    True
     """
+    for read in (_proc_status_peak, _getrusage_peak, _windows_peak):
+        peak = read()
+        if peak is not None:
+            return peak
+    raise OSError(
+        f"Cannot read this process's peak resident memory on {sys.platform}: "
+        "no /proc/self/status, resource module or Windows process API."
+    )
+
+
+def _proc_status_peak() -> int | None:
+    """`VmHWM` of /proc/self/status (Linux), or None."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024  # Reported in kB.
     except OSError:
         pass
+    return None
+
+
+def _getrusage_peak() -> int | None:
+    """`ru_maxrss` of this process (Unix), or None. Not resettable."""
     try:
         import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak if sys.platform == "darwin" else peak * 1024)
     except ImportError:  # Windows.
-        import psutil
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
-        info = psutil.Process().memory_info()
-        return int(getattr(info, "peak_wset", info.rss))
+
+def _windows_peak() -> int | None:
+    """`PeakWorkingSetSize` of this process (Windows), or None."""
+    if sys.platform != "win32":
+        return None
+    import ctypes
+    from ctypes import wintypes
+
+    class Counters(ctypes.Structure):
+        _fields_ = [
+            ("cb", wintypes.DWORD),
+            ("PageFaultCount", wintypes.DWORD),
+            ("PeakWorkingSetSize", ctypes.c_size_t),
+            ("WorkingSetSize", ctypes.c_size_t),
+            ("QuotaPeakPagedPoolUsage", ctypes.c_size_t),
+            ("QuotaPagedPoolUsage", ctypes.c_size_t),
+            ("QuotaPeakNonPagedPoolUsage", ctypes.c_size_t),
+            ("QuotaNonPagedPoolUsage", ctypes.c_size_t),
+            ("PagefileUsage", ctypes.c_size_t),
+            ("PeakPagefileUsage", ctypes.c_size_t),
+        ]
+
+    counters = Counters()
+    counters.cb = ctypes.sizeof(Counters)
+    process = ctypes.windll.kernel32.GetCurrentProcess()
+    if not ctypes.windll.psapi.GetProcessMemoryInfo(
+        process, ctypes.byref(counters), counters.cb
+    ):
+        return None
+    return int(counters.PeakWorkingSetSize)
 
 
 def reset_host_peak_rss() -> None:
-    """Reset this process's peak RSS to its current RSS (Linux >= 4.0)."""
+    """Reset this process's peak RSS to its current RSS (Linux >= 4.0).
+
+    Raises:
+        OSError: where /proc/self/clear_refs is missing or not writable
+            (check `host_probe().reset_peak is not None` first).
+    """
     with open("/proc/self/clear_refs", "w") as clear_refs:
         # "5" resets only the peak ("hiwater") RSS; it touches no page.
         clear_refs.write("5")

@@ -18,7 +18,13 @@ class AdapterCheckpoint(keras.callbacks.Callback):
 
     Each checkpoint is an adapter directory `directory/step-00000123`
     (`save_adapter` format, loadable with `load_adapter`), named after the
-    number of training steps taken so far. Only the newest `keep` are kept.
+    number of optimizer steps taken so far (`model.optimizer.iterations`,
+    so a second `fit` continues the count). Only the newest `keep` are kept.
+
+    With `steps_per_execution > 1` Keras runs several steps between
+    callbacks; a checkpoint is then saved at the end of the first execution
+    that reaches or passes each multiple of `every_n_steps`, and named
+    after the step it was actually taken at.
 
     Args:
         directory: where the checkpoints go; created if missing.
@@ -28,9 +34,19 @@ class AdapterCheckpoint(keras.callbacks.Callback):
 
     Example:
 
-    >>> checkpoint = AdapterCheckpoint("/tmp/ckpt", every_n_steps=100, keep=3)
-    >>> # model.fit(data, epochs=2, callbacks=[checkpoint])
-    >>> # load_adapter(base_model, checkpoint.latest)
+    >>> import os, tempfile
+    >>> import numpy as np
+    >>> from keras_lora import inject_lora
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+    >>> _ = inject_lora(model, rank=1, targets="d")
+    >>> model.compile(optimizer="sgd", loss="mse")
+    >>> checkpoint = AdapterCheckpoint(tempfile.mkdtemp(), every_n_steps=2, keep=2)
+    >>> x, y = np.ones((8, 4)), np.ones((8, 2))
+    >>> _ = model.fit(x, y, batch_size=2, callbacks=[checkpoint], verbose=0)
+    >>> [os.path.basename(path) for path in checkpoint.checkpoints]
+    ['step-00000002', 'step-00000004']
+
+    `load_adapter(base_model, checkpoint.latest)` restores the newest.
     """
 
     def __init__(
@@ -61,7 +77,9 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         self.every_n_steps = every_n_steps
         self.save_at_epoch_end = save_at_epoch_end
         self.keep = keep
-        self.steps = 0
+        self.steps = 0  # Optimizer steps taken, as of the last callback.
+        self._epoch_start = 0
+        self._saved_at: int | None = None
 
     @property
     def checkpoints(self) -> list[str]:
@@ -77,16 +95,45 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         checkpoints = self.checkpoints
         return checkpoints[-1] if checkpoints else None
 
+    def on_epoch_begin(self, epoch, logs=None):
+        # The optimizer's step counter is read once an epoch and when a
+        # save may be due: on JAX, reading model state forces a state sync,
+        # which every step would slow training down.
+        self._epoch_start = self._iterations()
+        self.steps = self._epoch_start
+
     def on_train_batch_end(self, batch, logs=None):
-        self.steps += 1
-        if self.every_n_steps and self.steps % self.every_n_steps == 0:
-            self._save()
+        # `batch` is the last step index of the execution that just ran
+        # (with `steps_per_execution > 1` this hook runs once per
+        # execution); Keras reports a full execution even when the epoch's
+        # last one is short, hence the clamp and the exact read below.
+        steps_per_epoch = self.params.get("steps") if self.params else None
+        in_epoch = int(batch) + 1
+        if steps_per_epoch:
+            in_epoch = min(in_epoch, int(steps_per_epoch))
+        previous, estimate = self.steps, self._epoch_start + in_epoch
+        n = self.every_n_steps
+        if n and estimate // n > previous // n:
+            self.steps = self._iterations()
+            if self.steps // n > previous // n:
+                self._save()
+        else:
+            self.steps = estimate
+
+    def _iterations(self) -> int:
+        """`model.optimizer.iterations`, or the last count without one."""
+        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
+        if iterations is None:
+            return self.steps
+        return int(keras.ops.convert_to_numpy(iterations))
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.save_at_epoch_end:
+        self.steps = self._iterations()
+        if self.save_at_epoch_end and self._saved_at != self.steps:
             self._save()
 
     def _save(self) -> None:
+        self._saved_at = self.steps
         target = os.path.join(self.directory, f"step-{self.steps:08d}")
         save_adapter(self.model, target)
         if self.keep is not None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import keras
 
 from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
-from keras_lora.surgery import replace_layers, walk_layers
+from keras_lora.surgery import LayerIndex
 
 
 def inject_lora(
@@ -64,13 +64,16 @@ def inject_lora(
     settings = dict(
         rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed
     )
-    return wrap_layers(
-        model, {id(layer): settings for layer in target_layers(model, targets)}
-    )
+    index = LayerIndex(model)  # The only walk of the tree.
+    chosen = target_layers(model, targets, index=index)
+    return wrap_layers(model, {id(layer): settings for layer in chosen}, index=index)
 
 
 def wrap_layers(
-    model: keras.layers.Layer, settings: dict[int, dict]
+    model: keras.layers.Layer,
+    settings: dict[int, dict],
+    *,
+    index: LayerIndex | None = None,
 ) -> keras.layers.Layer:
     """Wrap chosen layers, each with its own `LoraLayer` arguments.
 
@@ -78,27 +81,67 @@ def wrap_layers(
     `settings` maps `id(layer)` to the keyword arguments of its `LoraLayer`.
     Every layer is checked before any is wrapped, so an error leaves the
     model unchanged; afterwards every other weight is frozen.
+
+    Args:
+        model: a built model.
+        settings: `id(layer) -> LoraLayer keyword arguments`, for layers
+            under `model`.
+        index: the caller's `LayerIndex(model)`, to save a walk of the
+            tree; it is updated to the wrapped layers.
+
+    Returns:
+        The same model, modified in place.
+
+    Raises:
+        ValueError: if a key is not a layer under `model`, a layer cannot
+            be wrapped, or a setting is out of range.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    >>> _ = wrap_layers(model, {id(model.layers[0]): {"rank": 1}})
+    >>> [(layer.name, layer.rank) for layer in lora_layers(model)]
+    [('d', 1)]
     """
-    layers = {id(layer): layer for _, layer in walk_layers(model)}
+    if index is None:
+        index = LayerIndex(model)
+    index.check_model(model)
+    layers = index.by_id()
     for key, kwargs in settings.items():
+        if key not in layers:
+            raise ValueError(
+                f"wrap_layers: {key!r} is not the id of a layer under model "
+                f"'{model.name}'. Key `settings` by `id(layer)` of its layers."
+            )
         check_wrappable(layers[key])
         check_hyperparameters(
             kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
         )
-    replace_layers(
-        model,
-        {key: LoraLayer(layers[key], **kwargs) for key, kwargs in settings.items()},
+    index.swap(
+        {key: LoraLayer(layers[key], **kwargs) for key, kwargs in settings.items()}
     )
-    freeze_non_lora(model)
+    freeze_non_lora(model, index=index)
     if getattr(model, "compiled", False):
         _refresh_compile_state(model)
     return model
 
 
 def target_layers(
-    model: keras.layers.Layer, targets: Sequence[str]
+    model: keras.layers.Layer,
+    targets: Sequence[str],
+    *,
+    index: LayerIndex | None = None,
 ) -> list[keras.layers.Layer]:
     """The layers under `model` that `targets` match, in walk order.
+
+    Args:
+        model: a built model.
+        targets: layer names, path suffixes or path regexes (see
+            `inject_lora`).
+        index: the caller's `LayerIndex(model)`, to save a walk of the tree.
+
+    Returns:
+        The matching layers, each once.
 
     Raises:
         ValueError: if `targets` is empty, a target is not a string, or a
@@ -115,7 +158,10 @@ def target_layers(
             f"Model '{model.name}' is not built. Build it first (call it on "
             "a batch of data, or `model.build(input_shape)`), then add LoRA."
         )
-    paths = list(walk_layers(model))
+    if index is None:
+        index = LayerIndex(model)
+    index.check_model(model)
+    paths = index.items()
     # A regex matches a whole path suffix that starts at a "/" boundary: the
     # layer's name alone, or any tail of its path.
     patterns = {
@@ -152,16 +198,35 @@ def target_layers(
 
 
 def layer_paths(model: keras.layers.Layer) -> list[str]:
-    """The paths `inject_lora` matches targets against, in walk order."""
-    return [path for path, _ in walk_layers(model)]
+    """The paths `inject_lora` matches targets against, in walk order.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    >>> layer_paths(model)
+    ['input_layer...', 'd']
+    """
+    return LayerIndex(model).paths()
 
 
-def lora_layers(model: keras.layers.Layer) -> list[LoraLayer]:
-    """The `LoraLayer`s in `model`, in a stable (depth-first) order."""
-    return [layer for _, layer in walk_layers(model) if isinstance(layer, LoraLayer)]
+def lora_layers(
+    model: keras.layers.Layer, *, index: LayerIndex | None = None
+) -> list[LoraLayer]:
+    """The `LoraLayer`s in `model`, in a stable (depth-first) order.
+
+    Args:
+        model: any Keras model or layer.
+        index: the caller's `LayerIndex(model)`, to save a walk of the tree.
+    """
+    if index is None:
+        index = LayerIndex(model)
+    index.check_model(model)
+    return index.lora_layers()
 
 
-def freeze_non_lora(model: keras.layers.Layer) -> keras.layers.Layer:
+def freeze_non_lora(
+    model: keras.layers.Layer, *, index: LayerIndex | None = None
+) -> keras.layers.Layer:
     """Make every weight that is not a LoRA factor non-trainable.
 
     Each weight gets its own flag, as PEFT sets `requires_grad`, and every
@@ -169,11 +234,29 @@ def freeze_non_lora(model: keras.layers.Layer) -> keras.layers.Layer:
     a model saved with `model.save` comes back frozen. Containers stay
     trainable: a frozen container would hide the LoRA factors inside it
     from `trainable_weights`.
+
+    Args:
+        model: any Keras model or layer.
+        index: the caller's `LayerIndex(model)`, to save a walk of the tree.
+
+    Returns:
+        The same model.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    >>> _ = inject_lora(model, rank=1, targets="d")
+    >>> model.layers[0].lora_b.trainable = False  # Say, by hand.
+    >>> [w.name for w in freeze_non_lora(model).trainable_weights]
+    ['lora_a', 'lora_b']
     """
-    wrapped = lora_layers(model)
+    if index is None:
+        index = LayerIndex(model)
+    index.check_model(model)
+    wrapped = index.lora_layers()
     lora_ids = {id(v) for layer in wrapped for v in (layer.lora_a, layer.lora_b)}
     model.trainable = True
-    for _, layer in walk_layers(model):
+    for _, layer in index.items():
         if not layer._layers and not isinstance(layer, LoraLayer):
             layer.trainable = False
     for layer in wrapped:
@@ -186,8 +269,16 @@ def freeze_non_lora(model: keras.layers.Layer) -> keras.layers.Layer:
 def trainable_summary(model: keras.layers.Layer) -> dict[str, float]:
     """Counts of trainable and frozen parameters, like PEFT's summary.
 
-    Returns a dict with `trainable`, `non_trainable`, `total` and
-    `trainable_percent`.
+    Returns:
+        A dict with `trainable`, `non_trainable`, `total` and
+        `trainable_percent`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
+    >>> _ = inject_lora(model, rank=2, targets="d")
+    >>> trainable_summary(model)["trainable"]  # A (8, 2) and B (2, 4).
+    24
     """
     trainable = sum(_size(v) for v in model.trainable_weights)
     non_trainable = sum(_size(v) for v in model.non_trainable_weights)
@@ -201,7 +292,15 @@ def trainable_summary(model: keras.layers.Layer) -> dict[str, float]:
 
 
 def print_trainable_parameters(model: keras.layers.Layer) -> None:
-    """Print `trainable params: ... || all params: ... || trainable%: ...`."""
+    """Print `trainable params: ... || all params: ... || trainable%: ...`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
+    >>> _ = inject_lora(model, rank=2, targets="d")
+    >>> print_trainable_parameters(model)
+    trainable params: 24 || all params: 60 || trainable%: 40.0000
+    """
     s = trainable_summary(model)
     print(
         f"trainable params: {s['trainable']:,} || all params: {s['total']:,} "

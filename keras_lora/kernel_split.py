@@ -96,10 +96,24 @@ class KernelSplit:
 def split_kernel(layer: keras.layers.Layer) -> KernelSplit:
     """Return the LoRA split of a built `Dense` or `EinsumDense` kernel.
 
+    Args:
+        layer: a built `keras.layers.Dense` or `keras.layers.EinsumDense`.
+
+    Returns:
+        Its `KernelSplit`.
+
     Raises:
         ValueError: if the layer's equation has a kernel axis that is both
             in the input and the output (or in neither), so the kernel is
             not one input-to-output matrix.
+
+    Example:
+
+    >>> query = keras.layers.EinsumDense("abc,cde->abde", (None, 12, 64))
+    >>> query.build((None, None, 768))
+    >>> split = split_kernel(query)
+    >>> split.in_shape, split.out_shape, split.delta_equation()
+    ((768,), (12, 64), 'cA,Ade->cde')
     """
     kernel_shape = tuple(int(d) for d in layer.kernel.shape)
     if isinstance(layer, keras.layers.EinsumDense):

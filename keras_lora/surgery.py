@@ -20,6 +20,8 @@ from collections.abc import Iterator
 
 import keras
 
+from keras_lora.layer import LoraLayer
+
 
 def walk_layers(model: keras.layers.Layer) -> Iterator[tuple[str, keras.layers.Layer]]:
     """Yield `(path, layer)` for every layer under `model`, depth first.
@@ -28,11 +30,17 @@ def walk_layers(model: keras.layers.Layer) -> Iterator[tuple[str, keras.layers.L
     name: "gpt2_backbone/transformer_layer_0/self_attention/query". A layer
     shared by several parents is yielded once. The inside of a `LoraLayer`
     is not visited.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    >>> [path for path, _ in walk_layers(model)]
+    ['input_layer...', 'd']
     """
-    from keras_lora.layer import LoraLayer
+    yield from _walk_below(model, "", {id(model)})
 
-    seen = {id(model)}
 
+def _walk_below(layer, prefix, seen):
     def visit(layer, prefix):
         for child in layer._layers:
             if id(child) in seen:
@@ -43,7 +51,94 @@ def walk_layers(model: keras.layers.Layer) -> Iterator[tuple[str, keras.layers.L
             if not isinstance(child, LoraLayer):
                 yield from visit(child, path + "/")
 
-    yield from visit(model, "")
+    yield from visit(layer, prefix)
+
+
+class LayerIndex:
+    """Every layer under a model by path, from one `walk_layers` walk.
+
+    One operation (`inject_lora`, `load_adapter`, ...) builds one index and
+    hands it to every helper (`target_layers`, `wrap_layers`,
+    `freeze_non_lora`, ...), instead of each walking the whole tree again.
+    `swap` replaces layers in the model and updates the index to match; an
+    index is otherwise a snapshot, so build a new one after any other
+    change to the model.
+
+    Args:
+        model: the model (or layer) to index.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    >>> index = LayerIndex(model)
+    >>> index.paths(), index["d"].units
+    (['input_layer...', 'd'], 2)
+    """
+
+    def __init__(self, model: keras.layers.Layer):
+        self.model = model
+        self._by_path: dict[str, keras.layers.Layer] = dict(walk_layers(model))
+
+    def __getitem__(self, path: str) -> keras.layers.Layer:
+        return self._by_path[path]
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def get(self, path: str, default=None):
+        return self._by_path.get(path, default)
+
+    def items(self) -> list[tuple[str, keras.layers.Layer]]:
+        """`(path, layer)` pairs in walk order."""
+        return list(self._by_path.items())
+
+    def paths(self) -> list[str]:
+        return list(self._by_path)
+
+    def layers(self) -> list[keras.layers.Layer]:
+        return list(self._by_path.values())
+
+    def by_id(self) -> dict[int, keras.layers.Layer]:
+        """`id(layer) -> layer` for every indexed layer."""
+        return {id(layer): layer for layer in self._by_path.values()}
+
+    def lora_layers(self) -> list[LoraLayer]:
+        """The `LoraLayer`s, in walk order."""
+        return [v for v in self._by_path.values() if isinstance(v, LoraLayer)]
+
+    def check_model(self, model: keras.layers.Layer) -> None:
+        """Raise `ValueError` unless this index was built for `model`."""
+        if model is not self.model:
+            raise ValueError(
+                f"This LayerIndex was built for '{self.model.name}', not for "
+                f"'{model.name}'. Pass `LayerIndex(model)` for the model you "
+                "are changing."
+            )
+
+    def swap(self, replacements: dict[int, keras.layers.Layer]) -> None:
+        """`replace_layers(self.model, replacements)`, keeping the index current.
+
+        A swapped layer keeps its path. What was indexed below it goes (a
+        `LoraLayer`'s inside is never indexed); what is below the new layer
+        comes in, so the index equals a fresh walk.
+        """
+        replace_layers(self.model, replacements)
+        swapped = [p for p, v in self._by_path.items() if id(v) in replacements]
+
+        def below_swapped(path: str) -> bool:
+            return any(path.startswith(s + "/") for s in swapped)
+
+        kept = {p: v for p, v in self._by_path.items() if not below_swapped(p)}
+        # A layer yielded once stays yielded once, as in `walk_layers`.
+        seen = {id(self.model)} | {id(v) for v in kept.values()}
+        rebuilt: dict[str, keras.layers.Layer] = {}
+        for path, layer in kept.items():
+            new = replacements.get(id(layer))
+            rebuilt[path] = layer if new is None else new
+            if new is not None and not isinstance(new, LoraLayer):
+                seen.add(id(new))
+                rebuilt.update(_walk_below(new, path + "/", seen))
+        self._by_path = rebuilt
 
 
 def _containers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
@@ -73,11 +168,11 @@ def replace_layers(
     (for a Sequential or functional model) follows because the new layer is
     called through the same graph nodes.
     """
-    olds = {}
-    for layer in _containers(model):
-        if id(layer) in replacements:
-            olds[id(layer)] = layer
-    for container in _containers(model):
+    # One scan of the tree serves the search, the rewrite and the torch
+    # refresh below.
+    containers = _containers(model)
+    olds = {id(c): c for c in containers if id(c) in replacements}
+    for container in containers:
         if id(container) in replacements:
             continue
         for key, old in olds.items():
@@ -93,7 +188,12 @@ def replace_layers(
         old._inbound_nodes = []
         old._outbound_nodes = []
     if keras.backend.backend() == "torch":
-        _refresh_torch_params(model)
+        # The tree after the swap: the new layers' subtrees instead of the
+        # old layers (a wrapped layer comes back, inside its wrapper).
+        after = {id(c): c for c in containers if id(c) not in olds}
+        for new in replacements.values():
+            after.update((id(c), c) for c in _containers(new))
+        _refresh_torch_params(after.values())
     # Steps traced before the swap still call the old layers (or the wrappers
     # after a merge, adding the update twice): let Keras trace them again.
     drop_compiled_functions(model)
@@ -151,10 +251,10 @@ def _replace_in_list(items: list, old, new) -> None:
             items[i] = new
 
 
-def _refresh_torch_params(model) -> None:
+def _refresh_torch_params(containers) -> None:
     # Each Keras layer on torch keeps a ParameterDict of every variable
     # under it, keyed by path; rebuild the ones that already exist.
-    for layer in _containers(model):
+    for layer in containers:
         if "_torch_params" in vars(layer) or "_torch_params" in getattr(
             layer, "_modules", {}
         ):

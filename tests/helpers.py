@@ -10,15 +10,6 @@ import numpy as np
 
 VOCAB = 64
 SEQ = 8
-# Every projection of a keras-hub GPT-2 block, attention first.
-GPT2_PROJECTIONS = (
-    "query",
-    "key",
-    "value",
-    "attention_output",
-    "feedforward_intermediate_dense",
-    "feedforward_output_dense",
-)
 
 
 def tiny_gpt2_backbone(**overrides) -> keras_hub.models.GPT2Backbone:
@@ -136,3 +127,19 @@ def dtype_policy(name: str):
 
 def trainable_count(model) -> int:
     return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+
+
+def count_walks(monkeypatch) -> list[str]:
+    """Record every walk of a layer tree (`walk_layers`) from now on: the
+    returned list gets the walked model's name for each."""
+    import keras_lora.surgery as surgery
+
+    calls = []
+    real = surgery.walk_layers
+
+    def counting(model):
+        calls.append(model.name)
+        return real(model)
+
+    monkeypatch.setattr(surgery, "walk_layers", counting)
+    return calls

@@ -1,6 +1,6 @@
 """GPUMemoryCallback: labels, values, the host fallback and validation."""
 
-import doctest
+import builtins
 import os
 import subprocess
 import sys
@@ -110,8 +110,11 @@ def test_host_fallback_on_this_machine_warns_once(capsys):
 def test_host_peak_reset_where_supported():
     if not callbacks_module._can_reset_host_peak():
         pytest.skip("this platform cannot reset the peak RSS")
-    block = np.ones(128 * 2**20, dtype="uint8")
-    del block
+    # Reset first: after earlier tests the process peak may lie far above
+    # anything this block adds, and the current RSS close to it.
+    callbacks_module.reset_host_peak_rss()
+    block = np.ones(128 * 2**20, dtype="uint8")  # Touched: resident.
+    del block  # Large arrays are unmapped at once: RSS drops back.
     high = callbacks_module.host_peak_rss_bytes()
     callbacks_module.reset_host_peak_rss()
     assert callbacks_module.host_peak_rss_bytes() <= high - 64 * 2**20
@@ -233,9 +236,67 @@ def test_target_batches_accepts_any_iterable_of_ints():
     assert GPUMemoryCallback(range(0)).target_batches == ()
 
 
-def test_docstring_example_runs():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = doctest.testmod(callbacks_module, extraglobs={"keras": keras})
-    assert result.attempted > 0
-    assert result.failed == 0
+@pytest.fixture
+def no_psutil(monkeypatch):
+    """`import psutil` fails, as without the dev extra."""
+    monkeypatch.setitem(sys.modules, "psutil", None)
+    with pytest.raises(ImportError):
+        import psutil  # noqa: F401
+
+
+def block_proc_status(monkeypatch):
+    """Reading /proc/self/status fails, as off Linux."""
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):
+        if str(file).startswith("/proc/self/status"):
+            raise FileNotFoundError(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+
+
+def test_host_memory_without_psutil(no_psutil):
+    assert callbacks_module.host_peak_rss_bytes() > 2**20
+    probe = callbacks_module.host_probe()
+    assert probe.device == "host RSS" and probe.read_peak() > 2**20
+    callback = GPUMemoryCallback(target_batches=[0])
+    callback._probe = probe
+    fit_mlp(callback, samples=8)
+    assert callback.labels == ["epoch 0 start", "batch 0", "epoch 0 end"]
+    assert all(value > 0 for value in callback.memory_usage)
+
+
+def test_host_peak_from_getrusage_without_proc(no_psutil, monkeypatch):
+    resource = pytest.importorskip("resource")
+    block_proc_status(monkeypatch)
+    peak = callbacks_module.host_peak_rss_bytes()
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert peak == (maxrss if sys.platform == "darwin" else maxrss * 1024)
+
+
+def test_no_peak_counter_at_all_is_a_clear_error(no_psutil, monkeypatch):
+    # No /proc, no resource module, not Windows, no psutil: an OSError that
+    # says what is missing (the psutil fallback raised ImportError here).
+    block_proc_status(monkeypatch)
+    monkeypatch.setitem(sys.modules, "resource", None)
+    with pytest.raises(OSError, match="peak resident memory on .*no /proc"):
+        callbacks_module.host_peak_rss_bytes()
+
+
+def test_callbacks_never_import_psutil():
+    import ast
+
+    with open(callbacks_module.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "psutil" not in imported

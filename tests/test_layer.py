@@ -1,13 +1,20 @@
-"""LoraLayer: factor shapes, the forward pass, dtypes, config and errors."""
+"""LoraLayer: factor shapes, the forward pass, dtypes, config, whole-model
+saving and errors."""
 
 import keras
 import numpy as np
 import pytest
 from keras import ops
 
-from keras_lora import LoraLayer
+from keras_lora import LoraLayer, inject_lora, lora_layers, trainable_summary
 from keras_lora.kernel_split import split_kernel
-from tests.helpers import dtype_policy, to_numpy
+from tests.helpers import (
+    dtype_policy,
+    mlp,
+    randomize_lora_b,
+    snapshot,
+    to_numpy,
+)
 
 # (equation, output shape without batch, input shape, A shape, B shape)
 EINSUM_CASES = {
@@ -203,3 +210,36 @@ def test_bad_layers():
     grouped.build((2, 3, 4))
     with pytest.raises(ValueError, match="kernel axis 'b'"):
         LoraLayer(grouped)
+
+
+def test_whole_model_save_and_resume_sequential(tmp_path):
+    model = mlp()
+    inject_lora(model, rank=4, targets=("hidden_.*",))
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 784)).astype("float32")
+    y = rng.normal(size=(32, 10)).astype("float32")
+    model.fit(x, y, epochs=2, verbose=0)
+    model.save(tmp_path / "m.keras")
+    restored = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(to_numpy(restored(x)), to_numpy(model(x)))
+    assert [layer.name for layer in lora_layers(restored)] == ["hidden_1", "hidden_2"]
+    assert trainable_summary(restored) == trainable_summary(model)
+    before = snapshot(restored)
+    restored.fit(x, y, epochs=2, verbose=0)
+    for path, value in snapshot(restored).items():
+        changed = not np.array_equal(value, before[path])
+        assert changed == path.endswith(("lora_a", "lora_b")), path
+
+
+def test_whole_model_save_functional(tmp_path):
+    from tests.helpers import functional_mlp
+
+    model = functional_mlp()
+    inject_lora(model, rank=2, targets=("up", "down"))
+    randomize_lora_b(model)
+    model.save(tmp_path / "f.keras")
+    restored = keras.saving.load_model(tmp_path / "f.keras")
+    x = np.ones((2, 12), "float32")
+    np.testing.assert_array_equal(to_numpy(restored(x)), to_numpy(model(x)))
+    assert len(lora_layers(restored)) == 2

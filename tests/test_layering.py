@@ -1,0 +1,205 @@
+"""The package's imports run one way: cli -> recipes/bench -> interop ->
+families -> core, with no cycle, and core never imports keras_hub. GPT-2's
+projection names live in one module.
+
+The import graph is read from the source (ast), so an import inside a
+function counts as much as one at the top of a module.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = "keras_lora"
+ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
+# Subpackages above the core, and who may import whom among them.
+FAMILIES, INTEROP, CLI = "families", "interop", "cli"
+RECIPES, BENCH = "recipes", "bench"
+UPPER = {FAMILIES, INTEROP, RECIPES, BENCH, CLI}
+# Facts about GPT-2 that belong to keras_lora/families/gpt2.py alone.
+GPT2_NAMES = (
+    "feedforward_intermediate_dense",
+    "feedforward_output_dense",
+    "attn.c_attn",
+    "attn.c_proj",
+    "mlp.c_fc",
+    "mlp.c_proj",
+)
+GPT2_MODULE = "keras_lora.families.gpt2"
+
+
+def module_files(root: pathlib.Path = ROOT) -> dict[str, pathlib.Path]:
+    """Module name -> file, for every .py under the package."""
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = (PACKAGE,) + path.relative_to(root).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
+def imports_of(name: str, path: pathlib.Path, modules) -> set[str]:
+    """Every module `name` imports: package modules by their name, outside
+    ones by their top-level name ("keras_hub")."""
+    is_package = path.name == "__init__.py"
+    package = name if is_package else name.rpartition(".")[0]
+    found = set()
+
+    def add(target: str) -> None:
+        if target == PACKAGE or target.startswith(PACKAGE + "."):
+            # The longest package module that `target` names.
+            while target not in modules and "." in target:
+                target = target.rpartition(".")[0]
+            found.add(target)
+        else:
+            found.add(target.split(".")[0])
+
+    for node in ast.walk(ast.parse(path.read_text("utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module
+            for alias in node.names:
+                # `from pkg import submodule` imports the submodule.
+                candidate = f"{source}.{alias.name}"
+                add(candidate if candidate in modules else source)
+    found.discard(name)
+    return found
+
+
+def import_graph(root: pathlib.Path = ROOT) -> dict[str, set[str]]:
+    modules = module_files(root)
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def internal(graph) -> dict[str, set[str]]:
+    return {m: {t for t in targets if t in graph} for m, targets in graph.items()}
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A cycle in the graph as a path [a, b, ..., a], or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(edges.get(node, ())):
+            if state.get(target) == "open":
+                return stack[stack.index(target) :] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(edges):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def tier(module: str) -> str:
+    """ "core", a subpackage name from UPPER, or "package" (the __init__)."""
+    if module == PACKAGE:
+        return "package"
+    part = module.split(".")[1]
+    return part if part in UPPER else "core"
+
+
+# Which tiers each tier may import (besides itself and outside packages).
+ALLOWED = {
+    "core": {"core"},
+    FAMILIES: {"core", FAMILIES},
+    INTEROP: {"core", FAMILIES, INTEROP},
+    RECIPES: {"core", FAMILIES, INTEROP, RECIPES, BENCH},
+    BENCH: {"core", FAMILIES, INTEROP, RECIPES, BENCH},
+    CLI: {"core", FAMILIES, INTEROP, RECIPES, BENCH, CLI, "package"},
+    "package": {"core", FAMILIES, INTEROP, RECIPES, BENCH},
+}
+
+
+def layering_violations(graph) -> list[str]:
+    problems = []
+    for module, targets in sorted(graph.items()):
+        own = tier(module)
+        for target in sorted(targets):
+            if target in graph:
+                if tier(target) not in ALLOWED[own]:
+                    problems.append(f"{module} ({own}) imports {target}")
+            elif target == "keras_hub" and own == "core":
+                problems.append(f"{module} (core) imports keras_hub")
+    return problems
+
+
+GRAPH = import_graph()
+
+
+def test_graph_reads_the_known_edges():
+    """The parser itself: edges this package is known to have."""
+    assert "keras_lora.kernel_split" in GRAPH["keras_lora.layer"]
+    assert {"keras_lora.layer", "keras_lora.surgery"} <= GRAPH["keras_lora.injection"]
+    assert "keras_lora.files" in GRAPH["keras_lora.adapter"]
+    assert "keras" in GRAPH["keras_lora.adapter"]
+    assert "keras_lora.families.gpt2" in GRAPH["keras_lora.families"]
+    assert "keras_lora.families.family" in GRAPH["keras_lora.families.gpt2"]
+
+
+def test_parser_on_a_made_up_package(tmp_path):
+    """Relative, function-level and `from pkg import submodule` imports, and
+    a cycle and a layering breach it must report."""
+    root = tmp_path / PACKAGE
+    (root / FAMILIES).mkdir(parents=True)
+    (root / "__init__.py").write_text("from keras_lora.core_a import f\n")
+    (root / "core_a.py").write_text(
+        "def f():\n    from .core_b import g\n    import keras_hub\n    return g\n"
+    )
+    (root / "core_b.py").write_text("from keras_lora import core_a\n")
+    (root / FAMILIES / "__init__.py").write_text("from . import fam\n")
+    (root / FAMILIES / "fam.py").write_text("from ..core_a import f\n")
+    (root / "core_c.py").write_text("from keras_lora.families.fam import x\n")
+    graph = import_graph(root)
+    assert graph["keras_lora.core_a"] == {"keras_lora.core_b", "keras_hub"}
+    assert graph["keras_lora.core_b"] == {"keras_lora.core_a"}
+    assert graph["keras_lora.families"] == {"keras_lora.families.fam"}
+    assert graph["keras_lora.families.fam"] == {"keras_lora.core_a"}
+    cycle = find_cycle(internal(graph))
+    assert cycle == ["keras_lora.core_a", "keras_lora.core_b", "keras_lora.core_a"]
+    assert layering_violations(graph) == [
+        "keras_lora.core_a (core) imports keras_hub",
+        "keras_lora.core_c (core) imports keras_lora.families.fam",
+    ]
+
+
+def test_no_import_cycle():
+    cycle = find_cycle(internal(GRAPH))
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_imports_run_one_way():
+    assert layering_violations(GRAPH) == []
+
+
+@pytest.mark.parametrize("name", GPT2_NAMES)
+def test_gpt2_projection_names_live_in_one_module(name):
+    holders = [
+        module
+        for module, path in module_files().items()
+        if name in path.read_text("utf-8")
+    ]
+    assert holders == [GPT2_MODULE], (
+        f"{name!r} appears in {holders}; read it from keras_lora.families.GPT2"
+    )
