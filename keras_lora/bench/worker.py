@@ -1,6 +1,8 @@
-"""One benchmark run, in its own process: `python worker.py SPEC.json`.
+"""One benchmark run, in its own process.
 
-`benchmark.py` starts this script once per (backend, run) with
+    python -m keras_lora.bench.worker SPEC.json
+
+`keras_lora.bench.engine` starts this module once per (backend, run) with
 `KERAS_BACKEND` set, because Keras fixes its backend at import and because a
 run's peak memory must not include another run's. The spec (JSON) says what
 to run; the result (JSON) goes to `spec["result_path"]`.
@@ -30,17 +32,8 @@ import traceback
 
 import numpy as np
 
-# keras-hub GPT-2 layer names -> the transformers GPT-2 modules that hold
-# them (c_attn is the fused query|key|value projection; "c_proj" matches
-# both attn.c_proj and mlp.c_proj).
-PEFT_MODULES = {
-    "query": "c_attn",
-    "key": "c_attn",
-    "value": "c_attn",
-    "attention_output": "attn.c_proj",
-    "feedforward_intermediate_dense": "c_fc",
-    "feedforward_output_dense": "mlp.c_proj",
-}
+from keras_lora.callbacks import host_peak_rss_bytes, reset_host_peak_rss
+from keras_lora.families import GPT2
 
 
 def main(spec_path: str) -> int:
@@ -73,7 +66,7 @@ def token_data(spec: dict) -> tuple[np.ndarray, np.ndarray]:
     """Training data: inputs (n, seq) and next-token labels (n, seq).
 
     Rows of `spec["tokens_path"]` (a .npy of shape (rows, seq + 1), e.g.
-    tokenized text; checked by benchmark.py) when given, else random ids.
+    tokenized text; checked by the engine) when given, else random ids.
     """
     n = (spec["warmup"] + spec["steps"]) * spec["batch"]
     return _split(_token_rows(spec)[:n])
@@ -125,7 +118,8 @@ def keras_run(spec: dict) -> dict:
     import keras
 
     import keras_lora
-    from keras_lora.callbacks import GPUMemoryCallback, host_peak_rss_bytes
+    from keras_lora.callbacks import GPUMemoryCallback
+    from keras_lora.recipes.training import StepLog
 
     keras.utils.set_random_seed(spec["seed"])
     if spec["dtype_policy"]:
@@ -142,7 +136,7 @@ def keras_run(spec: dict) -> dict:
     trainable = sum(math.prod(v.shape) for v in lm.trainable_weights)
     frozen = sum(math.prod(v.shape) for v in lm.non_trainable_weights)
 
-    timer = make_step_timer(keras)
+    timer = StepLog()
     memory = GPUMemoryCallback(target_batches=[spec["warmup"]])
     build_peak = host_peak_rss_bytes()
     lm.fit(
@@ -165,8 +159,8 @@ def keras_run(spec: dict) -> dict:
         "peak_memory_readings": dict(
             zip(memory.labels, memory.memory_usage, strict=True)
         ),
-        "final_loss": round(timer.step_losses[-1], 4),
-        "mean_loss": round(statistics.fmean(timer.step_losses), 4),
+        "final_loss": round(timer.losses[-1], 4),
+        "mean_loss": round(statistics.fmean(timer.losses), 4),
         "eval_loss": eval_loss,
     }
     if not memory.on_accelerator:
@@ -182,9 +176,8 @@ def keras_run(spec: dict) -> dict:
 
 def prepare_run(lm, run: str, spec: dict) -> None:
     """Turn a freshly built model into `run` and compile it (AdamW, CE)."""
-    import keras
-
     import keras_lora
+    from keras_lora.recipes.training import optimizer_and_loss
 
     if run == "lora":
         keras_lora.inject_lora(
@@ -196,15 +189,13 @@ def prepare_run(lm, run: str, spec: dict) -> None:
         freeze_all_but_first_bias(lm)
     elif run != "full":
         raise ValueError(f"Unknown run {run!r}.")
-    lm.compile(
-        # The floor trains one bias: excluding it from weight decay would
-        # leave Keras's torch AdamW an empty list to decay, which it cannot
-        # handle (RuntimeError in torch._foreach_mul_; see RESULTS.md).
-        optimizer=seed_optimizer(
-            keras, spec["learning_rate"], exclude_from_decay=run != "floor"
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    # The floor trains one bias: excluding it from weight decay would leave
+    # Keras's torch AdamW an empty list to decay, which it cannot handle
+    # (RuntimeError in torch._foreach_mul_; see RESULTS.md).
+    optimizer, loss = optimizer_and_loss(
+        spec["learning_rate"], exclude_from_decay=run != "floor"
     )
+    lm.compile(optimizer=optimizer, loss=loss)
 
 
 def keras_eval_loss(lm, spec: dict) -> float | None:
@@ -228,60 +219,16 @@ def build_lm(spec: dict):
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
 
 
-def seed_optimizer(keras, learning_rate: float, exclude_from_decay: bool = True):
-    """AdamW as in the keras.io GPT-2 LoRA example (seed 01)."""
-    optimizer = keras.optimizers.AdamW(
-        learning_rate=learning_rate,
-        weight_decay=0.01,
-        epsilon=1e-6,
-        global_clipnorm=1.0,
-    )
-    if exclude_from_decay:
-        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
-    return optimizer
-
-
 def freeze_all_but_first_bias(lm) -> None:
-    """Train only the query bias of transformer block 0 (768 values)."""
-    block = lm.backbone.get_layer("transformer_layer_0")
-    bias = block._self_attention_layer._query_dense.bias
+    """Train only the bias of block 0's first projection (GPT-2: query)."""
+    import keras_lora
+
+    path = f"{GPT2.block.format(block=0)}/{GPT2.projections[0].path}"
+    (layer,) = keras_lora.target_layers(lm.backbone, [path])
+    bias = layer.bias
     lm.trainable = True
     for variable in lm.weights:
         variable.trainable = variable is bias
-
-
-def make_step_timer(keras):
-    """A callback that times each train step, begin to end of batch.
-
-    Defining `on_train_batch_end` turns off Keras's asynchronous callback
-    dispatch, and the logs arrive converted to Python floats, which waits
-    for the step's device work: each interval covers the whole step.
-    """
-
-    class StepTimer(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.step_times: list[float] = []
-            self.cpu_times: list[float] = []
-            self.step_losses: list[float] = []
-            self._start = self._cpu_start = 0.0
-            self._running_mean = 0.0
-
-        def on_train_batch_begin(self, batch, logs=None):
-            self._start = time.perf_counter()
-            self._cpu_start = time.process_time()
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.step_times.append(time.perf_counter() - self._start)
-            self.cpu_times.append(time.process_time() - self._cpu_start)
-            # Keras logs the running mean of the epoch's loss; undo the mean
-            # to get this step's loss (the batches are equal-sized).
-            mean = float(logs["loss"])
-            k = len(self.step_times)
-            self.step_losses.append(k * mean - (k - 1) * self._running_mean)
-            self._running_mean = mean
-
-    return StepTimer()
 
 
 def adapter_size(lm, spec: dict, keras_lora) -> dict:
@@ -297,20 +244,9 @@ def adapter_size(lm, spec: dict, keras_lora) -> dict:
         if run == "builtin":
             lm.backbone.save_lora_weights(os.path.join(tmp, "adapter.lora.h5"))
             source = "backbone.save_lora_weights (.lora.h5)"
-        elif hasattr(keras_lora, "save_adapter"):
+        else:
             keras_lora.save_adapter(lm, os.path.join(tmp, "adapter"))
             source = "keras_lora.save_adapter (safetensors)"
-        else:
-            import safetensors.numpy
-
-            tensors = {}
-            for layer in keras_lora.lora_layers(lm):
-                for variable in (layer.lora_a, layer.lora_b):
-                    tensors[variable.path] = np.asarray(
-                        variable.numpy(), dtype="float32"
-                    )
-            safetensors.numpy.save_file(tensors, os.path.join(tmp, "a.safetensors"))
-            source = "safetensors.numpy.save_file of the LoRA factors"
         return {**file_bytes(tmp), "adapter_source": source}
 
 
@@ -340,11 +276,7 @@ def inference_latency(lm, spec: dict, x: dict, keras_lora) -> dict:
         return lambda: model.predict_on_batch(batch)
 
     unmerged, base_1 = latency_samples([predict(lm), predict(base)], runs)
-    keras_lora.merge_lora(lm)
-    # merge_lora drops compiled steps itself now; before it did, a
-    # TensorFlow predict function traced before the merge kept running the
-    # LoRA path on top of the merged kernel. Keep older versions honest.
-    lm.predict_function = None
+    keras_lora.merge_lora(lm)  # Drops the compiled predict function too.
     merged, base_2 = latency_samples([predict(lm), predict(base)], runs)
     median = statistics.median
     return {
@@ -400,7 +332,7 @@ def peft_run(spec: dict) -> dict:
     )
     t0 = time.perf_counter()
     model = transformers.GPT2LMHeadModel(config)  # Random weights.
-    modules = sorted({PEFT_MODULES[t] for t in spec["targets"]})
+    modules = peft_target_modules(spec["targets"])
     model = peft.get_peft_model(
         model,
         peft.LoraConfig(
@@ -433,7 +365,7 @@ def peft_run(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         memory_device = "cuda:0"
     else:
-        reset_host_peak()
+        _reset_host_peak()
         memory_device = "host RSS"
 
     step_times, cpu_times, losses = [], [], []
@@ -481,7 +413,7 @@ def peft_run(spec: dict) -> dict:
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = host_peak()
+        peak = host_peak_rss_bytes()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         sizes = file_bytes(tmp)
@@ -503,31 +435,28 @@ def peft_run(spec: dict) -> dict:
     return result
 
 
-# Host peak RSS, as keras_lora.callbacks measures it; repeated here so the
-# PEFT process does not import Keras (which would add to its memory).
-def host_peak() -> int:
+def peft_target_modules(roles) -> list[str]:
+    """PEFT `target_modules` for keras-lora target roles.
+
+    Full Hugging Face module names below a block ("attn.c_attn"): PEFT
+    matches a target against the end of each module's dotted name, so these
+    pick exactly the family's modules. A fused module (query|key|value in
+    one) is adapted whole, whichever of its roles was asked for.
+    """
+    return sorted({GPT2.projection(role).hf_module for role in roles})
+
+
+def _reset_host_peak() -> None:
     try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+        reset_host_peak_rss()
     except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def reset_host_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        pass  # The peak then covers the whole process.
+        pass  # Not Linux: the peak then covers the whole process.
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python worker.py SPEC.json (started by benchmark.py)")
+        sys.exit(
+            "usage: python -m keras_lora.bench.worker SPEC.json "
+            "(started by keras_lora.bench.engine)"
+        )
     sys.exit(main(sys.argv[1]))
