@@ -34,6 +34,7 @@ import numpy as np
 
 from keras_lora.callbacks import host_peak_rss_bytes, reset_host_peak_rss
 from keras_lora.families import GPT2
+from keras_lora.files import atomic_write
 
 
 def main(spec_path: str) -> int:
@@ -53,9 +54,10 @@ def main(spec_path: str) -> int:
         run=spec["run"],
         backend=spec["backend"],
         wall_s=round(time.perf_counter() - started, 2),
+        # Which keras_lora produced the numbers (an install or a checkout).
+        keras_lora_path=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
-    with open(spec["result_path"], "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write(spec["result_path"], json.dumps(result, indent=2).encode("utf-8"))
     return 0 if result["status"] == "ok" else 1
 
 
