@@ -143,6 +143,22 @@ def _fit_log(steps_per_execution: int) -> training.StepLog:
     return log
 
 
+def test_step_log_losses_give_back_the_running_means():
+    log = _fit_log(1)
+    assert log.steps == [1] * 16
+    for epoch in range(2):  # Keras's running mean restarts every epoch.
+        losses = log.losses[8 * epoch : 8 * epoch + 8]
+        means = log.running_means[8 * epoch : 8 * epoch + 8]
+        expected = np.cumsum(losses) / np.arange(1, 9)
+        np.testing.assert_allclose(expected, means, rtol=1e-5, atol=1e-6)
+    assert len(set(np.round(log.losses, 5))) > 8  # Real per-step values.
+    assert all(t > 0 for t in log.step_times)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="Keras's torch backend requires steps_per_execution=1",
+)
 def test_step_log_is_right_with_steps_per_execution():
     """With 2 steps per execution each entry is the mean of its 2 steps.
 

@@ -152,7 +152,7 @@ def text_corpus(path: str | os.PathLike, split: str = "file") -> list[str]:
 
     >>> import pathlib, tempfile
     >>> folder = pathlib.Path(tempfile.mkdtemp())
-    >>> _ = (folder / "notes.txt").write_text("One.\n\nTwo.")
+    >>> _ = (folder / "notes.txt").write_text("One.\\n\\nTwo.")
     >>> text_corpus(folder, split="paragraph")
     ['One.', 'Two.']
     """

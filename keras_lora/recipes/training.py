@@ -72,12 +72,12 @@ class StepLog(keras.callbacks.Callback):
 
     >>> import numpy as np
     >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
-    >>> model.compile(optimizer="sgd", loss="mse", steps_per_execution=2)
+    >>> model.compile(optimizer="sgd", loss="mse")
     >>> log = StepLog()
     >>> x, y = np.ones((8, 2)), np.zeros((8, 1))
     >>> _ = model.fit(x, y, batch_size=2, callbacks=[log], verbose=0)
-    >>> log.steps
-    [2, 2]
+    >>> log.steps, len(log.losses)
+    ([1, 1, 1, 1], 4)
     """
 
     def __init__(self):
