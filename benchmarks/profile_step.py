@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from keras_lora.bench import worker
+from keras_lora.bench import common, keras_run
 from keras_lora.families import GPT2
 from keras_lora.recipes.models import architecture
 
@@ -27,9 +27,9 @@ def profile(run: str, spec: dict) -> dict:
     import keras
 
     keras.utils.set_random_seed(spec["seed"])
-    lm = worker.build_lm(spec)
-    worker.prepare_run(lm, run, spec)
-    tokens, labels = worker.token_data(dict(spec, steps=1, warmup=0))
+    lm = keras_run.build_lm(spec)
+    keras_run.prepare_run(lm, run, spec)
+    tokens, labels = common.token_data(dict(spec, steps=1, warmup=0))
     data = ({"token_ids": tokens, "padding_mask": tokens * 0 + 1}, labels, None)
     lm._symbolic_build(data_batch=data)  # Builds the optimizer and metrics.
     state = lm._get_jax_state(True, True, True, True)
