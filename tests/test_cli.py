@@ -23,6 +23,7 @@ import pytest
 from keras_lora import cli, load_adapter
 from keras_lora.recipes import data
 from keras_lora.recipes import demo as demo_lib
+from tests.test_install import DEMO_BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # TensorFlow's C++ runtime logs to stderr before Python can stop it; those
@@ -193,6 +194,10 @@ def test_compare_runs_the_benchmark(tmp_path):
     assert results[0]["trainable_params"] == 2048
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() == DEMO_BACKEND,
+    reason=f"tests/test_install.py runs the demo under {DEMO_BACKEND}",
+)
 def test_demo_fine_tunes_compares_and_reports(tmp_path):
     out = str(tmp_path / "demo")
     argv = [

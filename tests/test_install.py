@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,3 +124,7 @@ def test_installed_demo_runs_from_an_empty_directory(site, tmp_path):
     assert "RANDOM weights" in page
     for name in ("run_report.json", "training_loss.png", "adapter"):
         assert (out / name).exists(), name
+    rows = np.load(out / "compare" / "tokens.npy")
+    assert rows.shape == (6, 17) and rows.max() < 300  # (1 + 1 + 1) x 2 rows.
+    assert compare["config"]["data"].startswith("token ids from")
+    assert "| held-out loss |" in proc.stdout and "demo finished in" in proc.stdout
