@@ -17,8 +17,9 @@ import argparse
 import os
 import sys
 
-import benchmark
-import worker
+from keras_lora.bench import common, keras_run
+from keras_lora.families import GPT2
+from keras_lora.recipes.models import architecture
 
 
 def profile(run: str, spec: dict) -> dict:
@@ -26,9 +27,9 @@ def profile(run: str, spec: dict) -> dict:
     import keras
 
     keras.utils.set_random_seed(spec["seed"])
-    lm = worker.build_lm(spec)
-    worker.prepare_run(lm, run, spec)
-    tokens, labels = worker.token_data(dict(spec, steps=1, warmup=0))
+    lm = keras_run.build_lm(spec)
+    keras_run.prepare_run(lm, run, spec)
+    tokens, labels = common.token_data(dict(spec, steps=1, warmup=0))
     data = ({"token_ids": tokens, "padding_mask": tokens * 0 + 1}, labels, None)
     lm._symbolic_build(data_batch=data)  # Builds the optimizer and metrics.
     state = lm._get_jax_state(True, True, True, True)
@@ -52,18 +53,15 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--targets", nargs="+", default=["query", "value"])
+    parser.add_argument("--targets", nargs="+", default=list(GPT2.default_targets))
     parser.add_argument(
         "--runs", nargs="+", default=["full", "lora", "builtin", "floor"]
     )
     args = parser.parse_args()
     if os.environ.get("KERAS_BACKEND") != "jax":
         sys.exit("error: run with KERAS_BACKEND=jax (uses XLA's analyses)")
-    targets = (
-        list(benchmark.report.ALL_SIX) if args.targets == ["all"] else args.targets
-    )
-    arch = dict(vocabulary_size=50257, max_sequence_length=1024)
-    arch.update(benchmark.ARCHITECTURES["tiny" if args.tiny else "base"])
+    targets = list(GPT2.roles) if args.targets == ["all"] else args.targets
+    arch = architecture("tiny" if args.tiny else "base").backbone_config()
     spec = dict(
         arch=arch,
         preset=None,

@@ -1,4 +1,8 @@
-"""The benchmark script end to end: 2 steps of a tiny GPT-2, this backend only."""
+"""`keras-lora compare` end to end: 2 steps of a tiny GPT-2, this backend only.
+
+Run as `python -m keras_lora.cli compare` in a child process, as a user
+would; the engine starts one `python -m keras_lora.bench.worker` per run.
+"""
 
 import json
 import os
@@ -10,7 +14,7 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "benchmark.py")
+COMMAND = [sys.executable, "-m", "keras_lora.cli", "compare"]
 
 COMMON_KEYS = {
     "status",
@@ -37,11 +41,14 @@ POSITIVE = (
 )
 
 
-def run_benchmark(args, out_dir):
+def run_benchmark(args, out_dir, command=COMMAND):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p
+    )  # This checkout's keras_lora, wherever pytest runs.
     return subprocess.run(
-        [sys.executable, SCRIPT, *args, "--out", str(out_dir)],
-        cwd=ROOT,
+        [*command, *args, "--out", str(out_dir)],
+        cwd=out_dir,
         env=env,
         capture_output=True,
         text=True,
@@ -106,6 +113,12 @@ def test_benchmark_tiny_two_steps(tmp_path):
     for name in ("results.md", "peak_memory.png", "step_time.png", "tokens_per_s.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "| ratio | backend | value | target | verdict |" in proc.stdout
+    assert data["config"]["command"].startswith("keras-lora compare --tiny")
+    # Each run got its own spec (and process), with the family's targets.
+    for run in runs:
+        spec_path = tmp_path / "runs" / f"{backend}-{run}.spec.json"
+        spec = json.loads(spec_path.read_text())
+        assert spec["run"] == run and spec["targets"] == ["query", "value"]
 
     # --render rewrites the report from results.json without running anything.
     (tmp_path / "results.md").unlink()
@@ -125,8 +138,16 @@ def test_benchmark_tiny_two_steps(tmp_path):
 )
 def test_benchmark_rejects_bad_arguments(args, message, tmp_path):
     proc = run_benchmark(args, tmp_path)
-    assert proc.returncode != 0
-    assert message in proc.stderr
+    assert proc.returncode == 1
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("keras-lora")]
+    assert len(ours) == 1 and message in ours[0], proc.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_old_script_path_runs_compare(tmp_path):
+    script = [sys.executable, os.path.join(ROOT, "benchmarks", "benchmark.py")]
+    proc = run_benchmark(["--backend", "jaxx"], tmp_path, command=script)
+    assert proc.returncode == 1 and "unknown backend" in proc.stderr
 
 
 def write_tokens(path, rows, width, high=1024):
@@ -147,6 +168,6 @@ def test_benchmark_rejects_bad_token_files(tmp_path, rows, width, high, message)
     tokens = write_tokens(tmp_path / "tokens.npy", rows, width, high)
     args = ["--tiny", "--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1"]
     proc = run_benchmark(args + ["--eval-batches", "1", "--tokens", tokens], tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert message in proc.stderr
     assert not (tmp_path / "results.json").exists()

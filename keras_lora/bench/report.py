@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from keras_lora.families import GPT2
+
 RUN_LABELS = {
     "full": "full fine-tuning",
     "lora": "keras-lora",
@@ -18,15 +20,6 @@ RUN_COLORS = {
     "floor": "gray",
     "peft": "green",
 }
-QUERY_VALUE = ("query", "value")
-ALL_SIX = (
-    "query",
-    "key",
-    "value",
-    "attention_output",
-    "feedforward_intermediate_dense",
-    "feedforward_output_dense",
-)
 
 
 def targets_for(lora_targets) -> dict[str, tuple[float, tuple[str, ...] | None]]:
@@ -36,8 +29,8 @@ def targets_for(lora_targets) -> dict[str, tuple[float, tuple[str, ...] | None]]
 
     Bounds are upper bounds on ratios, except tokens/s (a lower bound).
     `None` for backends means every backend. Step-time targets exist for
-    query/value (stated for JAX) and for all six projections; the others
-    apply to any target set.
+    the default targets (GPT-2: query/value, stated for JAX) and for every
+    projection of a block; the others apply to any target set.
     """
     targets = {
         "merged/base inference": (1.01, None),
@@ -46,7 +39,7 @@ def targets_for(lora_targets) -> dict[str, tuple[float, tuple[str, ...] | None]]
         "lora/peft tokens/s": (1.5, None),
     }
     chosen = tuple(sorted(lora_targets))
-    if chosen == tuple(sorted(QUERY_VALUE)):
+    if chosen == tuple(sorted(GPT2.default_targets)):
         targets.update(
             {
                 "lora/floor step time": (1.05, ("jax",)),
@@ -54,7 +47,7 @@ def targets_for(lora_targets) -> dict[str, tuple[float, tuple[str, ...] | None]]
                 "lora/full step time": (0.5, ("jax",)),
             }
         )
-    elif chosen == tuple(sorted(ALL_SIX)):
+    elif chosen == tuple(sorted(GPT2.roles)):
         targets.update(
             {
                 "lora/floor step time": (1.10, None),

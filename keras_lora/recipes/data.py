@@ -92,7 +92,7 @@ def corpus_description() -> str:
     """Names the default corpus and the interpreter it was read from."""
     return (
         f"Python {platform.python_version()} standard-library docstrings "
-        f"({len(STDLIB_MODULES)} modules, keras_lora.data.default_corpus)"
+        f"({len(STDLIB_MODULES)} modules, keras_lora.recipes.data.default_corpus)"
     )
 
 
@@ -150,7 +150,11 @@ def text_corpus(path: str | os.PathLike, split: str = "file") -> list[str]:
 
     Example:
 
-    >>> docs = text_corpus("my_texts/", split="paragraph")
+    >>> import pathlib, tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (folder / "notes.txt").write_text("One.\\n\\nTwo.")
+    >>> text_corpus(folder, split="paragraph")
+    ['One.', 'Two.']
     """
     if split not in ("file", "paragraph"):
         raise ValueError(
@@ -377,7 +381,7 @@ def token_windows(
     token between them (as GPT-2 was trained) and cut into non-overlapping
     windows; a row of `seq + 1` ids gives inputs `row[:-1]` and next-token
     labels `row[1:]`. For token-level training and benchmarks that bypass
-    the preprocessor (`benchmarks/benchmark.py --tokens`).
+    the preprocessor (`keras-lora compare --tokens`).
 
     Args:
         texts: documents.
@@ -429,7 +433,7 @@ def _check_positive(name: str, value, allow_none: bool = False) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-if __name__ == "__main__":  # Quick look: python -m keras_lora.data
+if __name__ == "__main__":  # Quick look: python -m keras_lora.recipes.data
     docs = default_corpus()
     print(corpus_description(), file=sys.stderr)
     print(f"{len(docs)} documents, {sum(map(len, docs)):,} characters")

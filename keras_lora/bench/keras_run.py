@@ -1,0 +1,208 @@
+"""A Keras benchmark run: full, lora, builtin or floor, on one backend.
+
+`keras_run(spec)` builds the GPT-2 of the spec, turns it into the run
+(`prepare_run`), trains it with the recipes' optimizer and `StepLog`, and
+measures step time, peak memory, held-out loss, adapter size and, for
+LoRA, inference latency unmerged and merged against the base.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from keras_lora.bench.common import eval_data, file_bytes, step_stats, token_data
+from keras_lora.callbacks import host_peak_rss_bytes
+from keras_lora.families import GPT2
+
+
+def keras_run(spec: dict) -> dict:
+    import keras
+
+    import keras_lora
+    from keras_lora.callbacks import GPUMemoryCallback
+    from keras_lora.recipes.training import StepLog
+
+    keras.utils.set_random_seed(spec["seed"])
+    if spec["dtype_policy"]:
+        keras.config.set_dtype_policy(spec["dtype_policy"])
+
+    t0 = time.perf_counter()
+    lm = build_lm(spec)
+    build_s = time.perf_counter() - t0
+    tokens, labels = token_data(spec)
+    x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
+
+    run = spec["run"]
+    prepare_run(lm, run, spec)
+    trainable = sum(math.prod(v.shape) for v in lm.trainable_weights)
+    frozen = sum(math.prod(v.shape) for v in lm.non_trainable_weights)
+
+    timer = StepLog()
+    memory = GPUMemoryCallback(target_batches=[spec["warmup"]])
+    build_peak = host_peak_rss_bytes()
+    lm.fit(
+        x,
+        labels,
+        batch_size=spec["batch"],
+        epochs=1,
+        shuffle=False,
+        callbacks=[timer, memory],
+        verbose=0,
+    )
+    eval_loss = keras_eval_loss(lm, spec)
+    result = {
+        "trainable_params": int(trainable),
+        "frozen_params": int(frozen),
+        "build_s": round(build_s, 2),
+        "jit_compile": bool(getattr(lm, "jit_compile", False)),
+        "memory_device": memory.device,
+        "peak_memory_gb": memory.peak_usage,
+        "peak_memory_readings": dict(
+            zip(memory.labels, memory.memory_usage, strict=True)
+        ),
+        "final_loss": round(timer.losses[-1], 4),
+        "mean_loss": round(statistics.fmean(timer.losses), 4),
+        "eval_loss": eval_loss,
+    }
+    if not memory.on_accelerator:
+        result["process_peak_rss_gb"] = round(
+            max(build_peak, host_peak_rss_bytes()) / 2**30, 3
+        )
+    result.update(step_stats(timer.step_times, timer.cpu_times, spec))
+    result.update(adapter_size(lm, spec, keras_lora))
+    if run == "lora":
+        result.update(inference_latency(lm, spec, x, keras_lora))
+    return result
+
+
+def prepare_run(lm, run: str, spec: dict) -> None:
+    """Turn a freshly built model into `run` and compile it (AdamW, CE)."""
+    import keras_lora
+    from keras_lora.recipes.training import optimizer_and_loss
+
+    if run == "lora":
+        keras_lora.inject_lora(
+            lm, rank=spec["rank"], alpha=spec["alpha"], targets=spec["targets"]
+        )
+    elif run == "builtin":
+        lm.backbone.enable_lora(spec["rank"], target_layer_names=spec["targets"])
+    elif run == "floor":
+        freeze_all_but_first_bias(lm)
+    elif run != "full":
+        raise ValueError(f"Unknown run {run!r}.")
+    # The floor trains one bias: excluding it from weight decay would leave
+    # Keras's torch AdamW an empty list to decay, which it cannot handle
+    # (RuntimeError in torch._foreach_mul_; see RESULTS.md).
+    optimizer, loss = optimizer_and_loss(
+        spec["learning_rate"], exclude_from_decay=run != "floor"
+    )
+    lm.compile(optimizer=optimizer, loss=loss)
+
+
+def keras_eval_loss(lm, spec: dict) -> float | None:
+    """Mean loss on the held-out batches after training (None without)."""
+    held_out = eval_data(spec)
+    if held_out is None:
+        return None
+    tokens, labels = held_out
+    x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
+    loss = lm.evaluate(x, labels, batch_size=spec["batch"], verbose=0)
+    return round(float(np.ravel(loss)[0]), 4)
+
+
+def build_lm(spec: dict):
+    import keras_hub
+
+    if spec["preset"]:
+        backbone = keras_hub.models.GPT2Backbone.from_preset(spec["preset"])
+    else:
+        backbone = keras_hub.models.GPT2Backbone(**spec["arch"])
+    return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+
+
+def freeze_all_but_first_bias(lm) -> None:
+    """Train only the bias of block 0's first projection (GPT-2: query)."""
+    import keras_lora
+
+    path = f"{GPT2.block.format(block=0)}/{GPT2.projections[0].path}"
+    (layer,) = keras_lora.target_layers(lm.backbone, [path])
+    bias = layer.bias
+    lm.trainable = True
+    for variable in lm.weights:
+        variable.trainable = variable is bias
+
+
+def adapter_size(lm, spec: dict, keras_lora) -> dict:
+    """Bytes a user must keep to restore the fine-tuned model."""
+    run = spec["run"]
+    if run in ("full", "floor"):
+        bytes_ = sum(
+            math.prod(v.shape) * np.dtype(v.dtype).itemsize
+            for v in lm.trainable_weights
+        )
+        return {"adapter_bytes": int(bytes_), "adapter_source": "trainable weights"}
+    with tempfile.TemporaryDirectory() as tmp:
+        if run == "builtin":
+            lm.backbone.save_lora_weights(os.path.join(tmp, "adapter.lora.h5"))
+            source = "backbone.save_lora_weights (.lora.h5)"
+        else:
+            keras_lora.save_adapter(lm, os.path.join(tmp, "adapter"))
+            source = "keras_lora.save_adapter (safetensors)"
+        return {**file_bytes(tmp), "adapter_source": source}
+
+
+def inference_latency(lm, spec: dict, x: dict, keras_lora) -> dict:
+    """Median forward pass (`predict_on_batch`) of LoRA and merged vs base.
+
+    Each is timed against a freshly built base model of the same
+    architecture, alternating calls in ABBA order, so drift in the
+    machine's speed and any cost of going first affect both alike.
+    """
+    batch = {k: v[: spec["batch"]] for k, v in x.items()}
+    runs = spec["inference_runs"]
+    base = build_lm(spec)
+
+    def predict(model):
+        return lambda: model.predict_on_batch(batch)
+
+    unmerged, base_1 = latency_samples([predict(lm), predict(base)], runs)
+    keras_lora.merge_lora(lm)  # Drops the compiled predict function too.
+    merged, base_2 = latency_samples([predict(lm), predict(base)], runs)
+    median = statistics.median
+    return {
+        "inference_unmerged_s": round(median(unmerged), 4),
+        "inference_base_with_unmerged_s": round(median(base_1), 4),
+        "inference_merged_s": round(median(merged), 4),
+        "inference_base_s": round(median(base_2), 4),
+        "inference_samples_s": {
+            "unmerged": unmerged,
+            "base (with unmerged)": base_1,
+            "merged": merged,
+            "base": base_2,
+        },
+    }
+
+
+def latency_samples(functions, runs: int, warmup: int = 2) -> list[list[float]]:
+    """Seconds per call of each function, alternating them ABBA-style."""
+    for fn in functions:
+        for _ in range(warmup):  # Compiles the predict function.
+            fn()
+    # Buffers freed before (old kernels after a merge, training state) are
+    # reclaimed now rather than in the middle of a timed call.
+    gc.collect()
+    samples = [[] for _ in functions]
+    for i in range(runs):
+        order = range(len(functions))
+        for j in order if i % 2 == 0 else reversed(order):
+            start = time.perf_counter()
+            np.asarray(functions[j]())  # NumPy out: the call has finished.
+            samples[j].append(round(time.perf_counter() - start, 4))
+    return samples

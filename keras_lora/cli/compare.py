@@ -1,0 +1,155 @@
+"""`keras-lora compare`: flags -> `bench.engine.compare` (or `render`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+
+from keras_lora.bench import engine
+from keras_lora.cli.arguments import (
+    non_negative_int,
+    positive_float,
+    positive_int,
+    split_list,
+)
+from keras_lora.families import GPT2
+from keras_lora.recipes.models import ALIASES, ARCHITECTURES
+
+
+def add_compare(sub) -> None:
+    parser = sub.add_parser(
+        "compare",
+        help="Full fine-tuning vs keras-lora vs built-in LoRA (vs PEFT), "
+        "each run in its own process.",
+        description="Compare keras-lora with full fine-tuning, keras-hub's "
+        "enable_lora, a one-bias floor and Hugging Face PEFT: same model, "
+        "data, batch and steps; table, ratios and charts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        default=["jax", "tensorflow"],
+        help=f"Keras backends for the Keras runs ({', '.join(engine.BACKENDS)}).",
+    )
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument(
+        "--arch",
+        choices=sorted([*ARCHITECTURES, *ALIASES]),
+        default="base",
+        help="GPT-2 architecture size, with random weights.",
+    )
+    model.add_argument(
+        "--tiny", action="store_true", help="the tiny GPT-2 (same as --arch tiny)."
+    )
+    model.add_argument(
+        "--preset",
+        help="keras-hub GPT-2 preset (name or local directory) for the Keras "
+        "runs; the PEFT run uses the same architecture with random weights.",
+    )
+    parser.add_argument("--batch", type=positive_int, default=8, help="sequences/step.")
+    parser.add_argument(
+        "--seq", type=positive_int, default=128, help="tokens/sequence."
+    )
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps.")
+    parser.add_argument(
+        "--warmup",
+        type=non_negative_int,
+        default=3,
+        help="untimed steps first (compilation).",
+    )
+    parser.add_argument("--rank", type=positive_int, default=4, help="LoRA rank.")
+    parser.add_argument(
+        "--alpha", type=positive_float, default=32.0, help="LoRA alpha (alpha / rank)."
+    )
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=list(GPT2.default_targets),
+        help=f"layers to adapt, among: {', '.join(GPT2.roles)}; 'all' means all.",
+    )
+    parser.add_argument(
+        "--dtype-policy",
+        choices=engine.DTYPE_POLICIES,
+        default="float32",
+        help="Keras dtype policy (the PEFT run uses torch autocast to match).",
+    )
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=list(engine.RUNS),
+        help=f"which runs ({', '.join(engine.RUNS)}).",
+    )
+    parser.add_argument(
+        "--learning-rate", type=positive_float, default=5e-5, help="AdamW rate."
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, data.")
+    parser.add_argument(
+        "--tokens",
+        metavar="NPY",
+        help="train (and evaluate) on these token ids instead of random ones: "
+        "a .npy int array of shape (rows, seq + 1), e.g. tokenized text "
+        "(keras_lora.recipes.data.token_windows). Every run reads the same rows.",
+    )
+    parser.add_argument(
+        "--eval-batches",
+        type=non_negative_int,
+        default=0,
+        help="hold out this many batches (the last rows of the data) and "
+        "report each run's loss on them after training.",
+    )
+    parser.add_argument(
+        "--inference-runs",
+        type=positive_int,
+        default=8,
+        help="timed forward passes (each).",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="repeat every run this many times, round-robin; each run reports "
+        "its round with the lowest median step time. results.json keeps all.",
+    )
+    parser.add_argument(
+        "--timeout", type=positive_float, default=3600, help="seconds per run."
+    )
+    parser.add_argument("--out", default=os.path.join("runs", "compare"))
+    parser.add_argument(
+        "--render",
+        metavar="RESULTS_JSON",
+        help="run nothing: rewrite the table, ratios and charts of an earlier "
+        "results.json (in its own directory).",
+    )
+    parser.set_defaults(run=compare)
+
+
+def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """`keras-lora compare`: exit 1 when a run failed."""
+    if args.render:
+        return 0 if engine.succeeded(engine.render(args.render)) else 1
+    config = engine.CompareConfig(
+        out=args.out,
+        backends=tuple(split_list(args.backend)),
+        runs=tuple(split_list(args.runs)),
+        arch="tiny" if args.tiny else args.arch,
+        preset=args.preset,
+        batch=args.batch,
+        seq=args.seq,
+        steps=args.steps,
+        warmup=args.warmup,
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=tuple(split_list(args.targets)),
+        dtype_policy=args.dtype_policy,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+        tokens=args.tokens,
+        eval_batches=args.eval_batches,
+        inference_runs=args.inference_runs,
+        rounds=args.rounds,
+        timeout=args.timeout,
+        command=shlex.join(["keras-lora", *(argv or ["compare"])]),
+    )
+    return 0 if engine.succeeded(engine.compare(config)) else 1

@@ -1,0 +1,134 @@
+"""Recipes around a saved adapter: generate, merge, PEFT export and import.
+
+Each loads a GPT-2 base (`models.load_task`), applies an adapter directory
+and does one thing, returning what the caller reports. Paths are checked
+before any model is built, so a typo fails fast.
+"""
+
+from __future__ import annotations
+
+import os
+
+from keras_lora.recipes import models
+
+
+def load_with_adapter(
+    preset: str,
+    adapter: str | None = None,
+    sequence_length: int = 128,
+    tokenizer: str | None = None,
+):
+    """A GPT-2 from `preset` with the adapter directory `adapter` applied.
+
+    Args:
+        preset: keras-hub preset name, local Keras preset or Hugging Face dir.
+        adapter: a `save_adapter` directory, or None for the base alone.
+        sequence_length: the preprocessor's sequence length.
+        tokenizer: a directory with vocab.json and merges.txt.
+
+    Returns:
+        `(lm, {"weights": ..., "tokenizer": ...})`.
+
+    Raises:
+        FileNotFoundError: for a missing directory.
+        ValueError: for an adapter that does not fit the model.
+    """
+    from keras_lora import load_adapter
+
+    models.check_path(adapter, "adapter")
+    lm, labels = models.load_task(preset, sequence_length, tokenizer)
+    if adapter:
+        load_adapter(lm, adapter)
+    return lm, labels
+
+
+def generate(
+    preset: str,
+    prompts,
+    adapter: str | None = None,
+    merge: bool = False,
+    max_length: int = 40,
+    sequence_length: int = 128,
+    tokenizer: str | None = None,
+):
+    """Greedy generations of the base model, with the adapter if given.
+
+    Args:
+        preset, adapter, sequence_length, tokenizer: as `load_with_adapter`.
+        prompts: the prompts.
+        merge: merge the adapter into the kernels first.
+        max_length: generation length in tokens.
+
+    Returns:
+        `(outputs, labels)`: one string per prompt, and the model's labels.
+    """
+    from keras_lora import merge_lora
+
+    lm, labels = load_with_adapter(preset, adapter, sequence_length, tokenizer)
+    if merge and adapter:
+        merge_lora(lm)
+    lm.compile(sampler="greedy")
+    return models.generate(lm, prompts, max_length), labels
+
+
+def merge_to_preset(
+    preset: str,
+    adapter: str,
+    out: str,
+    sequence_length: int = 128,
+    tokenizer: str | None = None,
+) -> dict:
+    """Merge an adapter into the base and save it as a new local preset.
+
+    Returns:
+        `{"layers": LoRA layers merged, "weights": the base's label,
+        "preset": absolute path of the new preset}`.
+    """
+    from keras_lora import lora_layers, merge_lora
+
+    lm, labels = load_with_adapter(preset, adapter, sequence_length, tokenizer)
+    count = len(lora_layers(lm))
+    merge_lora(lm)
+    lm.save_to_preset(out)
+    return {
+        "layers": count,
+        "weights": labels["weights"],
+        "preset": os.path.abspath(out),
+    }
+
+
+def export_peft_dir(
+    preset: str,
+    adapter: str,
+    out: str,
+    base_model_name: str | None = None,
+    sequence_length: int = 128,
+    tokenizer: str | None = None,
+) -> str:
+    """Write an adapter as a Hugging Face PEFT adapter directory; its path."""
+    from keras_lora import export_peft
+
+    lm, _ = load_with_adapter(preset, adapter, sequence_length, tokenizer)
+    path = export_peft(lm, out, base_model_name_or_path=base_model_name)
+    return os.path.abspath(path)
+
+
+def import_peft_dir(
+    preset: str,
+    peft_dir: str,
+    out: str,
+    sequence_length: int = 128,
+    tokenizer: str | None = None,
+) -> dict:
+    """Read a Hugging Face PEFT adapter and save it as a keras-lora adapter.
+
+    Returns:
+        `{"layers": LoRA layers imported, "adapter": absolute path written}`.
+    """
+    from keras_lora import import_peft, lora_layers, save_adapter
+
+    models.check_path(peft_dir, "PEFT adapter")
+    lm, _ = models.load_task(preset, sequence_length, tokenizer)
+    import_peft(lm, peft_dir)
+    path = save_adapter(lm, out)
+    return {"layers": len(lora_layers(lm)), "adapter": os.path.abspath(path)}

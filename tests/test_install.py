@@ -1,0 +1,130 @@
+"""The package as a user installs it: a wheel, run from an empty directory.
+
+The wheel is built from a copy of this checkout (so no build files land in
+it) and installed with `pip install --target` (the dependencies are on this
+machine already); the commands then run with only that directory on
+PYTHONPATH, from a directory outside the checkout, so neither the checkout
+nor an editable install can be what runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_BACKEND = "jax"
+# The demo's smallest settings: 2 fine-tuning steps, one timed step per run.
+SMALL_DEMO = [
+    "--steps", "2", "--compare-steps", "1", "--warmup", "1", "--eval-batches",
+    "1", "--batch", "2", "--seq", "16", "--vocab-size", "300", "--runs", "full",
+    "lora", "--verbose", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> str:
+    """A directory holding keras_lora installed from a freshly built wheel."""
+    root = tmp_path_factory.mktemp("install")
+    source = root / "source"
+    source.mkdir()
+    shutil.copytree(
+        os.path.join(ROOT, "keras_lora"),
+        source / "keras_lora",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(ROOT, name), source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    dist, site = root / "dist", root / "site"
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", dist, source],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = dist.glob("keras_lora-*.whl")
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", site, wheel],
+        check=True,
+        timeout=300,
+    )
+    return str(site)
+
+
+def run_installed(site: str, args: list[str], cwd, timeout: float = 300):
+    """Run the installed `keras-lora` script from `cwd`, `site` on the path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=site, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [os.path.join(site, "bin", "keras-lora"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_installed_package_comes_from_the_wheel(site, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = site
+    code = "import keras_lora.bench.worker as w, keras_lora; print(keras_lora.__file__)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    path = proc.stdout.strip().splitlines()[-1]
+    assert path == os.path.join(site, "keras_lora", "__init__.py")
+
+    proc = run_installed(site, ["compare", "--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--backend" in proc.stdout and "--tokens" in proc.stdout
+    proc = run_installed(site, ["demo", "--arch", "huge"], tmp_path)
+    assert proc.returncode == 2 and "invalid choice: 'huge'" in proc.stderr
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != DEMO_BACKEND,
+    reason=f"the installed demo runs once per suite, under {DEMO_BACKEND} "
+    "(about 2 minutes; what it tests is the install, not the backend)",
+)
+def test_installed_demo_runs_from_an_empty_directory(site, tmp_path):
+    proc = run_installed(
+        site, ["demo", "--arch", "tiny", "--out", "d", *SMALL_DEMO], tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "d"
+    with open(out / "compare" / "results.json") as f:
+        compare = json.load(f)
+    results = {r["run"]: r for r in compare["results"]}
+    assert sorted(results) == ["full", "lora"]
+    for result in results.values():
+        assert result["status"] == "ok" and result["backend"] == keras.backend.backend()
+        # The worker processes ran the installed code too.
+        assert result["keras_lora_path"] == os.path.join(site, "keras_lora")
+        assert 0 < result["eval_loss"] < 10
+    assert results["lora"]["trainable_params"] == 2048  # 2 x (q, v) x 512.
+    assert results["full"]["trainable_params"] == 1280 * 64 + 2 * 33_472 + 128
+    page = (out / "report.md").read_text()
+    assert page.startswith("# keras-lora demo")
+    assert "| full fine-tuning |" in page and "| keras-lora |" in page
+    assert "RANDOM weights" in page
+    for name in ("run_report.json", "training_loss.png", "adapter"):
+        assert (out / name).exists(), name
+    rows = np.load(out / "compare" / "tokens.npy")
+    assert rows.shape == (6, 17) and rows.max() < 300  # (1 + 1 + 1) x 2 rows.
+    assert compare["config"]["data"].startswith("token ids from")
+    assert "| held-out loss |" in proc.stdout and "demo finished in" in proc.stdout
