@@ -14,6 +14,8 @@ import keras_lora
 MODULES = sorted(
     info.name
     for info in pkgutil.walk_packages(keras_lora.__path__, prefix="keras_lora.")
+    # Importing a `__main__` module runs its command.
+    if not info.name.endswith(".__main__")
 ) + ["keras_lora"]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 

@@ -140,7 +140,7 @@ def peft_run(spec: dict) -> dict:
 def peft_target_modules(roles) -> list[str]:
     """PEFT `target_modules` for keras-lora target roles.
 
-    Full Hugging Face module names below a block ("attn.c_attn"): PEFT
+    Full Hugging Face module names below a block (`Projection.hf_module`): PEFT
     matches a target against the end of each module's dotted name, so these
     pick exactly the family's modules. A fused module (query|key|value in
     one) is adapted whole, whichever of its roles was asked for.

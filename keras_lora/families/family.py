@@ -11,7 +11,7 @@ Paths are `keras_lora.layer_paths` paths below the backbone, with
 | --- | --- |
 | `block` | `transformer_layer_{block}` |
 | `projections[i].path` | `self_attention/query`, ... (below a block) |
-| `projections[i].hf_module` | `attn.c_attn`, ... (below `hf_block`) |
+| `projections[i].hf_module` | the fused q/k/v Conv1D, ... (below `hf_block`) |
 | `hf_block` | `h.{block}` |
 
 `sharding` says how `families.layout.layout_map` lays the family's weights
@@ -34,7 +34,7 @@ class Projection:
             targets match ("query").
         path: the layer's path below its block ("self_attention/query").
         hf_module: the Hugging Face module that holds it, below the block
-            ("attn.c_attn"). Several roles sharing one module form a fused
+            ("self_attn.q_proj"). Several roles sharing one module form a fused
             projection whose outputs are concatenated in `projections` order.
     """
 
