@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import keras
 
+from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
 from keras_lora.surgery import replace_layers, walk_layers
 
@@ -43,7 +44,10 @@ def inject_lora(
         rank: rank of each update, a positive integer.
         alpha: the update is scaled by `alpha / rank`.
         targets: layer names, path suffixes or path regexes; a string is
-            one target.
+            one target. `"all-linear"` (PEFT's shortcut) targets every
+            Dense and EinsumDense that LoRA can factor, except the layers
+            whose outputs are the model's outputs (a classifier or output
+            head); embeddings are not Dense layers, so never targets.
         dropout: dropout rate on the LoRA path's input, in [0, 1).
         use_rslora: scale by `alpha / sqrt(rank)` instead.
         seed: seed for the factors' initialisation and dropout.
@@ -64,9 +68,11 @@ def inject_lora(
     settings = dict(
         rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed
     )
-    return wrap_layers(
-        model, {id(layer): settings for layer in target_layers(model, targets)}
-    )
+    if targets == ("all-linear",):
+        layers = all_linear_layers(model)
+    else:
+        layers = target_layers(model, targets)
+    return wrap_layers(model, {id(layer): settings for layer in layers})
 
 
 def wrap_layers(
@@ -149,6 +155,50 @@ def target_layers(
             "keras_lora.layer_paths(model))."
         )
     return matched
+
+
+def all_linear_layers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """What `targets="all-linear"` wraps, in walk order (PEFT's rule).
+
+    Every Dense and EinsumDense whose kernel LoRA can factor, except those
+    producing one of the model's outputs (a functional model's output
+    head; keras-hub language models tie theirs to the embedding, which is
+    no Dense). Nothing here knows any model family.
+
+    Raises:
+        ValueError: if the model is not built or has no such layer.
+    """
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built. Build it first (call it on "
+            "a batch of data, or `model.build(input_shape)`), then add LoRA."
+        )
+    heads = set()
+    try:
+        outputs = keras.tree.flatten(model.outputs or [])
+    except (AttributeError, ValueError):  # A subclassed model or a layer.
+        outputs = []
+    for tensor in outputs:
+        history = getattr(tensor, "_keras_history", None)
+        if history is not None:
+            heads.add(id(history.operation))
+    layers = []
+    for _, layer in walk_layers(model):
+        if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+            continue
+        if id(layer) in heads or getattr(layer, "kernel", None) is None:
+            continue
+        try:
+            split_kernel(layer)
+        except ValueError:  # Not one input-to-output matrix: not linear.
+            continue
+        layers.append(layer)
+    if not layers:
+        raise ValueError(
+            f"Model '{model.name}' has no Dense or EinsumDense layer besides "
+            "its output layers, so `targets='all-linear'` matches nothing."
+        )
+    return layers
 
 
 def layer_paths(model: keras.layers.Layer) -> list[str]:

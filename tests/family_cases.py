@@ -1,0 +1,112 @@
+"""One entry per model family: how to build a tiny model of it on each side.
+
+Adding a family to the tests is one `FamilyCase` here (plus its data
+module in `keras_lora.families`). The transformers side is only named
+(class names, config dicts), so importing this module needs no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras_hub
+
+from keras_lora.families import GEMMA, GPT2, LLAMA, MISTRAL, QWEN2, Family
+from tests.helpers import tiny_gpt2_backbone
+
+VOCAB = 64
+# Grouped-query attention: 4 query heads share 2 key/value heads.
+_DECODER = dict(
+    vocabulary_size=VOCAB,
+    num_layers=2,
+    num_query_heads=4,
+    num_key_value_heads=2,
+    hidden_dim=16,
+    intermediate_dim=32,
+)
+_HF_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyCase:
+    """A family under test.
+
+    Args:
+        family: its data.
+        backbone: keras-hub backbone class name.
+        causal_lm: keras-hub task class name.
+        backbone_config: a tiny keras-hub backbone's arguments.
+        hf_class: the transformers causal LM class name.
+        hf_config: the transformers config class name and its arguments
+            (the same tiny model); None: no transformers check here.
+        rounds: keras-hub's converter rounds the weights (Mistral: float16),
+            so base logits differ by that rounding and the PEFT checks
+            compare what the adapter adds instead.
+    """
+
+    family: Family
+    backbone: str
+    causal_lm: str
+    backbone_config: dict
+    hf_class: str = ""
+    hf_config: tuple[str, dict] | None = None
+    rounds: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.family.name
+
+    def make_backbone(self):
+        if self.family is GPT2:
+            return tiny_gpt2_backbone(**self.backbone_config)
+        return getattr(keras_hub.models, self.backbone)(**self.backbone_config)
+
+    def make_task(self, backbone):
+        return getattr(keras_hub.models, self.causal_lm)(backbone, preprocessor=None)
+
+
+CASES = (
+    FamilyCase(GPT2, "GPT2Backbone", "GPT2CausalLM", {}),
+    FamilyCase(
+        LLAMA,
+        "Llama3Backbone",
+        "Llama3CausalLM",
+        dict(_DECODER, tie_word_embeddings=False),
+        "LlamaForCausalLM",
+        ("LlamaConfig", _HF_DECODER),
+    ),
+    FamilyCase(
+        MISTRAL,
+        "MistralBackbone",
+        "MistralCausalLM",
+        _DECODER,
+        "MistralForCausalLM",
+        ("MistralConfig", dict(_HF_DECODER, sliding_window=None)),
+        rounds=True,
+    ),
+    FamilyCase(
+        QWEN2,
+        "QwenBackbone",
+        "QwenCausalLM",
+        dict(_DECODER, tie_word_embeddings=False),
+        "Qwen2ForCausalLM",
+        ("Qwen2Config", _HF_DECODER),  # With q/k/v biases, as Qwen2 has.
+    ),
+    FamilyCase(
+        GEMMA,
+        "GemmaBackbone",
+        "GemmaCausalLM",
+        dict(_DECODER, head_dim=8),
+        "GemmaForCausalLM",
+        ("GemmaConfig", dict(_HF_DECODER, head_dim=8, tie_word_embeddings=True)),
+    ),
+)
