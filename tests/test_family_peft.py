@@ -29,8 +29,8 @@ import keras_hub  # noqa: E402
 import peft  # noqa: E402
 import transformers  # noqa: E402
 
-from keras_lora import inject_lora, lora_layers  # noqa: E402
-from keras_lora.interop import export_peft, import_peft  # noqa: E402
+from keras_lora import inject_lora, lora_layers, merge_lora  # noqa: E402
+from keras_lora.interop import export_hf_model, export_peft, import_peft  # noqa: E402
 from tests.family_cases import CASES, VOCAB  # noqa: E402
 from tests.helpers import randomize_lora_b, snapshot  # noqa: E402
 
@@ -217,3 +217,28 @@ def test_export_matches_peft(side, name, tmp_path):
     assert_close(side.hf_logits(model), expected)
     peft_count = sum(isinstance(x, peft.tuners.lora.LoraLayer) for x in model.modules())
     assert peft_count == len(lora_layers(lm))
+
+
+# --- merged models -> transformers --------------------------------------------
+
+
+def test_merged_export_loads_in_transformers(side, tmp_path):
+    lm = side.keras_lm()
+    inject_lora(lm, rank=2, alpha=4.0, targets=side.family.roles)
+    randomize_lora_b(lm, scale=0.5)
+    merge_lora(lm)
+    expected = side.keras_logits(lm)
+    assert_adapter_matters(expected, side.hf_base)
+
+    export_hf_model(lm, tmp_path / "merged")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(model).__name__ == side.case.hf_class
+    assert_close(side.hf_logits(model.eval()), expected)
+
+
+def test_merged_export_refuses_unmerged_models(side, tmp_path):
+    lm = side.keras_lm()
+    inject_lora(lm, rank=2)
+    with pytest.raises(ValueError, match="merge_lora"):
+        export_hf_model(lm, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
