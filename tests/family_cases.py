@@ -11,7 +11,7 @@ import dataclasses
 
 import keras_hub
 
-from keras_lora.families import GEMMA, GPT2, LLAMA, MISTRAL, QWEN2, Family
+from keras_lora.families import GEMMA, GEMMA3, GPT2, LLAMA, MISTRAL, QWEN2, Family
 from tests.helpers import tiny_gpt2_backbone
 
 VOCAB = 64
@@ -71,7 +71,8 @@ class FamilyCase:
         return getattr(keras_hub.models, self.backbone)(**self.backbone_config)
 
     def make_task(self, backbone):
-        return getattr(keras_hub.models, self.causal_lm)(backbone, preprocessor=None)
+        cls = getattr(keras_hub.models, self.causal_lm)
+        return cls(backbone=backbone, preprocessor=None)
 
 
 CASES = (
@@ -108,5 +109,24 @@ CASES = (
         dict(_DECODER, head_dim=8),
         "GemmaForCausalLM",
         ("GemmaConfig", dict(_HF_DECODER, head_dim=8, tie_word_embeddings=True)),
+    ),
+    FamilyCase(
+        GEMMA3,
+        "Gemma3Backbone",
+        "Gemma3CausalLM",
+        dict(_DECODER, head_dim=8, image_size=None),
+        "Gemma3ForCausalLM",
+        # query_pre_attn_scalar = head_dim and a window longer than the
+        # test's sequences: what keras-hub's converter maps exactly.
+        (
+            "Gemma3TextConfig",
+            dict(
+                _HF_DECODER,
+                head_dim=8,
+                tie_word_embeddings=True,
+                query_pre_attn_scalar=8,
+                sliding_window=64,
+            ),
+        ),
     ),
 )

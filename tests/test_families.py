@@ -218,3 +218,27 @@ def test_layout_map_follows_the_family_data():
     assert tuple(layouts[query].axes) == (None, "model", None)
     assert layouts["transformer_layer_0/self_attention/query/kernel"] is None
     assert layouts["decoder/layer_x/self_attention/query/kernel"] is None
+
+
+def test_all_linear_skips_output_layers_and_unfactorable_kernels():
+    # PEFT's "all-linear": every Dense/EinsumDense but the output layer.
+    # An EinsumDense whose kernel axis is also a batch axis is no single
+    # matrix, so it is not "linear" here either.
+    inputs = keras.Input((3, 4))
+    hidden = keras.layers.Dense(8, name="up")(inputs)
+    hidden = keras.layers.EinsumDense("bhi,hio->bho", (3, 5), name="per_head")(hidden)
+    hidden = keras.layers.EinsumDense("bhi,io->bho", (3, 4), name="down")(hidden)
+    outputs = keras.layers.Dense(2, name="head")(hidden)
+    model = keras.Model(inputs, outputs)
+    inject_lora(model, rank=2, targets="all-linear")
+    assert [layer.name for layer in lora_layers(model)] == ["up", "down"]
+
+    embed_only = keras.Sequential(
+        [
+            keras.Input((4,), dtype="int32"),
+            keras.layers.Embedding(10, 4),
+            keras.layers.Dense(2),
+        ]
+    )
+    with pytest.raises(ValueError, match="all-linear"):
+        inject_lora(embed_only, targets="all-linear")
