@@ -48,9 +48,9 @@ class FamilyCase:
         hf_class: the transformers causal LM class name.
         hf_config: the transformers config class name and its arguments
             (the same tiny model); None: no transformers check here.
-        rounds: keras-hub's converter rounds the weights (Mistral: float16),
-            so base logits differ by that rounding and the PEFT checks
-            compare what the adapter adds instead.
+        name: the test id, when one family has several cases.
+        hf_export: whether keras-hub's exporter writes it faithfully (else
+            `export_hf_model` must refuse it).
     """
 
     family: Family
@@ -59,11 +59,12 @@ class FamilyCase:
     backbone_config: dict
     hf_class: str = ""
     hf_config: tuple[str, dict] | None = None
-    rounds: bool = False
+    name: str = ""
+    hf_export: bool = True
 
     @property
     def id(self) -> str:
-        return self.family.name
+        return self.name or self.family.name
 
     def make_backbone(self):
         if self.family is GPT2:
@@ -91,8 +92,9 @@ CASES = (
         "MistralCausalLM",
         _DECODER,
         "MistralForCausalLM",
+        # keras-hub's converter rounds Mistral's weights to float16; the
+        # test models' weights are float16 values, so nothing is lost.
         ("MistralConfig", dict(_HF_DECODER, sliding_window=None)),
-        rounds=True,
     ),
     FamilyCase(
         QWEN2,
@@ -109,6 +111,34 @@ CASES = (
         dict(_DECODER, head_dim=8),
         "GemmaForCausalLM",
         ("GemmaConfig", dict(_HF_DECODER, head_dim=8, tie_word_embeddings=True)),
+    ),
+    FamilyCase(
+        GEMMA,
+        "GemmaBackbone",
+        "GemmaCausalLM",
+        dict(
+            _DECODER,
+            head_dim=8,
+            use_post_ffw_norm=True,
+            use_post_attention_norm=True,
+            final_logit_soft_cap=30.0,
+            attention_logit_soft_cap=50.0,
+            use_sliding_window_attention=True,
+            sliding_window_size=64,
+        ),
+        "Gemma2ForCausalLM",
+        (
+            "Gemma2Config",
+            dict(
+                _HF_DECODER,
+                head_dim=8,
+                tie_word_embeddings=True,
+                query_pre_attn_scalar=8,
+                sliding_window=64,
+            ),
+        ),
+        name="gemma2",
+        hf_export=False,
     ),
     FamilyCase(
         GEMMA3,

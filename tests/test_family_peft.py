@@ -230,6 +230,11 @@ def test_merged_export_loads_in_transformers(side, tmp_path):
     expected = side.keras_logits(lm)
     assert_adapter_matters(expected, side.hf_base)
 
+    if not side.case.hf_export:
+        with pytest.raises(ValueError, match="cannot write this"):
+            export_hf_model(lm, tmp_path / "merged")
+        assert not (tmp_path / "merged").exists()
+        return
     export_hf_model(lm, tmp_path / "merged")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert type(model).__name__ == side.case.hf_class

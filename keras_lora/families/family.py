@@ -153,6 +153,10 @@ class Family:
         hf_task_types: transformers class -> the PEFT `task_type` of an
             adapter for it ("GPT2LMHeadModel" -> "CAUSAL_LM"); others: none.
         sharding: the layouts for `families.layout.layout_map`, if known.
+        hf_export_requires: backbone config values keras-hub's transformers
+            exporter needs to write the model faithfully (it writes a
+            Gemma 2 as a Gemma: `{"use_post_ffw_norm": False, ...}`);
+            `export_hf_model` refuses other values.
     """
 
     name: str
@@ -167,6 +171,7 @@ class Family:
     hf_class_prefix: str = ""
     hf_task_types: dict[str, str] = dataclasses.field(default_factory=dict)
     sharding: Sharding | None = None
+    hf_export_requires: dict[str, object] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:

@@ -69,6 +69,15 @@ GEMMA = Family(
     title="Gemma",
     hf_class_prefix="Gemma",
     hf_task_types={"GemmaForCausalLM": "CAUSAL_LM", "Gemma2ForCausalLM": "CAUSAL_LM"},
+    # keras-hub 0.32's exporter writes every GemmaBackbone as a Gemma (1)
+    # config: Gemma 2's extra norms, soft caps and sliding window are lost.
+    hf_export_requires={
+        "use_post_ffw_norm": False,
+        "use_post_attention_norm": False,
+        "final_logit_soft_cap": None,
+        "attention_logit_soft_cap": None,
+        "use_sliding_window_attention": False,
+    },
     sharding=Sharding(
         # The output head is tied to the token embedding.
         embeddings={"token_embedding/embeddings": (None, HIDDEN)},

@@ -21,4 +21,5 @@ GEMMA3 = dataclasses.replace(
     title="Gemma 3",
     hf_class_prefix="Gemma3",
     hf_task_types={"Gemma3ForCausalLM": "CAUSAL_LM"},
+    hf_export_requires={},
 )

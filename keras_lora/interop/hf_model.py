@@ -54,7 +54,8 @@ def export_hf_model(model: keras.layers.Layer, path: str | os.PathLike) -> str:
         ValueError: if the model still has `LoraLayer`s (call `merge_lora`
             first), is of no known family, or keras-hub has no exporter
             for its architecture (keras-hub exports `Llama3Backbone`, not
-            the original `LlamaBackbone`, for example).
+            the original `LlamaBackbone`, for example) or writes it as
+            another one (Gemma 2: see `Family.hf_export_requires`).
 
     Example (a tiny random GPT-2; `transformers.AutoModelForCausalLM`
     loads the directory):
@@ -82,6 +83,21 @@ def export_hf_model(model: keras.layers.Layer, path: str | os.PathLike) -> str:
             f"{type(model).__name__} has no `export_to_transformers`; this "
             "keras-hub version cannot export it. Pass a keras-hub task model "
             "or backbone."
+        )
+    backbone = getattr(model, "backbone", model)
+    config = backbone.get_config()
+    unsupported = {
+        key: config.get(key)
+        for key, value in family.hf_export_requires.items()
+        if config.get(key, value) != value
+    }
+    if unsupported:
+        raise ValueError(
+            f"keras-hub's transformers exporter cannot write this "
+            f"{family.label} model faithfully: it needs "
+            f"{ {k: family.hf_export_requires[k] for k in unsupported} } but the "
+            f"backbone has {unsupported} (a Gemma 2 is written as a Gemma). "
+            "Save the adapter with `export_peft` and merge it in PEFT instead."
         )
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
