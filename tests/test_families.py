@@ -124,6 +124,18 @@ def run_family_test(
     if tmp_path is not None:
         inject_lora(backbone, rank=2, alpha=4.0, targets=family.roles)
         assert len(lora_layers(backbone)) == num_blocks * len(family.roles)
+        if family.sharding is not None:
+            # Every variable, LoRA factors included, matches at most one key
+            # (a LayoutMap raises otherwise), and the data's own get theirs.
+            layouts = layout_map(family, _mesh())
+            for variable in backbone.weights:
+                layout = layouts[variable.path]
+                role = variable.path.split("/")[-2]
+                name = variable.path.split("/")[-1]
+                data = family.sharding.projections.get(role, {}).get(name)
+                if data is not None:
+                    assert layout is not None, variable.path
+                    assert len(layout.axes) == len(variable.shape), variable.path
         randomize_lora_b(backbone, scale=0.5)
         expected = keras.ops.convert_to_numpy(backbone(input_data))
         keras.utils.set_random_seed(0)
