@@ -15,7 +15,7 @@ from keras_lora.injection import (
     trainable_summary,
     wrap_layers,
 )
-from keras_lora.interop import export_peft, import_peft
+from keras_lora.interop import export_hf_model, export_peft, import_peft
 from keras_lora.layer import LoraLayer
 from keras_lora.merge import merge_lora
 from keras_lora.version import __version__ as __version__
@@ -25,6 +25,7 @@ __all__ = [
     "GPUMemoryCallback",
     "LoraLayer",
     "distribute_lora",
+    "export_hf_model",
     "export_peft",
     "freeze_non_lora",
     "gpt2_layout_map",

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import keras
 
+from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
 from keras_lora.surgery import LayerIndex
 
@@ -43,7 +44,10 @@ def inject_lora(
         rank: rank of each update, a positive integer.
         alpha: the update is scaled by `alpha / rank`.
         targets: layer names, path suffixes or path regexes; a string is
-            one target.
+            one target. `"all-linear"` (PEFT's shortcut) targets every
+            Dense and EinsumDense that LoRA can factor, except the layers
+            whose outputs are the model's outputs (a classifier or output
+            head); embeddings are not Dense layers, so never targets.
         dropout: dropout rate on the LoRA path's input, in [0, 1).
         use_rslora: scale by `alpha / sqrt(rank)` instead.
         seed: seed for the factors' initialisation and dropout.
@@ -65,7 +69,10 @@ def inject_lora(
         rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed
     )
     index = LayerIndex(model)  # The only walk of the tree.
-    chosen = target_layers(model, targets, index=index)
+    if targets == ("all-linear",):
+        chosen = all_linear_layers(model, index=index)
+    else:
+        chosen = target_layers(model, targets, index=index)
     return wrap_layers(model, {id(layer): settings for layer in chosen}, index=index)
 
 
@@ -195,6 +202,56 @@ def target_layers(
             "keras_lora.layer_paths(model))."
         )
     return matched
+
+
+def all_linear_layers(
+    model: keras.layers.Layer, index: LayerIndex | None = None
+) -> list[keras.layers.Layer]:
+    """What `targets="all-linear"` wraps, in walk order (PEFT's rule).
+
+    Every Dense and EinsumDense whose kernel LoRA can factor, except those
+    producing one of the model's outputs (a functional model's output
+    head; keras-hub language models tie theirs to the embedding, which is
+    no Dense). Nothing here knows any model family.
+
+    Args:
+        model: a built model.
+        index: a `LayerIndex` of `model` the caller already built.
+
+    Raises:
+        ValueError: if the model is not built or has no such layer.
+    """
+    if not model.built:
+        raise ValueError(
+            f"Model '{model.name}' is not built. Build it first (call it on "
+            "a batch of data, or `model.build(input_shape)`), then add LoRA."
+        )
+    heads = set()
+    try:
+        outputs = keras.tree.flatten(model.outputs or [])
+    except (AttributeError, ValueError):  # A subclassed model or a layer.
+        outputs = []
+    for tensor in outputs:
+        history = getattr(tensor, "_keras_history", None)
+        if history is not None:
+            heads.add(id(history.operation))
+    layers = []
+    for _, layer in (index or LayerIndex(model)).items():
+        if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
+            continue
+        if id(layer) in heads or getattr(layer, "kernel", None) is None:
+            continue
+        try:
+            split_kernel(layer)
+        except ValueError:  # Not one input-to-output matrix: not linear.
+            continue
+        layers.append(layer)
+    if not layers:
+        raise ValueError(
+            f"Model '{model.name}' has no Dense or EinsumDense layer besides "
+            "its output layers, so `targets='all-linear'` matches nothing."
+        )
+    return layers
 
 
 def layer_paths(model: keras.layers.Layer) -> list[str]:

@@ -11,16 +11,17 @@ import dataclasses
 import os
 
 import keras
-import keras_hub
 import numpy as np
 import pytest
 
 from keras_lora import export_peft, import_peft, inject_lora, lora_layers
 from keras_lora.families import FAMILIES, GPT2, Family, family_of, layout_map
 from keras_lora.families.family import HIDDEN, MODEL
+from keras_lora.interop.hf_layout import hf_layout
 from keras_lora.kernel_split import split_kernel
 from keras_lora.surgery import walk_layers
-from tests.helpers import randomize_lora_b, tiny_gpt2_backbone, token_batch
+from tests.family_cases import CASES, VOCAB
+from tests.helpers import randomize_lora_b, token_batch
 
 
 def run_family_test(
@@ -31,6 +32,8 @@ def run_family_test(
     tmp_path=None,
 ) -> None:
     """Check a family's data on a tiny backbone of that family.
+
+    Numbers against transformers and peft are `tests/test_family_peft.py`'s.
 
     Args:
         family: the `Family` under test.
@@ -76,7 +79,10 @@ def run_family_test(
                 path
             )
             assert layer.name == projection.role, path
-            splits[block, projection.role] = (layer, split_kernel(layer))
+            assert (getattr(layer, "bias", None) is not None) == projection.bias
+            split = split_kernel(layer)
+            splits[block, projection.role] = (layer, split)
+            _check_hf_layout(hf_layout(split, projection.axes, path), split)
         for roles in family.hf_modules.values():
             fan_ins = {splits[block, role][1].fan_in for role in roles}
             assert len(fan_ins) == 1, roles
@@ -106,10 +112,30 @@ def run_family_test(
     assert len(lora_layers(default)) == num_blocks * len(family.default_targets)
     assert {layer.name for layer in lora_layers(default)} == set(family.default_targets)
 
+    # "all-linear" is every projection of every block, nothing else (the
+    # output head is tied to the embedding, or a ReversibleEmbedding).
+    keras.utils.set_random_seed(0)
+    task = make_backbone() if make_task is None else make_task(make_backbone())
+    wrapped = lora_layers(inject_lora(task, rank=2, targets="all-linear"))
+    assert len(wrapped) == num_blocks * len(family.roles)
+    assert sorted({layer.name for layer in wrapped}) == sorted(family.roles)
+
     # PEFT exchange through the family data is exact, on every role.
     if tmp_path is not None:
         inject_lora(backbone, rank=2, alpha=4.0, targets=family.roles)
         assert len(lora_layers(backbone)) == num_blocks * len(family.roles)
+        if family.sharding is not None:
+            # Every variable, LoRA factors included, matches at most one key
+            # (a LayoutMap raises otherwise), and the data's own get theirs.
+            layouts = layout_map(family, _mesh())
+            for variable in backbone.weights:
+                layout = layouts[variable.path]
+                role = variable.path.split("/")[-2]
+                name = variable.path.split("/")[-1]
+                data = family.sharding.projections.get(role, {}).get(name)
+                if data is not None:
+                    assert layout is not None, variable.path
+                    assert len(layout.axes) == len(variable.shape), variable.path
         randomize_lora_b(backbone, scale=0.5)
         expected = keras.ops.convert_to_numpy(backbone(input_data))
         keras.utils.set_random_seed(0)
@@ -134,14 +160,53 @@ def run_family_test(
         assert known.backbone_class in str(error.value)
 
 
-def test_gpt2_family(tmp_path):
+def _check_hf_layout(layout, split) -> None:
+    """B_hf @ A_hf is the kernel-shaped update, laid out as Hugging Face's
+    (out, in) weight: the factor and kernel maps agree."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=split.in_shape + (3,))
+    b = rng.normal(size=(3,) + split.out_shape)
+    delta = np.einsum(split.delta_equation(), a, b)
+    expected = layout.kernel_to_hf(delta)
+    assert expected.shape == (split.fan_out, split.fan_in)
+    np.testing.assert_allclose(layout.b_to_hf(b) @ layout.a_to_hf(a), expected)
+    np.testing.assert_array_equal(layout.a_from_hf(layout.a_to_hf(a)), a)
+    np.testing.assert_array_equal(layout.b_from_hf(layout.b_to_hf(b)), b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_family(case, tmp_path):
     run_family_test(
-        GPT2,
-        make_backbone=tiny_gpt2_backbone,
-        input_data=token_batch(batch=2),
-        make_task=lambda b: keras_hub.models.GPT2CausalLM(b, preprocessor=None),
+        case.family,
+        make_backbone=case.make_backbone,
+        input_data=token_batch(batch=2, vocab=VOCAB),
+        make_task=case.make_task,
         tmp_path=os.fspath(tmp_path),
     )
+
+
+def test_hf_layout_permutes_axes_hugging_face_orders_differently():
+    # A kernel (hidden, head_dim, heads) whose Hugging Face rows are
+    # head-major: the rows of B_hf @ A_hf must be the kernel's columns
+    # taken heads-first.
+    from keras_lora.families.family import KernelAxes
+    from keras_lora.kernel_split import KernelSplit
+
+    axes = KernelAxes(
+        ("hidden", "head_dim", "heads"), ("heads", "head_dim"), ("hidden",)
+    )
+    split = KernelSplit("btm", "btdn", "mdn", "m", "dn", (5,), (3, 2))
+    layout = hf_layout(split, axes, "query")
+    kernel = np.arange(5 * 3 * 2, dtype="float32").reshape(5, 3, 2)
+    hf = layout.kernel_to_hf(kernel)
+    assert hf[1 * 3 + 2, 4] == kernel[4, 2, 1]  # Row head 1, dim 2; column 4.
+    _check_hf_layout(layout, split)
+    # Family data that does not fit the layer is refused.
+    wrong = KernelAxes(
+        ("hidden", "head_dim", "heads"), ("heads",), ("hidden", "head_dim")
+    )
+    with pytest.raises(ValueError, match="lays this layer out differently"):
+        hf_layout(split, wrong, "query")
 
 
 def _mesh():
@@ -165,3 +230,27 @@ def test_layout_map_follows_the_family_data():
     assert tuple(layouts[query].axes) == (None, "model", None)
     assert layouts["transformer_layer_0/self_attention/query/kernel"] is None
     assert layouts["decoder/layer_x/self_attention/query/kernel"] is None
+
+
+def test_all_linear_skips_output_layers_and_unfactorable_kernels():
+    # PEFT's "all-linear": every Dense/EinsumDense but the output layer.
+    # An EinsumDense whose kernel axis is also a batch axis is no single
+    # matrix, so it is not "linear" here either.
+    inputs = keras.Input((3, 4))
+    hidden = keras.layers.Dense(8, name="up")(inputs)
+    hidden = keras.layers.EinsumDense("bhi,hio->bho", (3, 5), name="per_head")(hidden)
+    hidden = keras.layers.EinsumDense("bhi,io->bho", (3, 4), name="down")(hidden)
+    outputs = keras.layers.Dense(2, name="head")(hidden)
+    model = keras.Model(inputs, outputs)
+    inject_lora(model, rank=2, targets="all-linear")
+    assert [layer.name for layer in lora_layers(model)] == ["up", "down"]
+
+    embed_only = keras.Sequential(
+        [
+            keras.Input((4,), dtype="int32"),
+            keras.layers.Embedding(10, 4),
+            keras.layers.Dense(2),
+        ]
+    )
+    with pytest.raises(ValueError, match="all-linear"):
+        inject_lora(embed_only, targets="all-linear")

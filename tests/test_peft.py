@@ -21,9 +21,14 @@ import peft  # noqa: E402
 import safetensors.numpy  # noqa: E402
 import transformers  # noqa: E402
 
-from keras_lora import LoraLayer, inject_lora, lora_layers  # noqa: E402
+from keras_lora import LoraLayer, inject_lora, lora_layers, merge_lora  # noqa: E402
 from keras_lora.families import GPT2  # noqa: E402
-from keras_lora.interop import export_peft, import_peft, peft_format  # noqa: E402
+from keras_lora.interop import (  # noqa: E402
+    export_hf_model,
+    export_peft,
+    import_peft,
+    peft_format,
+)
 from keras_lora.surgery import walk_layers  # noqa: E402
 from tests import peft_helpers as ph  # noqa: E402
 from tests.helpers import randomize_lora_b, snapshot  # noqa: E402
@@ -476,7 +481,9 @@ def test_import_refuses_model_with_lora(hf_dir, tmp_path):
 
 def test_import_refuses_other_models(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="GPT-2 only"):
+    with pytest.raises(
+        ValueError, match="supports keras-hub GPT-2, Llama, .* models only"
+    ):
         import_peft(model, tmp_path)
 
 
@@ -513,5 +520,20 @@ def test_export_refuses_model_without_lora(hf_dir, tmp_path):
 def test_export_refuses_other_models(tmp_path):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     inject_lora(model, targets="dense")
-    with pytest.raises(ValueError, match="GPT-2 only"):
+    with pytest.raises(
+        ValueError, match="supports keras-hub GPT-2, Llama, .* models only"
+    ):
         export_peft(model, tmp_path)
+
+
+def test_merged_gpt2_exports_to_transformers(hf_dir, ids, base_logits, tmp_path):
+    lm = ph.keras_lm(hf_dir)
+    inject_lora(lm, rank=2, alpha=4.0, targets=GPT2.roles)
+    randomize_lora_b(lm, scale=0.5)
+    merge_lora(lm)
+    expected = ph.keras_outputs(lm, ids)
+    assert_adapter_matters(expected, base_logits)
+    export_hf_model(lm, tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(model, transformers.GPT2LMHeadModel)
+    assert_close(ph.torch_outputs(model, ids), expected)

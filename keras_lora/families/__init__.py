@@ -1,15 +1,26 @@
 """keras-hub model families as data (see `family.py`); one module each."""
 
-from keras_lora.families.family import Family, Projection, Sharding
+from keras_lora.families.family import Family, KernelAxes, Projection, Sharding
+from keras_lora.families.gemma import GEMMA
+from keras_lora.families.gemma3 import GEMMA3
 from keras_lora.families.gpt2 import GPT2, gpt2_layout_map
 from keras_lora.families.layout import layout_map
+from keras_lora.families.llama import LLAMA
+from keras_lora.families.mistral import MISTRAL
+from keras_lora.families.qwen2 import QWEN2
 
-FAMILIES = (GPT2,)
+FAMILIES = (GPT2, LLAMA, MISTRAL, QWEN2, GEMMA, GEMMA3)
 
 __all__ = [
     "FAMILIES",
+    "GEMMA",
+    "GEMMA3",
     "GPT2",
+    "LLAMA",
+    "MISTRAL",
+    "QWEN2",
     "Family",
+    "KernelAxes",
     "Projection",
     "Sharding",
     "family_of",

@@ -14,6 +14,13 @@ Paths are `keras_lora.layer_paths` paths below the backbone, with
 | `projections[i].hf_module` | the fused q/k/v Conv1D, ... (below `hf_block`) |
 | `hf_block` | `h.{block}` |
 
+`Projection.axes` says how the layer's Keras kernel maps onto the Hugging
+Face weight matrix (out_features, in_features): it names the kernel's axes
+and lists the ones Hugging Face flattens into its input and output
+features, major first (`DENSE`, `HEADS_OUT`, ... below). The exchange
+engine (`keras_lora.interop.hf_layout`) reads only this, so a family whose
+kernels are laid out differently is new data, not new code.
+
 `sharding` says how `families.layout.layout_map` lays the family's weights
 out over a device mesh; its axes name `MODEL` (the mesh's model axis),
 `HIDDEN` (the hidden-size axes: the model axis when the embeddings are
@@ -23,6 +30,54 @@ sharded, else replicated) or `None` (replicated).
 from __future__ import annotations
 
 import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelAxes:
+    """How a Keras kernel's axes make up a Hugging Face (out, in) weight.
+
+    Args:
+        kernel: a name for each kernel axis, in kernel order
+            (("heads", "hidden", "head_dim") for Gemma's query).
+        hf_out: the axes Hugging Face's output features flatten, major
+            first (("heads", "head_dim"): row `h * head_dim + d`).
+        hf_in: the axes its input features flatten, major first.
+
+    Every kernel axis is in exactly one of `hf_in` and `hf_out`; which ones
+    are contracted is also what the layer's equation says, and the engine
+    checks that the two agree.
+    """
+
+    kernel: tuple[str, ...]
+    hf_out: tuple[str, ...]
+    hf_in: tuple[str, ...]
+
+
+# The layouts keras-hub's decoder families use (sizes from the layer).
+# A Dense kernel is (in, out); Hugging Face stores nn.Linear as (out, in).
+DENSE = KernelAxes(kernel=("in", "out"), hf_out=("out",), hf_in=("in",))
+# Query/key/value as EinsumDense (hidden, heads, head_dim): Hugging Face's
+# q_proj rows are head-major, row h * head_dim + d (GPT-2, Llama, ...).
+# Grouped-query key/value kernels have fewer heads: the sizes come from the
+# layer, so the same layout serves.
+HEADS_OUT = KernelAxes(
+    kernel=("hidden", "heads", "head_dim"),
+    hf_out=("heads", "head_dim"),
+    hf_in=("hidden",),
+)
+# Attention output (heads, head_dim, hidden): o_proj's columns are the
+# heads' outputs concatenated, head-major.
+HEADS_IN = KernelAxes(
+    kernel=("heads", "head_dim", "hidden"),
+    hf_out=("hidden",),
+    hf_in=("heads", "head_dim"),
+)
+# Gemma's head-major query/key/value kernels (heads, hidden, head_dim).
+HEAD_MAJOR_OUT = KernelAxes(
+    kernel=("heads", "hidden", "head_dim"),
+    hf_out=("heads", "head_dim"),
+    hf_in=("hidden",),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +91,18 @@ class Projection:
         hf_module: the Hugging Face module that holds it, below the block
             ("self_attn.q_proj"). Several roles sharing one module form a fused
             projection whose outputs are concatenated in `projections` order.
+        axes: how the kernel maps onto the Hugging Face weight; `None`
+            means every kernel axis flattens in kernel order (a Dense).
+        bias: whether the layer (and its Hugging Face module) has a bias
+            (Qwen2's query/key/value). LoRA never changes a bias; merged
+            export and the family tests read this.
     """
 
     role: str
     path: str
     hf_module: str
+    axes: KernelAxes | None = None
+    bias: bool = False
 
 
 # Symbolic mesh axes in `Sharding`: the model axis, and the hidden-size axes
@@ -91,6 +153,10 @@ class Family:
         hf_task_types: transformers class -> the PEFT `task_type` of an
             adapter for it ("GPT2LMHeadModel" -> "CAUSAL_LM"); others: none.
         sharding: the layouts for `families.layout.layout_map`, if known.
+        hf_export_requires: backbone config values keras-hub's transformers
+            exporter needs to write the model faithfully (it writes a
+            Gemma 2 as a Gemma: `{"use_post_ffw_norm": False, ...}`);
+            `export_hf_model` refuses other values.
     """
 
     name: str
@@ -105,6 +171,7 @@ class Family:
     hf_class_prefix: str = ""
     hf_task_types: dict[str, str] = dataclasses.field(default_factory=dict)
     sharding: Sharding | None = None
+    hf_export_requires: dict[str, object] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:

@@ -28,7 +28,16 @@ from __future__ import annotations
 
 import keras
 
-from keras_lora.families.family import HIDDEN, MODEL, Family, Projection, Sharding
+from keras_lora.families.family import (
+    DENSE,
+    HEADS_IN,
+    HEADS_OUT,
+    HIDDEN,
+    MODEL,
+    Family,
+    Projection,
+    Sharding,
+)
 from keras_lora.families.layout import layout_map
 
 # Column-parallel layers (query/key/value, feed-forward intermediate) are
@@ -51,19 +60,29 @@ GPT2 = Family(
     backbone_class="GPT2Backbone",
     block="transformer_layer_{block}",
     projections=(
-        Projection("query", "self_attention/query", "attn.c_attn"),
-        Projection("key", "self_attention/key", "attn.c_attn"),
-        Projection("value", "self_attention/value", "attn.c_attn"),
+        Projection("query", "self_attention/query", "attn.c_attn", HEADS_OUT, True),
+        Projection("key", "self_attention/key", "attn.c_attn", HEADS_OUT, True),
+        Projection("value", "self_attention/value", "attn.c_attn", HEADS_OUT, True),
         Projection(
-            "attention_output", "self_attention/attention_output", "attn.c_proj"
+            "attention_output",
+            "self_attention/attention_output",
+            "attn.c_proj",
+            HEADS_IN,
+            True,
         ),
         Projection(
             "feedforward_intermediate_dense",
             "feedforward_intermediate_dense",
             "mlp.c_fc",
+            DENSE,
+            True,
         ),
         Projection(
-            "feedforward_output_dense", "feedforward_output_dense", "mlp.c_proj"
+            "feedforward_output_dense",
+            "feedforward_output_dense",
+            "mlp.c_proj",
+            DENSE,
+            True,
         ),
     ),
     default_targets=("query", "value"),

@@ -1,9 +1,12 @@
 """Exchange with other LoRA formats: Hugging Face PEFT adapter directories.
 
 `peft_format` is the file format; `peft` maps it onto keras-hub models
-through their family data (`keras_lora.families`).
+through their family data (`keras_lora.families`), with `hf_layout` turning
+each family's kernel-axes data into PEFT's (out, in) matrices; `hf_model`
+saves merged models as Hugging Face model directories.
 """
 
+from keras_lora.interop.hf_model import export_hf_model
 from keras_lora.interop.peft import export_peft, import_peft
 
-__all__ = ["export_peft", "import_peft"]
+__all__ = ["export_hf_model", "export_peft", "import_peft"]

@@ -11,10 +11,15 @@ where each adaptable projection of a block lives (`Projection.path` below
 shaped (rank, fan_in) and (fan_out, rank); the file format itself is
 `keras_lora.interop.peft_format`.
 
+How each Keras kernel's axes become the (out, in) features of the Hugging
+Face weight is family data too (`Projection.axes`), applied by one
+mechanism (`keras_lora.interop.hf_layout`): transposes, head splits,
+grouped-query key/value heads and head-major kernels are all a permutation
+and a reshape of the factors.
+
 Several roles sharing one `hf_module` form a fused projection
 (`Family.hf_modules`): its outputs are the roles' outputs concatenated in
-`projections` order, each flattened as the keras-hub kernel's output axes
-flatten. Separate factors for the roles are therefore one fused adapter of
+`projections` order. Separate factors for the roles are therefore one fused adapter of
 rank `sum(ranks)`: A stacks their A's, B is block-diagonal (zero rows for a
 role without LoRA). Going back, every row block of a fused B takes the
 whole (shared) A. Both directions are exact: the same function, not an
@@ -35,6 +40,7 @@ import numpy as np
 from keras_lora.families import FAMILIES, Family, family_of
 from keras_lora.injection import wrap_layers
 from keras_lora.interop import peft_format
+from keras_lora.interop.hf_layout import HfLayout, hf_layout
 from keras_lora.interop.peft_format import PeftModule
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.layer import LoraLayer
@@ -72,6 +78,14 @@ class _Located:
     def split(self, block: int, role: str) -> KernelSplit:
         layer = self.layer(block, role)
         return layer.split if isinstance(layer, LoraLayer) else split_kernel(layer)
+
+    def hf_layout(self, block: int, role: str) -> HfLayout:
+        """How the layer's factors map onto PEFT's (the family's `axes`)."""
+        return hf_layout(
+            self.split(block, role),
+            self.family.projection(role).axes,
+            self.path(block, role),
+        )
 
     def wrapper(self, block: int, role: str) -> LoraLayer:
         """The `LoraLayer` that now wraps the indexed layer (after a wrap).
@@ -263,14 +277,11 @@ def import_peft(
         row = 0
         for role in family.hf_modules[module]:
             layer = found.wrapper(block, role)
-            rows = slice(row, row + layer.split.fan_out)
+            layout = found.hf_layout(block, role)
+            rows = slice(row, row + layout.fan_out)
             row = rows.stop
-            layer.lora_a.assign(
-                fused.lora_a.T.reshape(layer.split.in_shape + (fused.rank,))
-            )
-            layer.lora_b.assign(
-                fused.lora_b[rows].T.reshape((fused.rank,) + layer.split.out_shape)
-            )
+            layer.lora_a.assign(layout.a_from_hf(fused.lora_a))
+            layer.lora_b.assign(layout.b_from_hf(fused.lora_b[rows]))
     return model
 
 
@@ -279,9 +290,9 @@ def _locate(model) -> _Located:
     try:
         family = family_of(model)
     except ValueError as e:
-        labels = " and ".join(f.label for f in FAMILIES)
+        labels = _and([f.label for f in FAMILIES])
         raise ValueError(
-            f"PEFT exchange supports keras-hub {labels} only: {e}"
+            f"PEFT exchange supports keras-hub {labels} models only: {e}"
         ) from None
     backbone = getattr(model, "backbone", model)
     walked = dict(walk_layers(model))
@@ -351,21 +362,20 @@ def _fused_module(found, block, module, layers, use_rslora) -> PeftModule:
     rank = sum(layer.rank for layer in layers.values())
     # Choose lora_alpha so that PEFT's scaling is the Keras scale.
     alpha = peft_format.tidy(scale * (math.sqrt(rank) if use_rslora else rank))
-    splits = [found.split(block, role) for role in roles]
-    fan_in = splits[0].fan_in
-    lora_a = np.zeros((rank, fan_in), "float32")
-    lora_b = np.zeros((sum(s.fan_out for s in splits), rank), "float32")
+    layouts = [found.hf_layout(block, role) for role in roles]
+    lora_a = np.zeros((rank, layouts[0].fan_in), "float32")
+    lora_b = np.zeros((sum(x.fan_out for x in layouts), rank), "float32")
     row = col = 0
-    for role, split in zip(roles, splits, strict=True):
+    for role, layout in zip(roles, layouts, strict=True):
         layer = layers.get(role)
         if layer is not None:
             cols = slice(col, col + layer.rank)
-            a = _to_numpy(layer.lora_a).reshape(fan_in, layer.rank)
-            b = _to_numpy(layer.lora_b).reshape(layer.rank, split.fan_out)
-            lora_a[cols] = a.T
-            lora_b[row : row + split.fan_out, cols] = b.T
+            lora_a[cols] = layout.a_to_hf(_to_numpy(layer.lora_a))
+            lora_b[row : row + layout.fan_out, cols] = layout.b_to_hf(
+                _to_numpy(layer.lora_b)
+            )
             col = cols.stop
-        row += split.fan_out
+        row += layout.fan_out
     return PeftModule(rank=rank, alpha=alpha, lora_a=lora_a, lora_b=lora_b)
 
 
@@ -460,13 +470,13 @@ def _read_modules(found: _Located, config, tensors) -> dict:
                 f"The adapter adapts block {block} ('{name}'), but the model "
                 f"has {found.num_blocks} blocks."
             )
-        splits = [found.split(block, role) for role in family.hf_modules[module]]
+        layouts = [found.hf_layout(block, r) for r in family.hf_modules[module]]
         modules[block, module] = peft_format.peft_module(
             config,
             name,
             pair,
-            fan_in=splits[0].fan_in,
-            fan_out=sum(s.fan_out for s in splits),
+            fan_in=layouts[0].fan_in,
+            fan_out=sum(x.fan_out for x in layouts),
         )
     return modules
 
