@@ -36,6 +36,7 @@ import safetensors.numpy
 from keras_lora.files import atomic_write
 from keras_lora.injection import wrap_layers
 from keras_lora.layer import LoraLayer, check_wrappable
+from keras_lora.quantized import base_weight_entries, kernel_path
 from keras_lora.surgery import walk_layers
 
 CONFIG_NAME = "adapter_config.json"
@@ -337,7 +338,7 @@ def _check_same_layout(wrapped: dict, saved: dict) -> None:
 
 
 def _layer_key(layer) -> str:
-    return layer.kernel.path.rpartition("/")[0]
+    return kernel_path(layer).rpartition("/")[0]
 
 
 def _lora_by_path(model) -> dict[str, LoraLayer]:
@@ -373,7 +374,9 @@ def _base_model_info(model) -> dict:
         for v in (layer.lora_a, layer.lora_b)
     }
     base_weights = [v for v in model.weights if id(v) not in lora_ids]
-    entries = sorted(f"{v.path}:{tuple(v.shape)}" for v in base_weights)
+    # Quantized kernels count at their float shapes: an adapter trained over
+    # a quantized base loads into the float base, and back.
+    entries = base_weight_entries(model, lora_ids)
     cls = type(model)
     return {
         "class": f"{cls.__module__.split('.')[0]}.{cls.__name__}",
