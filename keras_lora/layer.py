@@ -133,8 +133,15 @@ class LoraLayer(keras.layers.Layer):
             x = ops.transpose(x, input_perm)
         batch_shape = tuple(ops.shape(x)[:num_batch_axes])
         x = ops.reshape(x, (-1, self.split.fan_in))
-        lora_a = ops.reshape(self.lora_a, (self.split.fan_in, self.rank))
-        lora_b = ops.reshape(self.lora_b, (self.rank, self.split.fan_out))
+        # The factors are float32; the path runs in the compute dtype. Under
+        # a mixed policy Keras's autocast already casts them (this is a
+        # no-op), but under a full half-precision policy the compute and
+        # variable dtypes match, Keras does not autocast, and float32
+        # factors would silently run the path in float32.
+        lora_a = ops.cast(self.lora_a, self.compute_dtype)
+        lora_b = ops.cast(self.lora_b, self.compute_dtype)
+        lora_a = ops.reshape(lora_a, (self.split.fan_in, self.rank))
+        lora_b = ops.reshape(lora_b, (self.rank, self.split.fan_out))
         # Scale the (tokens, rank) product: the smallest tensor on the path.
         x = ops.matmul(ops.matmul(x, lora_a) * self.scale, lora_b)
         x = ops.reshape(x, batch_shape + self.split.out_shape)
