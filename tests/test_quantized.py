@@ -87,7 +87,7 @@ def test_gpt2_over_quantized_base_trains_like_float(mode, order):
     frozen = _frozen_values(lm)
     before, after = _fit(lm, x, y, w)
     # As good as over the float base (int4 here ends lower, not higher).
-    assert after < 0.5 * before
+    assert before - after >= 0.98 * (float_before - float_after), (before, after)
     assert after <= float_after * 1.02, (mode, order, after, float_after)
     # The quantized kernels (and every other frozen weight) did not move.
     for key, value in _frozen_values(lm).items():
@@ -125,9 +125,10 @@ def test_mlp_over_quantized_base_trains_like_float(mode, order):
         if m and order == "inject_then_quantize":
             model.quantize(m)
         results[m] = _fit(model, x, y)
-    (_, float_after), (before, after) = results[None], results[mode]
-    assert after < 0.5 * before
-    assert after <= float_after * 1.02 + 0.01, results
+    (float_before, float_after), (before, after) = results[None], results[mode]
+    # The task is memorised to a loss near 0, so compare how much each run
+    # lowered the loss: the quantized base within 2% of the float one.
+    assert before - after >= 0.98 * (float_before - float_after), results
 
 
 def test_int8_output_head_gets_straight_through_input_gradient():
@@ -143,7 +144,12 @@ def test_int8_output_head_gets_straight_through_input_gradient():
 
     def input_gradient():
         return to_numpy(
-            _gradient(lambda t: ops.sum(layer(t, reverse=True) * weights), x)
+            _gradient(
+                lambda t: ops.sum(
+                    ops.multiply(layer(t, reverse=True), ops.convert_to_tensor(weights))
+                ),
+                x,
+            )
         )
 
     float_grad = input_gradient()

@@ -1,5 +1,7 @@
 """LoRA in models built inside `keras.RematScope`: same gradients as without."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -16,11 +18,17 @@ from tests.helpers import (
 MODES = ("full", "activations", "larger_than")
 
 
-def _factor_gradients(model, x, y):
+def _factor_gradients(model, x, y, remat_mode=None):
     """Gradients of the loss for each LoRA factor, from one SGD step (lr 1)."""
     model.compile(
         optimizer=keras.optimizers.SGD(1.0),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        # Keras's TensorFlow remat ("full", "larger_than") uses
+        # tf.custom_gradient with keyword arguments, which TensorFlow
+        # accepts only eagerly: a plain Dense fails in a traced step even
+        # without LoRA. Eager steps still check the LoRA gradients.
+        run_eagerly=keras.backend.backend() == "tensorflow"
+        and remat_mode in ("full", "larger_than"),
     )
     factors = [v for layer in lora_layers(model) for v in (layer.lora_a, layer.lora_b)]
     before = [to_numpy(v.value).copy() for v in factors]
@@ -51,7 +59,7 @@ def _assert_same_gradients(make, remat_mode, targets, x, y):
         for layer in lora_layers(model)
     )
     plain = _factor_gradients(_build(make, None, targets), x, y)
-    remat = _factor_gradients(model, x, y)
+    remat = _factor_gradients(model, x, y, remat_mode)
     for p, r in zip(plain, remat, strict=True):
         assert np.abs(p).max() > 0
         np.testing.assert_allclose(r, p, rtol=1e-4, atol=1e-6)
@@ -69,7 +77,11 @@ def test_gpt2_lora_gradients_equal_without_remat_activations():
     # keras-hub GPT-2 fails under RematScope "full" and "larger_than" even
     # without LoRA (Keras checkpoints every layer call, and a layer inside
     # the backbone converts a traced value to a Python bool); "activations"
-    # checkpoints the layers with an activation, LoRA wrappers included.
+    # checkpoints the layers with an activation (the decoder blocks, the
+    # LoRA wrappers). Dropout is off: on torch, Keras recomputes a
+    # checkpointed block with a new dropout mask (its seed state has moved
+    # on), so its gradients differ from a plain step with or without LoRA.
     x, y, _ = constant_token_task()
     targets = ("query", "value", "feedforward_intermediate_dense")
-    _assert_same_gradients(learnable_lm, "activations", targets, x, y)
+    make = functools.partial(learnable_lm, dropout=0.0)
+    _assert_same_gradients(make, "activations", targets, x, y)
