@@ -61,6 +61,15 @@ def merge_lora(
     >>> model = merge_lora(model)
     >>> lora_layers(model)
     []
+
+    Over a quantized base, choose what the merge does:
+
+    >>> from keras_lora import inject_lora, merge_lora
+    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> model.quantize("int8")
+    >>> model = merge_lora(inject_lora(model, targets="dense"), quantized="requantize")
+    >>> model.layers[0].quantization_mode
+    'int8'
     """
     wrapped = lora_layers(model)
     if not wrapped:

@@ -71,6 +71,9 @@ def float_policy(policy: keras.DTypePolicy) -> keras.DTypePolicy:
 
     A `LoraLayer` runs under it: under the quantized policy Keras would
     dispatch the wrapper to a quantized call it does not have.
+
+    >>> float_policy(keras.dtype_policies.get("int8_from_mixed_bfloat16")).name
+    'mixed_bfloat16'
     """
     if getattr(policy, "quantization_mode", None) is None:
         return policy
