@@ -56,7 +56,9 @@ def merge_lora(
 
     Example:
 
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> from keras_lora import inject_lora, lora_layers
+    >>> dense = keras.layers.Dense(4, name="dense")
+    >>> model = keras.Sequential([keras.Input((8,)), dense])
     >>> model = inject_lora(model, targets="dense")
     >>> model = merge_lora(model)
     >>> lora_layers(model)
@@ -64,10 +66,11 @@ def merge_lora(
 
     Over a quantized base, choose what the merge does:
 
-    >>> from keras_lora import inject_lora, merge_lora
-    >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> dense = keras.layers.Dense(4, name="dense")
+    >>> model = keras.Sequential([keras.Input((8,)), dense])
     >>> model.quantize("int8")
-    >>> model = merge_lora(inject_lora(model, targets="dense"), quantized="requantize")
+    >>> model = inject_lora(model, targets="dense")
+    >>> model = merge_lora(model, quantized="requantize")
     >>> model.layers[0].quantization_mode
     'int8'
     """
