@@ -80,7 +80,7 @@ def test_gpt2_lora_gradients_equal_without_remat_activations():
     # checkpoints the layers with an activation (the decoder blocks, the
     # LoRA wrappers). Dropout is off: on torch, Keras recomputes a
     # checkpointed block with a new dropout mask (its seed state has moved
-    # on), so its gradients differ from a plain step with or without LoRA.
+    # on), so its gradients differ from a plain step.
     x, y, _ = constant_token_task()
     targets = ("query", "value", "feedforward_intermediate_dense")
     make = functools.partial(learnable_lm, dropout=0.0)
