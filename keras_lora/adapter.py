@@ -36,6 +36,7 @@ import safetensors.numpy
 from keras_lora.files import atomic_write
 from keras_lora.injection import wrap_layers
 from keras_lora.layer import LoraLayer, check_wrappable
+from keras_lora.quantized import base_weight_entries, kernel_path
 from keras_lora.surgery import LayerIndex
 from keras_lora.version import __version__
 
@@ -350,7 +351,7 @@ def _check_same_layout(wrapped: dict, saved: dict) -> None:
 
 
 def _layer_key(layer) -> str:
-    return layer.kernel.path.rpartition("/")[0]
+    return kernel_path(layer).rpartition("/")[0]
 
 
 def _lora_by_path(index: LayerIndex) -> dict[str, LoraLayer]:
@@ -381,7 +382,9 @@ def _base_model_info(model, wrapped: dict[str, LoraLayer]) -> dict:
         id(v) for layer in wrapped.values() for v in (layer.lora_a, layer.lora_b)
     }
     base_weights = [v for v in model.weights if id(v) not in lora_ids]
-    entries = sorted(f"{v.path}:{tuple(v.shape)}" for v in base_weights)
+    # Quantized kernels count at their float shapes: an adapter trained over
+    # a quantized base loads into the float base, and back.
+    entries = base_weight_entries(model, lora_ids)
     cls = type(model)
     return {
         "class": f"{cls.__module__.split('.')[0]}.{cls.__name__}",

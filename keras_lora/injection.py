@@ -10,6 +10,7 @@ import keras
 
 from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
+from keras_lora.quantized import install_straight_through_gradients
 from keras_lora.surgery import LayerIndex
 
 
@@ -128,6 +129,9 @@ def wrap_layers(
         {key: LoraLayer(layers[key], **kwargs) for key, kwargs in settings.items()}
     )
     freeze_non_lora(model, index=index)
+    # Before or after this call the model may be quantized to int8: its
+    # output head then needs a correct input gradient (see the function).
+    install_straight_through_gradients(model)
     if getattr(model, "compiled", False):
         _refresh_compile_state(model)
     return model

@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 from keras_lora.kernel_split import KernelSplit, split_kernel
+from keras_lora.quantized import check_quantization_mode, float_policy, kernel_path
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -65,7 +66,11 @@ class LoraLayer(keras.layers.Layer):
         check_wrappable(original_layer)
         check_hyperparameters(rank, alpha, dropout)
         kwargs.setdefault("name", original_layer.name)
-        kwargs.setdefault("dtype", original_layer.dtype_policy)
+        # A quantized layer's policy ("int8_from_float32") would send the
+        # wrapper to a quantized call it does not have: the wrapper runs
+        # under the float policy the kernel was quantized from, and the
+        # wrapped layer keeps its own quantized call.
+        kwargs.setdefault("dtype", float_policy(original_layer.dtype_policy))
         super().__init__(**kwargs)
         self.original_layer = original_layer
         self.rank = int(rank)
@@ -85,13 +90,15 @@ class LoraLayer(keras.layers.Layer):
         self.dropout_layer = (
             keras.layers.Dropout(self.dropout, seed=seed) if self.dropout else None
         )
-        # The wrapper keeps the wrapped layer's name, so the factors sit
-        # beside its kernel ("block/query/kernel", "block/query/lora_a"):
-        # paths stay unique in the model, which the torch module registry,
-        # layout maps and adapter files rely on. Keras's
-        # `name_scope(caller=self)` reads `_parent_path` to place the weights
-        # of a layer created outside its parent's scope, as this one is.
-        self._parent_path = original_layer.path.rpartition("/")[0] or None
+        # Name the factors after the kernel ("block/query/kernel" gives
+        # "block/query/lora_a"): paths stay unique in the model, which the
+        # torch module registry, layout maps and adapter files rely on.
+        # Keras prefixes a weight's path with the layer's `_parent_path`;
+        # without it every block's factors would be "query/lora_a". The
+        # stored kernel variable gives the path (an int4 layer's `kernel`
+        # is a computed tensor with no path).
+        layer_path = kernel_path(original_layer).rpartition("/")[0]
+        self._parent_path = layer_path.rpartition("/")[0]
         bound = 1.0 / math.sqrt(self.split.fan_in)
         self.lora_a = self.add_weight(
             name="lora_a",
@@ -110,6 +117,8 @@ class LoraLayer(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
+        # The wrapped layer may have been quantized after wrapping.
+        check_quantization_mode(self.original_layer)
         outputs = self.original_layer(inputs, training=training)
         outputs = ops.add(outputs, self.lora_update(inputs, training=training))
         return self.activation(outputs)
@@ -124,8 +133,15 @@ class LoraLayer(keras.layers.Layer):
             x = ops.transpose(x, input_perm)
         batch_shape = tuple(ops.shape(x)[:num_batch_axes])
         x = ops.reshape(x, (-1, self.split.fan_in))
-        lora_a = ops.reshape(self.lora_a, (self.split.fan_in, self.rank))
-        lora_b = ops.reshape(self.lora_b, (self.rank, self.split.fan_out))
+        # The factors are float32; the path runs in the compute dtype. Under
+        # a mixed policy Keras's autocast already casts them (this is a
+        # no-op), but under a full half-precision policy the compute and
+        # variable dtypes match, Keras does not autocast, and float32
+        # factors would silently run the path in float32.
+        lora_a = ops.cast(self.lora_a, self.compute_dtype)
+        lora_b = ops.cast(self.lora_b, self.compute_dtype)
+        lora_a = ops.reshape(lora_a, (self.split.fan_in, self.rank))
+        lora_b = ops.reshape(lora_b, (self.rank, self.split.fan_out))
         # Scale the (tokens, rank) product: the smallest tensor on the path.
         x = ops.matmul(ops.matmul(x, lora_a) * self.scale, lora_b)
         x = ops.reshape(x, batch_shape + self.split.out_shape)
@@ -220,4 +236,5 @@ def check_wrappable(layer) -> None:
             "(`enable_lora`). Use one or the other: build the layer without "
             "`enable_lora` to wrap it with keras_lora."
         )
+    check_quantization_mode(layer)
     split_kernel(layer)  # Raises for an equation LoRA cannot factor.

@@ -1,0 +1,277 @@
+"""LoRA over Keras-quantized frozen kernels (`int8`, `int4`, `float8`).
+
+A `LoraLayer` never touches a quantized kernel: the wrapped layer runs its
+own quantized call and LoRA adds a float path beside it, so the kernel
+stays int8/int4/float8 and is never dequantized into a persistent float
+copy. This module holds what that needs and keeps Keras's private
+quantization attributes in one place:
+
+- which modes LoRA accepts, and the float policy a wrapper runs under;
+- the straight-through input gradient Keras's int8 `ReversibleEmbedding`
+  output head lacks (without it, LoRA over an int8 GPT-2 trains in the
+  wrong direction; see `install_straight_through_gradients`);
+- dequantizing a kernel and re-quantizing a merged one, for `merge_lora`;
+- the float-equivalent weight list an adapter fingerprints, so an adapter
+  trained over a quantized base loads into the float base and back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import keras
+from keras import ops
+
+# Modes whose quantized call computes `x @ dequantized(kernel)` with a
+# correct input gradient, so a float LoRA path beside it trains as over the
+# float kernel. GPTQ and AWQ are calibrated post-training formats whose
+# kernels Keras cannot re-quantize after a merge; keras_lora refuses them.
+SUPPORTED_MODES = ("int8", "int4", "float8")
+# Modes `merge_lora(..., quantized="requantize")` can write back.
+REQUANTIZABLE_MODES = ("int8", "int4")
+# Variables a quantized layer adds beside its kernel and bias; they are not
+# part of the float model an adapter is trained for.
+_QUANTIZATION_VARIABLES = (
+    "kernel_scale",
+    "kernel_zero",
+    "g_idx",
+    "inputs_scale",
+    "inputs_amax_history",
+    "kernel_amax_history",
+    "outputs_grad_scale",
+    "outputs_grad_amax_history",
+    "embeddings_scale",
+    "embeddings_zero",
+    "reverse_embeddings_scale",
+    "reverse_embeddings_zero",
+)
+
+
+def quantization_mode(layer: keras.layers.Layer) -> str | None:
+    """The layer's Keras quantization mode (`"int8"`, ...), `None` if float."""
+    return getattr(layer, "quantization_mode", None)
+
+
+def check_quantization_mode(layer: keras.layers.Layer) -> None:
+    """Raise `ValueError` if `layer` is quantized in a mode LoRA cannot wrap."""
+    mode = quantization_mode(layer)
+    if mode is not None and mode not in SUPPORTED_MODES:
+        raise ValueError(
+            f"Layer '{layer.name}' is quantized with mode '{mode}'; keras_lora "
+            f"supports LoRA over {', '.join(SUPPORTED_MODES)} kernels only "
+            "(GPTQ and AWQ are calibrated formats Keras cannot re-quantize "
+            "after a merge). Quantize with `model.quantize('int8')` or "
+            "`'int4'`, or leave this layer out of `targets`."
+        )
+
+
+def float_policy(policy: keras.DTypePolicy) -> keras.DTypePolicy:
+    """The policy a quantized policy was made from ("int8_from_float32" ->
+    "float32"); a float policy unchanged.
+
+    A `LoraLayer` runs under it: under the quantized policy Keras would
+    dispatch the wrapper to a quantized call it does not have.
+
+    >>> float_policy(keras.dtype_policies.get("int8_from_mixed_bfloat16")).name
+    'mixed_bfloat16'
+    """
+    if getattr(policy, "quantization_mode", None) is None:
+        return policy
+    # Keras names quantized policies "{mode}_from_{source policy}".
+    return keras.dtype_policies.get(policy.name.split("_from_", 1)[1])
+
+
+def kernel_path(layer: keras.layers.Layer) -> str:
+    """Path of the layer's stored kernel variable ("block/query/kernel").
+
+    A quantized layer's `kernel` property may be a computed tensor (int4
+    unpacks it), so the path comes from the stored variable named "kernel".
+    """
+    for variable in layer.weights:
+        if variable.name == "kernel":
+            return variable.path
+    return layer.kernel.path
+
+
+def dequantized_kernel(layer: keras.layers.Layer):
+    """The layer's kernel as float32, shaped like the float kernel.
+
+    For a float layer this is its kernel; for an int8/int4 layer it is
+    what the quantized call multiplies by (computed now, not stored).
+
+    Raises:
+        ValueError: for a mode that cannot be dequantized here.
+    """
+    mode = quantization_mode(layer)
+    if mode is None or mode == "float8":
+        # float8 keeps the float kernel and quantizes it on each call.
+        return ops.cast(ops.convert_to_tensor(layer.kernel), "float32")
+    if mode not in REQUANTIZABLE_MODES:
+        check_quantization_mode(layer)
+    einsum = isinstance(layer, keras.layers.EinsumDense)
+    stored = ops.convert_to_tensor(layer._kernel)
+    scale = ops.cast(ops.convert_to_tensor(layer.kernel_scale), "float32")
+    if mode == "int8":
+        if einsum:
+            scale = layer._adjust_scale_for_dequant(scale)
+        return ops.divide(ops.cast(stored, "float32"), scale)
+    # int4: two values per byte along the last axis of a (rows, columns)
+    # matrix; per-channel scales, or per-block scales with zero points.
+    # Not exported by Keras: the sub-channel (block) dequantization.
+    from keras.src.quantizers.quantizers import dequantize_with_sz_map
+
+    columns = layer._int4_unpacked_column_size if einsum else layer._orig_output_dim
+    unpacked = keras.quantizers.unpack_int4(stored, columns, axis=-1)
+    block_size = getattr(layer, "_int4_block_size", None)
+    if block_size is None or block_size == -1:
+        kernel = ops.divide(ops.cast(unpacked, "float32"), scale)
+    else:
+        kernel = dequantize_with_sz_map(
+            unpacked, scale, layer.kernel_zero, layer.g_idx, group_axis=0
+        )
+        kernel = ops.cast(kernel, "float32")
+    if einsum:
+        kernel = ops.reshape(kernel, layer.original_kernel_shape)
+    return kernel
+
+
+def float_twin(layer: keras.layers.Layer, kernel) -> keras.layers.Layer:
+    """A new float layer configured like `layer`, holding `kernel` and its bias.
+
+    Its variables get the same paths as the original's (it is built in the
+    original's name scope), so layout maps and adapter keys still match.
+    """
+    config = layer.get_config()
+    config["dtype"] = float_policy(layer.dtype_policy)
+    config.pop("quantization_config", None)
+    twin = type(layer).from_config(config)
+    # Variable paths are the name scopes at creation plus the layer's name.
+    with contextlib.ExitStack() as scopes:
+        for name in kernel_path(layer).split("/")[:-2]:
+            scopes.enter_context(keras.name_scope(name))
+        twin.build_from_config(layer.get_build_config())
+    twin.kernel.assign(ops.cast(kernel, twin.kernel.dtype))
+    if getattr(layer, "bias", None) is not None:
+        twin.bias.assign(layer.bias.value)
+    twin.trainable = layer.trainable
+    return twin
+
+
+def requantize(layer: keras.layers.Layer, kernel) -> None:
+    """Re-quantize the float `kernel` into `layer`'s int8/int4 variables.
+
+    Keras's own `quantize` does the rounding (on a float twin, with the
+    layer's quantization config), so the scales and packing match what
+    `model.quantize` would have produced for that kernel.
+    """
+    twin = float_twin(layer, kernel)
+    twin.quantize(quantization_mode(layer), config=layer.quantization_config)
+    values = {v.name: v for v in twin.weights}
+    for variable in layer.weights:
+        if variable.name in ("kernel",) + _QUANTIZATION_VARIABLES:
+            variable.assign(values[variable.name].value)
+
+
+def base_weight_entries(model: keras.layers.Layer, skip_ids: set) -> list[str]:
+    """Sorted `"path:shape"` of each weight of `model` not in `skip_ids`, as
+    the float model would have them.
+
+    A quantized kernel is listed at its float shape and the quantization
+    variables beside it are left out, so a model fingerprints the same
+    whether its kernels are float, int8, int4 or float8.
+    """
+    quantized = {}
+    for layer in model._flatten_layers(include_self=True):
+        if quantization_mode(layer) is not None:
+            for v in layer.weights:
+                quantized[id(v)] = layer
+    entries = []
+    for v in model.weights:
+        if id(v) in skip_ids:
+            continue
+        shape, layer = tuple(v.shape), quantized.get(id(v))
+        if layer is not None:
+            if v.name in _QUANTIZATION_VARIABLES:
+                continue
+            if v.name == "kernel":
+                shape = tuple(int(d) for d in layer.kernel.shape)
+            elif v.name == "embeddings":
+                shape = (layer.input_dim, layer.output_dim)
+            elif v.name == "reverse_embeddings":
+                shape = (layer.output_dim, layer.input_dim)
+        entries.append(f"{v.path}:{shape}")
+    return sorted(entries)
+
+
+def install_straight_through_gradients(model: keras.layers.Layer) -> int:
+    """Give int8 `ReversibleEmbedding` output heads a correct input gradient.
+
+    Keras's int8 `ReversibleEmbedding(reverse=True)` (GPT-2's tied output
+    head) quantizes its inputs with a rounding that has no gradient and,
+    unlike int8 `Dense`/`EinsumDense`, defines no custom gradient: the
+    hidden states get only the gradient through the per-token scale, which
+    points the wrong way. Every LoRA factor sits before the head, so LoRA
+    over `model.quantize("int8")` trained in the wrong direction. This
+    gives each such layer the straight-through gradient Keras's int8
+    `Dense` uses (`upstream @ dequantized(kernel).T`), computed in the
+    backward pass only. It is set on the instances, is dormant until the
+    layer is quantized, and so covers both orders (quantize then inject,
+    inject then quantize).
+
+    Returns:
+        The number of layers given the gradient.
+    """
+    count = 0
+    for layer in model._flatten_layers(include_self=True):
+        if isinstance(layer, keras.layers.ReversibleEmbedding) and not getattr(
+            layer, "_keras_lora_straight_through", False
+        ):
+            _set_straight_through(layer)
+            count += 1
+    return count
+
+
+def _set_straight_through(layer) -> None:
+    class_call = type(layer)._int8_call
+
+    def _int8_call(inputs, reverse=False):
+        if not reverse:
+            return class_call(layer, inputs)
+        if layer.tie_weights:
+            kernel = ops.transpose(layer._embeddings)
+            scale = ops.transpose(layer.embeddings_scale)
+        else:
+            kernel = layer.reverse_embeddings
+            scale = layer.reverse_embeddings_scale
+        logits = _reverse_int8(
+            layer, inputs, ops.convert_to_tensor(kernel), ops.convert_to_tensor(scale)
+        )
+        if layer.logit_soft_cap is not None:
+            cap = layer.logit_soft_cap
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+
+    # Plain attributes on the instance: Keras's `quantized_call` looks up
+    # `self._int8_call`, so this shadows the class method for this layer.
+    object.__setattr__(layer, "_int8_call", _int8_call)
+    object.__setattr__(layer, "_keras_lora_straight_through", True)
+
+
+def _reverse_int8(layer, inputs, kernel, scale):
+    @ops.custom_gradient
+    def logits_with_inputs_gradient(inputs, kernel, scale):
+        def grad_fn(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            float_kernel = ops.divide(ops.cast(kernel, layer.compute_dtype), scale)
+            return ops.matmul(upstream, ops.transpose(float_kernel)), None, None
+
+        # The forward pass is Keras's own int8 reverse call.
+        if layer.inputs_quantizer:
+            inputs, inputs_scale = layer.inputs_quantizer(inputs)
+        else:
+            inputs_scale = ops.ones((1,), dtype=layer.compute_dtype)
+        logits = ops.cast(ops.matmul(inputs, kernel), layer.compute_dtype)
+        return ops.divide(logits, ops.multiply(inputs_scale, scale)), grad_fn
+
+    return logits_with_inputs_gradient(inputs, kernel, scale)
