@@ -119,6 +119,30 @@ def test_merge_writes_a_preset_equal_to_base_plus_adapter(run, tmp_path):
     )
 
 
+def test_merge_to_a_hugging_face_directory_gives_the_same_logits(run, tmp_path):
+    import torch
+    import transformers
+
+    out, _ = run
+    base, adapter = os.path.join(out, "base_preset"), os.path.join(out, "adapter")
+    merged = str(tmp_path / "hf")
+    code, stdout = run_main(
+        ["merge", "--preset", base, "--adapter", adapter, "--out", merged]
+        + ["--format", "hf"]
+    )
+    assert code == 0 and "AutoModelForCausalLM" in stdout
+    hf_lm = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    lora_lm = keras_hub.models.GPT2CausalLM.from_preset(base)
+    load_adapter(lora_lm, adapter)
+    ids = token_ids(lora_lm)
+    with torch.no_grad():
+        hf_logits = hf_lm(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(hf_logits, logits(lora_lm, ids), atol=1e-4, rtol=1e-4)
+    # The adapter is in there: the base alone gives other logits.
+    base_lm = keras_hub.models.GPT2CausalLM.from_preset(base)
+    assert np.abs(hf_logits - logits(base_lm, ids)).max() > 1e-3
+
+
 def test_export_then_import_peft_keeps_the_model(run, tmp_path):
     out, _ = run
     base, adapter = os.path.join(out, "base_preset"), os.path.join(out, "adapter")

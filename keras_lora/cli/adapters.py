@@ -25,6 +25,13 @@ def add_commands(sub) -> None:
     add_base(mg)
     mg.add_argument("--adapter", required=True, help="adapter directory.")
     mg.add_argument("--out", required=True, help="new preset directory.")
+    mg.add_argument(
+        "--format",
+        choices=adapters.MERGE_FORMATS,
+        default="keras",
+        help="keras: a keras-hub preset; hf: a Hugging Face model directory "
+        "(transformers.AutoModelForCausalLM.from_pretrained loads it).",
+    )
     mg.set_defaults(run=merge)
 
     ex = sub.add_parser(
@@ -66,12 +73,16 @@ def generate(args: argparse.Namespace) -> int:
 def merge(args: argparse.Namespace) -> int:
     """`keras-lora merge`: base + adapter -> a merged local preset."""
     done = adapters.merge_to_preset(
-        args.preset, args.adapter, args.out, args.seq, args.tokenizer
+        args.preset, args.adapter, args.out, args.seq, args.tokenizer, args.format
+    )
+    loader = (
+        "transformers.AutoModelForCausalLM.from_pretrained"
+        if args.format == "hf"
+        else "keras_hub.models.CausalLM.from_preset"
     )
     print(
         f"merged {done['layers']} LoRA layers of {args.adapter} into "
-        f"{done['weights']}; wrote preset {done['preset']} "
-        "(load with keras_hub.models.GPT2CausalLM.from_preset)"
+        f"{done['weights']}; wrote {done['preset']} (load with {loader})"
     )
     return 0
 

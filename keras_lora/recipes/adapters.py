@@ -71,25 +71,45 @@ def generate(
     return models.generate(lm, prompts, max_length), labels
 
 
+# What `merge_to_preset` writes: a keras-hub preset or a Hugging Face model.
+MERGE_FORMATS = ("keras", "hf")
+
+
 def merge_to_preset(
     preset: str,
     adapter: str,
     out: str,
     sequence_length: int = 128,
     tokenizer: str | None = None,
+    output_format: str = "keras",
 ) -> dict:
-    """Merge an adapter into the base and save it as a new local preset.
+    """Merge an adapter into the base and save the merged model.
+
+    Args:
+        output_format: "keras" writes a local keras-hub preset; "hf" a Hugging Face
+            model directory (`transformers.AutoModelForCausalLM` loads it).
 
     Returns:
         `{"layers": LoRA layers merged, "weights": the base's label,
-        "preset": absolute path of the new preset}`.
-    """
-    from keras_lora import lora_layers, merge_lora
+        "preset": absolute path of the written directory}`.
 
+    Raises:
+        ValueError: for another `output_format`.
+    """
+    from keras_lora import export_hf_model, lora_layers, merge_lora
+
+    if output_format not in MERGE_FORMATS:
+        raise ValueError(
+            f"Unknown merge format {output_format!r}; use one of "
+            f"{', '.join(MERGE_FORMATS)}."
+        )
     lm, labels = load_with_adapter(preset, adapter, sequence_length, tokenizer)
     count = len(lora_layers(lm))
     merge_lora(lm)
-    lm.save_to_preset(out)
+    if output_format == "hf":
+        export_hf_model(lm, out)
+    else:
+        lm.save_to_preset(out)
     return {
         "layers": count,
         "weights": labels["weights"],
