@@ -27,11 +27,14 @@ come from the layers, the layouts are the same.
 from __future__ import annotations
 
 from keras_lora.families.family import (
+    COLUMN,
     DENSE,
+    HEADS_COLUMN,
     HEADS_IN,
     HEADS_OUT,
+    HEADS_ROW,
     HIDDEN,
-    MODEL,
+    ROW,
     Projection,
     Sharding,
 )
@@ -75,18 +78,8 @@ def projections(qkv_bias: bool = False) -> tuple[Projection, ...]:
 
 # Megatron-style: query/key/value and gate/up are column-parallel (sharded
 # on heads / intermediate features), attention output and down are
-# row-parallel; the LoRA factors follow GPT-2's choice (see
-# `keras_lora.families.gpt2.gpt2_layout_map`): the rank axis is never
-# sharded, the large axis of every factor is. The model axis must divide
-# the number of key/value heads as well as the query heads.
-_HEADS_COLUMN = {
-    "kernel": (None, MODEL, None),
-    "lora_a": (HIDDEN, None),
-    "lora_b": (None, MODEL, None),
-}
-_COLUMN = {"kernel": (None, MODEL), "lora_a": (HIDDEN, None), "lora_b": (None, MODEL)}
-_ROW = {"kernel": (MODEL, None), "lora_a": (MODEL, None), "lora_b": (None, HIDDEN)}
-
+# row-parallel. The model axis must divide the number of key/value heads as
+# well as the query heads.
 SHARDING = Sharding(
     embeddings={
         "token_embedding/embeddings": (None, HIDDEN),
@@ -94,17 +87,13 @@ SHARDING = Sharding(
         "token_embedding/reverse_embeddings": (HIDDEN, None),
     },
     projections={
-        "query": _HEADS_COLUMN,
-        "key": _HEADS_COLUMN,
-        "value": _HEADS_COLUMN,
-        "attention_output": {
-            "kernel": (MODEL, None, None),
-            "lora_a": (MODEL, None, None),
-            "lora_b": (None, HIDDEN),
-        },
-        "feedforward_gate_dense": _COLUMN,
-        "feedforward_intermediate_dense": _COLUMN,
-        "feedforward_output_dense": _ROW,
+        "query": HEADS_COLUMN,
+        "key": HEADS_COLUMN,
+        "value": HEADS_COLUMN,
+        "attention_output": HEADS_ROW,
+        "feedforward_gate_dense": COLUMN,
+        "feedforward_intermediate_dense": COLUMN,
+        "feedforward_output_dense": ROW,
     },
 )
 

@@ -110,6 +110,31 @@ class Projection:
 MODEL = "model"
 HIDDEN = "hidden"
 
+# Megatron-style layouts the families share. Column-parallel layers are
+# sharded on their output features (heads), row-parallel ones on their input
+# features; a LoRA factor is sharded along its large axis, never its rank
+# axis (measurements in `keras_lora.families.gpt2.gpt2_layout_map`).
+COLUMN = {"kernel": (None, MODEL), "lora_a": (HIDDEN, None), "lora_b": (None, MODEL)}
+ROW = {"kernel": (MODEL, None), "lora_a": (MODEL, None), "lora_b": (None, HIDDEN)}
+# Kernel (hidden, heads, head_dim).
+HEADS_COLUMN = {
+    "kernel": (None, MODEL, None),
+    "lora_a": (HIDDEN, None),
+    "lora_b": (None, MODEL, None),
+}
+# Kernel (heads, hidden, head_dim): Gemma's head-major query/key/value.
+HEAD_MAJOR_COLUMN = {
+    "kernel": (MODEL, None, None),
+    "lora_a": (HIDDEN, None),
+    "lora_b": (None, MODEL, None),
+}
+# Kernel (heads, head_dim, hidden): the attention output.
+HEADS_ROW = {
+    "kernel": (MODEL, None, None),
+    "lora_a": (MODEL, None, None),
+    "lora_b": (None, HIDDEN),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Sharding:

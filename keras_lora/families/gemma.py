@@ -22,22 +22,18 @@ hold half of it each; H query heads, K key/value heads, head size D.)
 """
 
 from keras_lora.families.family import (
+    COLUMN,
     DENSE,
+    HEAD_MAJOR_COLUMN,
     HEAD_MAJOR_OUT,
     HEADS_IN,
+    HEADS_ROW,
     HIDDEN,
-    MODEL,
+    ROW,
     Family,
     Projection,
     Sharding,
 )
-
-_HEAD_MAJOR_COLUMN = {
-    "kernel": (MODEL, None, None),
-    "lora_a": (HIDDEN, None),
-    "lora_b": (None, MODEL, None),
-}
-_COLUMN = {"kernel": (None, MODEL), "lora_a": (HIDDEN, None), "lora_b": (None, MODEL)}
 
 GEMMA = Family(
     name="gemma",
@@ -82,21 +78,13 @@ GEMMA = Family(
         # The output head is tied to the token embedding.
         embeddings={"token_embedding/embeddings": (None, HIDDEN)},
         projections={
-            "query": _HEAD_MAJOR_COLUMN,
-            "key": _HEAD_MAJOR_COLUMN,
-            "value": _HEAD_MAJOR_COLUMN,
-            "attention_output": {
-                "kernel": (MODEL, None, None),
-                "lora_a": (MODEL, None, None),
-                "lora_b": (None, HIDDEN),
-            },
-            "ffw_gating": _COLUMN,
-            "ffw_gating_2": _COLUMN,
-            "ffw_linear": {
-                "kernel": (MODEL, None),
-                "lora_a": (MODEL, None),
-                "lora_b": (None, HIDDEN),
-            },
+            "query": HEAD_MAJOR_COLUMN,
+            "key": HEAD_MAJOR_COLUMN,
+            "value": HEAD_MAJOR_COLUMN,
+            "attention_output": HEADS_ROW,
+            "ffw_gating": COLUMN,
+            "ffw_gating_2": COLUMN,
+            "ffw_linear": ROW,
         },
     ),
 )

@@ -29,31 +29,19 @@ from __future__ import annotations
 import keras
 
 from keras_lora.families.family import (
+    COLUMN,
     DENSE,
+    HEADS_COLUMN,
     HEADS_IN,
     HEADS_OUT,
+    HEADS_ROW,
     HIDDEN,
-    MODEL,
+    ROW,
     Family,
     Projection,
     Sharding,
 )
 from keras_lora.families.layout import layout_map
-
-# Column-parallel layers (query/key/value, feed-forward intermediate) are
-# sharded on their output features, row-parallel ones (attention output,
-# feed-forward output) on their input features; the LoRA factors' rank
-# axis never is (measurements in `gpt2_layout_map`).
-_COLUMN = {
-    "kernel": (None, MODEL),
-    "lora_a": (HIDDEN, None),
-    "lora_b": (None, MODEL),
-}
-_HEADS_COLUMN = {
-    "kernel": (None, MODEL, None),
-    "lora_a": (HIDDEN, None),
-    "lora_b": (None, MODEL, None),
-}
 
 GPT2 = Family(
     name="gpt2",
@@ -98,20 +86,12 @@ GPT2 = Family(
             "position_embedding/embeddings": (None, HIDDEN),
         },
         projections={
-            "query": _HEADS_COLUMN,
-            "key": _HEADS_COLUMN,
-            "value": _HEADS_COLUMN,
-            "attention_output": {
-                "kernel": (MODEL, None, None),
-                "lora_a": (MODEL, None, None),
-                "lora_b": (None, HIDDEN),
-            },
-            "feedforward_intermediate_dense": _COLUMN,
-            "feedforward_output_dense": {
-                "kernel": (MODEL, None),
-                "lora_a": (MODEL, None),
-                "lora_b": (None, HIDDEN),
-            },
+            "query": HEADS_COLUMN,
+            "key": HEADS_COLUMN,
+            "value": HEADS_COLUMN,
+            "attention_output": HEADS_ROW,
+            "feedforward_intermediate_dense": COLUMN,
+            "feedforward_output_dense": ROW,
         },
     ),
 )
