@@ -407,10 +407,10 @@ def _check_tensors(tensors: dict, saved: dict) -> None:
 def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> None:
     if set(wrapped) != set(saved):
         raise ValueError(
-            f"The model already has adapter '{name}', but not on the file's "
-            f"layers: model wraps {sorted(wrapped)[:4]}..., adapter wraps "
-            f"{sorted(saved)[:4]}.... Call `merge_lora` or load the adapter "
-            "into a fresh base model."
+            f"The model already has LoRA layers for adapter '{name}', but not "
+            f"the file's: model wraps {sorted(wrapped)[:4]}..., adapter wraps "
+            f"{sorted(saved)[:4]}.... Load it under another `adapter_name=`, "
+            "call `merge_lora`, or load it into a fresh base model."
         )
     for layer_path, layer in wrapped.items():
         entry = saved[layer_path]

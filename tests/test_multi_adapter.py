@@ -242,3 +242,33 @@ def test_gpt2_mixed_batch_and_switch_match_single_adapters():
         mixed = to_numpy(lm(batch))
     for i, expected in enumerate((out_a, base, out_b)):
         np.testing.assert_allclose(mixed[i], expected[i], atol=1e-5)
+
+
+def test_gpt2_generate_in_a_mixed_batch_matches_each_adapter():
+    lm = tiny_gpt2_lm()
+    lm.compile(sampler="greedy")
+    inject_lora(lm, rank=2, seed=1)
+    inject_lora(lm, rank=4, adapter_name="b")
+    rng = np.random.default_rng(0)
+    for layer in lora_layers(lm):
+        for name in layer.adapters.names:
+            b = layer.adapters[name].lora_b
+            b.assign(rng.normal(0, 2.0, b.shape).astype("float32"))
+    prompts = {
+        "token_ids": rng.integers(0, 64, (3, 10)).astype("int32"),
+        "padding_mask": np.array([[1] * 4 + [0] * 6] * 3, "int32"),
+    }
+
+    def generate():
+        return to_numpy(lm.generate(prompts, stop_token_ids=None)["token_ids"])
+
+    alone = {}
+    for name in ("default", "b"):
+        set_adapter(lm, name)
+        alone[name] = generate()
+    assert not np.array_equal(alone["default"], alone["b"])
+    with adapter_batch(lm, ["b", "default", "b"]):
+        mixed = generate()
+    np.testing.assert_array_equal(mixed[0], alone["b"][0])
+    np.testing.assert_array_equal(mixed[1], alone["default"][1])
+    np.testing.assert_array_equal(mixed[2], alone["b"][2])
