@@ -274,8 +274,6 @@ def add_named_adapter(
             multi.add_adapter(layer, adapter_name, **settings[id(layer)])
         # Newly wrapped layers follow the model's active set.
         layer.adapters.active = tuple(n for n in layer.adapters.names if n in active)
-    if keras.backend.backend() == "torch":
-        _refresh_torch_params(_containers(model))
     _after_change(model)
     return model
 
@@ -322,6 +320,10 @@ def _check_names(model, layers, names) -> tuple:
 
 
 def _after_change(model) -> None:
+    if keras.backend.backend() == "torch":
+        # Every torch module lists the parameters below it: refresh them
+        # for factors added or removed.
+        _refresh_torch_params(_containers(model))
     index = LayerIndex(model)
     freeze_non_lora(model, index=index)
     drop_compiled_functions(model)
