@@ -1,6 +1,14 @@
 """keras-lora: LoRA fine-tuning for Keras 3 on TensorFlow, JAX and PyTorch."""
 
 from keras_lora.adapter import load_adapter, read_adapter_config, save_adapter
+from keras_lora.adapters import (
+    active_adapters,
+    adapter_batch,
+    adapter_names,
+    delete_adapter,
+    disable_lora,
+    set_adapter,
+)
 from keras_lora.callbacks import GPUMemoryCallback
 from keras_lora.checkpoint import AdapterCheckpoint
 from keras_lora.distribution import distribute_lora
@@ -24,6 +32,11 @@ __all__ = [
     "AdapterCheckpoint",
     "GPUMemoryCallback",
     "LoraLayer",
+    "active_adapters",
+    "adapter_batch",
+    "adapter_names",
+    "delete_adapter",
+    "disable_lora",
     "distribute_lora",
     "export_hf_model",
     "export_peft",
@@ -38,6 +51,7 @@ __all__ = [
     "print_trainable_parameters",
     "read_adapter_config",
     "save_adapter",
+    "set_adapter",
     "target_layers",
     "trainable_summary",
     "wrap_layers",

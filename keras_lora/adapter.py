@@ -36,6 +36,7 @@ import safetensors.numpy
 from keras_lora.files import atomic_write
 from keras_lora.injection import wrap_layers
 from keras_lora.layer import LoraLayer, check_wrappable
+from keras_lora.multi import check_adapter_name
 from keras_lora.quantized import base_weight_entries, kernel_path
 from keras_lora.surgery import LayerIndex
 from keras_lora.version import __version__
@@ -46,8 +47,12 @@ FORMAT_VERSION = 1
 _WEIGHTS_PATTERN = re.compile(r"adapter_weights\.[0-9a-f]{16}\.safetensors")
 
 
-def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> str:
-    """Save the LoRA factors of `model` and their layout to directory `path`.
+def save_adapter(
+    model: keras.layers.Layer,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
+) -> str:
+    """Save one adapter of `model` (factors and layout) to directory `path`.
 
     Only the factors are written (a GPT-2 base adapter at rank 4 on
     query/value is about 0.6 MB), with a JSON config that records the
@@ -59,9 +64,15 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> str:
     Args:
         model: a model with `LoraLayer`s.
         path: a directory; created if missing.
+        adapter_name: which adapter to save (the file holds one, and
+            records its name); may be left out when the model holds one.
 
     Returns:
         `path`, as a string.
+
+    Raises:
+        ValueError: if the model has no adapter, `adapter_name` is unknown,
+            or is left out while the model holds several; `path` is a file.
 
     Example:
 
@@ -82,19 +93,40 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> str:
     """
     path = os.fspath(path)
     index = LayerIndex(model)
-    wrapped = _lora_by_path(index)
-    if not wrapped:
+    all_lora = index.lora_layers()
+    if not all_lora:
         raise ValueError(
             f"Model '{model.name}' has no LoraLayer, so there is no adapter to "
             "save. Call `inject_lora(model)` first."
         )
+    known = list(dict.fromkeys(n for x in all_lora for n in x.adapters.names))
+    if adapter_name is None and len(known) > 1:
+        raise ValueError(
+            f"Model '{model.name}' holds adapters {known}; pass "
+            "`adapter_name=` to say which one to save (a file holds one)."
+        )
+    name = known[0] if adapter_name is None else adapter_name
+    if name not in known:
+        raise ValueError(
+            f"Model '{model.name}' has no adapter {name!r}; its adapters are {known}."
+        )
+    wrapped = {
+        key: layer.adapters[name]
+        for key, layer in _lora_by_path(index).items()
+        if name in layer.adapters
+    }
+    originals = {
+        key: layer.original_layer
+        for key, layer in _lora_by_path(index).items()
+        if name in layer.adapters
+    }
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(
             f"Cannot save an adapter to '{path}': it is a file. An adapter is "
             "a directory; pass a new or existing directory path."
         )
     tensors = {}
-    for layer_path, layer in wrapped.items():
+    for layer_path, layer in wrapped.items():  # `layer`: the adapter's record.
         tensors[f"{layer_path}/lora_a"] = _float32(layer.lora_a)
         tensors[f"{layer_path}/lora_b"] = _float32(layer.lora_b)
     data = safetensors.numpy.save(tensors, metadata={"format": FORMAT})
@@ -108,20 +140,21 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> str:
         "saved_on_backend": keras.backend.backend(),
         "weights_file": weights_name,
         "weights_sha256": digest,
-        "base_model": _base_model_info(model, wrapped),
+        "adapter_name": name,
+        "base_model": _base_model_info(model, all_lora),
         "layers": [
             {
                 "path": layer_path,
-                "class": type(layer.original_layer).__name__,
+                "class": type(originals[layer_path]).__name__,
                 "rank": layer.rank,
                 "alpha": layer.alpha,
                 "dropout": layer.dropout,
                 "use_rslora": layer.use_rslora,
                 "lora_a_shape": list(layer.lora_a.shape),
                 "lora_b_shape": list(layer.lora_b.shape),
-                "kernel_shape": list(layer.original_layer.kernel.shape),
+                "kernel_shape": list(originals[layer_path].kernel.shape),
                 "kernel_dtype": keras.backend.standardize_dtype(
-                    layer.original_layer.kernel.dtype
+                    originals[layer_path].kernel.dtype
                 ),
             }
             for layer_path, layer in wrapped.items()
@@ -141,18 +174,25 @@ def save_adapter(model: keras.layers.Layer, path: str | os.PathLike) -> str:
 
 
 def load_adapter(
-    model: keras.layers.Layer, path: str | os.PathLike
+    model: keras.layers.Layer,
+    path: str | os.PathLike,
+    adapter_name: str | None = None,
 ) -> keras.layers.Layer:
     """Load an adapter saved by `save_adapter` into `model`.
 
     Into a base model without LoRA, wraps exactly the saved layers (with
     their saved rank, alpha and dropout) and loads the factors; into a model
-    already wrapped the same way, replaces the factors. The base model must
-    be the one the adapter was trained on (same class and architecture).
+    that holds an adapter of that name, wrapped the same way, replaces its
+    factors; into a model holding other adapters, adds this one beside
+    them, inactive (see `keras_lora.adapters.set_adapter`). The base model
+    must be the one the adapter was trained on (same class and
+    architecture).
 
     Args:
         model: the base model, with or without the same LoRA layout.
         path: an adapter directory.
+        adapter_name: the name it gets in the model; by default the name
+            it was saved under ("default" for files without one).
 
     Returns:
         The same model, modified in place.
@@ -166,16 +206,22 @@ def load_adapter(
     """
     path = os.fspath(path)
     config = read_adapter_config(path)
+    name = adapter_name or config.get("adapter_name") or "default"
+    check_adapter_name(name)
     tensors = _read_weights(path, config)
     # One walk of the tree serves every check and the wrapping.
     index = LayerIndex(model)
-    wrapped = _lora_by_path(index)
-    _check_base_model(model, config, wrapped)
+    all_lora = _lora_by_path(index)
+    _check_base_model(model, config, list(all_lora.values()))
     saved = {entry["path"]: entry for entry in config["layers"]}
     _check_tensors(tensors, saved)
     layers = _kernel_layers(model, index)
+    wrapped = {k: v for k, v in all_lora.items() if name in v.adapters}
     if wrapped:
-        _check_same_layout(wrapped, saved)
+        _check_same_layout(wrapped, saved, name)
+    elif all_lora:
+        _add_beside(model, path, name, saved, all_lora, layers, index)
+        wrapped = {k: v for k, v in _lora_by_path(index).items() if name in v.adapters}
     else:
         for layer_path, entry in saved.items():
             layer = layers.get(layer_path)
@@ -200,6 +246,7 @@ def load_adapter(
                     "alpha": entry["alpha"],
                     "dropout": entry["dropout"],
                     "use_rslora": entry["use_rslora"],
+                    "adapter_name": name,
                 }
                 for layer_path, entry in saved.items()
             },
@@ -207,9 +254,41 @@ def load_adapter(
         )
         wrapped = _lora_by_path(index)
     for layer_path, layer in wrapped.items():
-        layer.lora_a.assign(tensors[f"{layer_path}/lora_a"])
-        layer.lora_b.assign(tensors[f"{layer_path}/lora_b"])
+        adapter = layer.adapters[name]
+        adapter.lora_a.assign(tensors[f"{layer_path}/lora_a"])
+        adapter.lora_b.assign(tensors[f"{layer_path}/lora_b"])
     return model
+
+
+def _add_beside(model, path, name, saved, all_lora, layers, index) -> None:
+    """Add adapter `name` from a file to a model holding other adapters."""
+    from keras_lora.adapters import add_named_adapter
+
+    settings = {}
+    for layer_path, entry in saved.items():
+        layer = all_lora.get(layer_path)
+        target = layer.original_layer if layer is not None else layers.get(layer_path)
+        if target is None:
+            raise ValueError(
+                f"The adapter at '{path}' wraps layer '{layer_path}', which "
+                f"model '{model.name}' does not have. Load it into the "
+                "base model it was trained on."
+            )
+        if layer is None:
+            check_wrappable(target)
+        if list(target.kernel.shape) != entry["kernel_shape"]:
+            raise ValueError(
+                f"Layer '{layer_path}' has kernel shape "
+                f"{tuple(target.kernel.shape)}, but the adapter was trained "
+                f"on {tuple(entry['kernel_shape'])}."
+            )
+        settings[id(layer if layer is not None else target)] = {
+            "rank": entry["rank"],
+            "alpha": entry["alpha"],
+            "dropout": entry["dropout"],
+            "use_rslora": entry["use_rslora"],
+        }
+    add_named_adapter(model, settings, name, index=index)
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
@@ -325,17 +404,18 @@ def _check_tensors(tensors: dict, saved: dict) -> None:
             )
 
 
-def _check_same_layout(wrapped: dict, saved: dict) -> None:
+def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> None:
     if set(wrapped) != set(saved):
         raise ValueError(
-            "The model already has LoRA layers, but not the adapter's: model "
-            f"wraps {sorted(wrapped)[:4]}..., adapter wraps "
-            f"{sorted(saved)[:4]}.... Call `merge_lora` or load the adapter "
-            "into a fresh base model."
+            f"The model already has LoRA layers for adapter '{name}', but not "
+            f"the file's: model wraps {sorted(wrapped)[:4]}..., adapter wraps "
+            f"{sorted(saved)[:4]}.... Load it under another `adapter_name=`, "
+            "call `merge_lora`, or load it into a fresh base model."
         )
     for layer_path, layer in wrapped.items():
         entry = saved[layer_path]
-        ours = (layer.rank, layer.alpha, layer.use_rslora, list(layer.lora_a.shape))
+        ad = layer.adapters[name]
+        ours = (ad.rank, ad.alpha, ad.use_rslora, list(ad.lora_a.shape))
         theirs = (
             entry["rank"],
             entry["alpha"],
@@ -375,12 +455,10 @@ def _kernel_layers(model, index: LayerIndex) -> dict[str, keras.layers.Layer]:
     return layers
 
 
-def _base_model_info(model, wrapped: dict[str, LoraLayer]) -> dict:
+def _base_model_info(model, wrapped: list[LoraLayer]) -> dict:
     """Class and architecture fingerprint of the model without LoRA
-    (`wrapped`: its LoRA layers)."""
-    lora_ids = {
-        id(v) for layer in wrapped.values() for v in (layer.lora_a, layer.lora_b)
-    }
+    (`wrapped`: all its LoRA layers)."""
+    lora_ids = {id(v) for layer in wrapped for v in layer.lora_variables()}
     base_weights = [v for v in model.weights if id(v) not in lora_ids]
     # Quantized kernels count at their float shapes: an adapter trained over
     # a quantized base loads into the float base, and back.

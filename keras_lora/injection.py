@@ -10,6 +10,7 @@ import keras
 
 from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
+from keras_lora.multi import check_adapter_name
 from keras_lora.quantized import install_straight_through_gradients
 from keras_lora.surgery import LayerIndex
 
@@ -22,6 +23,7 @@ def inject_lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
     seed: int | None = None,
+    adapter_name: str = "default",
 ) -> keras.layers.Layer:
     """Wrap every target layer with a `LoraLayer` and freeze everything else.
 
@@ -52,9 +54,20 @@ def inject_lora(
         dropout: dropout rate on the LoRA path's input, in [0, 1).
         use_rslora: scale by `alpha / sqrt(rank)` instead.
         seed: seed for the factors' initialisation and dropout.
+        adapter_name: the adapter's name. Into a model that already holds
+            adapters, a new name adds one more beside them: layers already
+            wrapped get another pair of factors, other targets get
+            wrapped. Like PEFT's `add_adapter`, it starts inactive and
+            frozen; `set_adapter(model, name)` activates it (and makes it
+            the trainable one).
 
     Returns:
         The same model, modified in place.
+
+    Raises:
+        ValueError: for a bad setting, a target that matches nothing or
+            cannot be wrapped, or an `adapter_name` the model already
+            holds. The model is unchanged then.
 
     Example:
 
@@ -65,6 +78,7 @@ def inject_lora(
     ['dense', 'dense_1']
     """
     check_hyperparameters(rank, alpha, dropout)
+    check_adapter_name(adapter_name)
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     settings = dict(
         rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed
@@ -74,7 +88,18 @@ def inject_lora(
         chosen = all_linear_layers(model, index=index)
     else:
         chosen = target_layers(model, targets, index=index)
-    return wrap_layers(model, {id(layer): settings for layer in chosen}, index=index)
+    existing = index.lora_layers()
+    if not existing:
+        settings["adapter_name"] = adapter_name
+        return wrap_layers(
+            model, {id(layer): settings for layer in chosen}, index=index
+        )
+    # Beside adapters already there (see `keras_lora.adapters`).
+    from keras_lora.adapters import add_named_adapter
+
+    return add_named_adapter(
+        model, {id(layer): settings for layer in chosen}, adapter_name, index=index
+    )
 
 
 def wrap_layers(
@@ -241,6 +266,9 @@ def all_linear_layers(
             heads.add(id(history.operation))
     layers = []
     for _, layer in (index or LayerIndex(model)).items():
+        if isinstance(layer, LoraLayer):  # Linear, and wrapped already.
+            layers.append(layer)
+            continue
         if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
             continue
         if id(layer) in heads or getattr(layer, "kernel", None) is None:
@@ -315,7 +343,8 @@ def freeze_non_lora(
         index = LayerIndex(model)
     index.check_model(model)
     wrapped = index.lora_layers()
-    lora_ids = {id(v) for layer in wrapped for v in (layer.lora_a, layer.lora_b)}
+    # Only the active adapters train (all of them, with a single adapter).
+    lora_ids = {id(v) for layer in wrapped for v in layer.lora_variables(True)}
     model.trainable = True
     for _, layer in index.items():
         if not layer._layers and not isinstance(layer, LoraLayer):

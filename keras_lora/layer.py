@@ -7,6 +7,7 @@ import math
 import keras
 from keras import ops
 
+from keras_lora import multi
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.quantized import check_quantization_mode, float_policy, kernel_path
 
@@ -38,6 +39,10 @@ class LoraLayer(keras.layers.Layer):
         dropout: dropout rate on the LoRA path's input, in [0, 1).
         use_rslora: scale by `alpha / sqrt(rank)` (rank-stabilised LoRA).
         seed: seed for A's initialisation and the dropout.
+        adapter_name: the name of this first adapter; more are added with
+            `inject_lora(..., adapter_name=...)` (see `keras_lora.adapters`).
+            `lora_a`, `lora_b`, `rank`, `alpha` and `scale` always describe
+            the first adapter the layer holds.
         **kwargs: base `Layer` arguments; `name` defaults to the wrapped
             layer's name and `dtype` to its dtype policy.
 
@@ -61,10 +66,12 @@ class LoraLayer(keras.layers.Layer):
         dropout: float = 0.0,
         use_rslora: bool = False,
         seed: int | None = None,
+        adapter_name: str = "default",
         **kwargs,
     ):
         check_wrappable(original_layer)
         check_hyperparameters(rank, alpha, dropout)
+        multi.check_adapter_name(adapter_name)
         kwargs.setdefault("name", original_layer.name)
         # A quantized layer's policy ("int8_from_float32") would send the
         # wrapper to a quantized call it does not have: the wrapper runs
@@ -114,20 +121,55 @@ class LoraLayer(keras.layers.Layer):
             initializer="zeros",
             dtype="float32",
         )
+        self.adapter_name = adapter_name
+        # Every adapter's factors and settings, the first one's included;
+        # the state of several adapters lives in `keras_lora.multi`.
+        self.adapters = multi.AdapterState(
+            multi.Adapter(
+                adapter_name,
+                self.lora_a,
+                self.lora_b,
+                self.rank,
+                self.alpha,
+                self.dropout,
+                self.use_rslora,
+                seed,
+                self.scale,
+                self.dropout_layer,
+            )
+        )
         self.built = True
 
     def call(self, inputs, training=None):
         # The wrapped layer may have been quantized after wrapping.
         check_quantization_mode(self.original_layer)
         outputs = self.original_layer(inputs, training=training)
-        outputs = ops.add(outputs, self.lora_update(inputs, training=training))
+        if self.adapters.plain:
+            # One adapter, active: the fast path.
+            outputs = ops.add(outputs, self.lora_update(inputs, training=training))
+        else:
+            outputs = multi.apply(self, inputs, outputs, training)
         return self.activation(outputs)
 
-    def lora_update(self, inputs, training=None):
-        """`scale * B(A(dropout(inputs)))`, shaped like the layer's output."""
+    def lora_update(self, inputs, training=None, adapter=None):
+        """`scale * B(A(dropout(inputs)))`, shaped like the layer's output.
+
+        `adapter` (a `keras_lora.multi.Adapter` of this layer) picks another
+        adapter's factors; by default, the first adapter's.
+        """
+        if adapter is None:
+            lora_a, lora_b = self.lora_a, self.lora_b
+            rank, scale, dropout_layer = self.rank, self.scale, self.dropout_layer
+        else:
+            lora_a, lora_b = adapter.lora_a, adapter.lora_b
+            rank, scale, dropout_layer = (
+                adapter.rank,
+                adapter.scale,
+                adapter.dropout_layer,
+            )
         x = inputs
-        if self.dropout_layer is not None:
-            x = self.dropout_layer(x, training=training)
+        if dropout_layer is not None:
+            x = dropout_layer(x, training=training)
         input_perm, num_batch_axes, output_perm = self.split.call_plan(len(x.shape))
         if input_perm:
             x = ops.transpose(x, input_perm)
@@ -138,25 +180,34 @@ class LoraLayer(keras.layers.Layer):
         # no-op), but under a full half-precision policy the compute and
         # variable dtypes match, Keras does not autocast, and float32
         # factors would silently run the path in float32.
-        lora_a = ops.cast(self.lora_a, self.compute_dtype)
-        lora_b = ops.cast(self.lora_b, self.compute_dtype)
-        lora_a = ops.reshape(lora_a, (self.split.fan_in, self.rank))
-        lora_b = ops.reshape(lora_b, (self.rank, self.split.fan_out))
+        lora_a = ops.cast(lora_a, self.compute_dtype)
+        lora_b = ops.cast(lora_b, self.compute_dtype)
+        lora_a = ops.reshape(lora_a, (self.split.fan_in, rank))
+        lora_b = ops.reshape(lora_b, (rank, self.split.fan_out))
         # Scale the (tokens, rank) product: the smallest tensor on the path.
-        x = ops.matmul(ops.matmul(x, lora_a) * self.scale, lora_b)
+        x = ops.matmul(ops.matmul(x, lora_a) * scale, lora_b)
         x = ops.reshape(x, batch_shape + self.split.out_shape)
         if output_perm:
             x = ops.transpose(x, output_perm)
         return x
 
-    def delta(self):
-        """`scale * A·B` in float32, shaped like the wrapped kernel."""
+    def delta(self, adapter_name: str | None = None):
+        """`scale * A·B` in float32, shaped like the wrapped kernel.
+
+        `adapter_name` picks an adapter; by default, the first one.
+        """
+        adapter = self.adapters[adapter_name or self.adapter_name]
         update = ops.einsum(
             self.split.delta_equation(),
-            ops.convert_to_tensor(self.lora_a.value, "float32"),
-            ops.convert_to_tensor(self.lora_b.value, "float32"),
+            ops.convert_to_tensor(adapter.lora_a.value, "float32"),
+            ops.convert_to_tensor(adapter.lora_b.value, "float32"),
         )
-        return update * self.scale
+        return update * adapter.scale
+
+    def lora_variables(self, active_only: bool = False) -> list:
+        """The factors of every adapter (or of the active ones only)."""
+        names = self.adapters.active if active_only else self.adapters.names
+        return [v for n in names for v in self.adapters[n].variables]
 
     def compute_output_shape(self, input_shape):
         return self.original_layer.compute_output_shape(input_shape)
@@ -175,6 +226,7 @@ class LoraLayer(keras.layers.Layer):
             dropout=self.dropout,
             use_rslora=self.use_rslora,
             seed=self.seed,
+            adapter_name=self.adapter_name,
         )
         return config
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import keras
 from keras import ops
 
@@ -18,7 +20,9 @@ from keras_lora.surgery import replace_layers
 
 
 def merge_lora(
-    model: keras.layers.Layer, quantized: str | None = None
+    model: keras.layers.Layer,
+    quantized: str | None = None,
+    adapter_names: str | Sequence[str] | None = None,
 ) -> keras.layers.Layer:
     """Add `scale * A·B` into each wrapped kernel and unwrap the layers.
 
@@ -44,6 +48,9 @@ def merge_lora(
         model: a model with `LoraLayer`s (from `inject_lora`).
         quantized: `"requantize"` or `"float"`; required when a wrapped
             layer is quantized, ignored otherwise.
+        adapter_names: with several adapters, the one(s) whose updates are
+            added (by default the active ones); the others are dropped,
+            since every layer is unwrapped.
 
     Returns:
         The same model, modified in place.
@@ -52,7 +59,8 @@ def merge_lora(
         ValueError: if the model has no `LoraLayer`, a wrapped layer is
             quantized and `quantized` is not one of the two choices, or a
             wrapped layer is quantized in a mode LoRA does not support
-            (GPTQ, AWQ). The model is unchanged then.
+            (GPTQ, AWQ), or `adapter_names` names an adapter the model
+            does not hold. The model is unchanged then.
 
     Example:
 
@@ -80,6 +88,16 @@ def merge_lora(
             f"Model '{model.name}' has no LoraLayer to merge. Call "
             "`inject_lora(model)` (or `load_adapter`) first."
         )
+    if adapter_names is None:
+        chosen = {id(layer): layer.adapters.active for layer in wrapped}
+    else:
+        from keras_lora.adapters import _check_names
+
+        names = _check_names(model, wrapped, adapter_names)
+        chosen = {
+            id(layer): tuple(n for n in names if n in layer.adapters)
+            for layer in wrapped
+        }
     quantized_layers = []
     for layer in wrapped:
         check_quantization_mode(layer.original_layer)
@@ -100,7 +118,9 @@ def merge_lora(
     for layer in wrapped:
         original = layer.original_layer
         mode = quantization_mode(original)
-        merged = ops.add(dequantized_kernel(original), layer.delta())
+        merged = dequantized_kernel(original)
+        for name in chosen[id(layer)]:
+            merged = ops.add(merged, layer.delta(name))
         plans.append((layer, mode, merged))
     replacements = {}
     for layer, mode, merged in plans:

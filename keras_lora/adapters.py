@@ -1,0 +1,338 @@
+"""Several named adapters in one model: add, switch, disable, delete, mix.
+
+One base model holds many adapters (one per task, customer or language).
+`inject_lora(..., adapter_name=...)` adds them; `set_adapter` picks the
+active ones (their updates add, and only they train); `disable_lora`
+gives the base model's outputs; `delete_adapter` removes one;
+`adapter_batch` serves a batch whose rows use different adapters in one
+pass. Each layer's state lives in `keras_lora.multi`.
+
+Switching changes Python state that traced steps (`predict`, `fit`,
+keras-hub's `generate`) baked in, so every switch drops the traced steps
+and Keras traces them again on the next call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_lora import multi
+from keras_lora.injection import (
+    _refresh_compile_state,
+    freeze_non_lora,
+    wrap_layers,
+)
+from keras_lora.layer import LoraLayer, check_hyperparameters
+from keras_lora.surgery import (
+    LayerIndex,
+    _containers,
+    _refresh_torch_params,
+    drop_compiled_functions,
+)
+
+
+def adapter_names(model: keras.layers.Layer) -> list[str]:
+    """The names of the adapters in `model`, in the order they were added.
+
+    Example:
+
+    >>> from keras_lora import inject_lora
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+    >>> _ = inject_lora(model, rank=1, targets="d")
+    >>> _ = inject_lora(model, rank=2, targets="d", adapter_name="b")
+    >>> adapter_names(model)
+    ['default', 'b']
+    """
+    return list(_names(LayerIndex(model).lora_layers()))
+
+
+def active_adapters(model: keras.layers.Layer) -> list[str]:
+    """The names of the active adapters in `model`."""
+    layers = LayerIndex(model).lora_layers()
+    return [n for n in _names(layers) if any(n in x.adapters.active for x in layers)]
+
+
+def set_adapter(model: keras.layers.Layer, names: str | Sequence[str]) -> None:
+    """Make `names` the active adapters: their updates add; only they train.
+
+    Every other adapter's factors are frozen, so `fit` trains exactly the
+    active one(s). A model whose optimizer was built already must be
+    compiled again (with a warning), as after `inject_lora`.
+
+    Args:
+        model: a model with named adapters.
+        names: one adapter name, or a list of them.
+
+    Raises:
+        ValueError: for an unknown name, a duplicate or an empty list (the
+            message lists the model's adapters); the model is unchanged.
+
+    Example:
+
+    >>> from keras_lora import inject_lora
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+    >>> _ = inject_lora(model, rank=1, targets="d")
+    >>> _ = inject_lora(model, rank=2, targets="d", adapter_name="b")
+    >>> set_adapter(model, "b")
+    >>> [w.name for w in model.trainable_weights]
+    ['lora_a_b', 'lora_b_b']
+    """
+    layers = LayerIndex(model).lora_layers()
+    names = _check_names(model, layers, names)
+    for layer in layers:
+        layer.adapters.active = tuple(n for n in names if n in layer.adapters)
+    _after_change(model)
+
+
+@contextlib.contextmanager
+def disable_lora(model: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
+    """A context inside which `model` computes its base outputs exactly.
+
+    Example:
+
+    >>> from keras_lora import inject_lora
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+    >>> _ = inject_lora(model, rank=1, targets="d")
+    >>> with disable_lora(model):
+    ...     model.layers[0].adapters.disabled
+    True
+    """
+    layers = _lora_layers_or_raise(model)
+    before = [layer.adapters.disabled for layer in layers]
+    for layer in layers:
+        layer.adapters.disabled = True
+    drop_compiled_functions(model)
+    _drop_generate(model)
+    try:
+        yield model
+    finally:
+        for layer, disabled in zip(layers, before, strict=True):
+            layer.adapters.disabled = disabled
+        drop_compiled_functions(model)
+        _drop_generate(model)
+
+
+def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
+    """Remove adapter `name`; a layer losing its last adapter is unwrapped.
+
+    Args:
+        model: a model with named adapters.
+        name: the adapter to remove.
+
+    Returns:
+        The same model, modified in place.
+
+    Raises:
+        ValueError: if `model` has no adapter `name` (the message lists
+            them); the model is unchanged.
+
+    Example:
+
+    >>> from keras_lora import inject_lora, lora_layers
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+    >>> _ = inject_lora(model, rank=1, targets="d")
+    >>> _ = inject_lora(model, rank=2, targets="d", adapter_name="b")
+    >>> _ = delete_adapter(model, "default")
+    >>> model.layers[0].adapter_name, model.layers[0].rank
+    ('b', 2)
+    >>> lora_layers(delete_adapter(model, "b"))
+    []
+    """
+    index = LayerIndex(model)
+    layers = index.lora_layers()
+    (name,) = _check_names(model, layers, name)
+    unwrap = {}
+    for layer in layers:
+        if name not in layer.adapters:
+            continue
+        if layer.adapters.names == (name,):
+            unwrap[id(layer)] = layer
+        else:
+            multi.remove_adapter(layer, name)
+    if unwrap:
+        index.swap({key: layer.unwrap() for key, layer in unwrap.items()})
+    _after_change(model)
+    return model
+
+
+@contextlib.contextmanager
+def adapter_batch(
+    model: keras.layers.Layer, names: Sequence[str | None]
+) -> Iterator[keras.layers.Layer]:
+    """A context inside which row `i` of each batch uses adapter `names[i]`.
+
+    `None` is the base model. Every wrapped layer stacks its adapters'
+    factors once, on entering (ranks zero-padded to the largest, each
+    scale folded into B, slot 0 all zeros for the base), and each call
+    gathers every row's factors and runs two batched matmuls: one pass
+    whatever the number of distinct adapters, no loop over them. The rows'
+    choice is an int32 tensor. Meant for inference: adapter dropout is not
+    applied, and factors changed inside the context are not seen.
+
+    Args:
+        model: a model with named adapters.
+        names: one adapter name (or `None`) per row of the batches the
+            model will be called on.
+
+    Raises:
+        ValueError: for an unknown name or an empty `names` (the message
+            lists the adapters); when called on a batch whose size is not
+            `len(names)`. The model is unchanged.
+
+    Example:
+
+    >>> from keras_lora import inject_lora
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
+    >>> _ = inject_lora(model, rank=1, targets="d")
+    >>> x = np.ones((2, 4), "float32")
+    >>> with adapter_batch(model, ["default", None]):
+    ...     tuple(model(x).shape)
+    (2, 2)
+    """
+    layers = _lora_layers_or_raise(model)
+    known = _names(layers)
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ValueError(
+            "`names` must be a non-empty list with one adapter name (or None, "
+            f"the base model) per row. Known adapters: {list(known)}. "
+            f"Received: {names!r}"
+        )
+    unknown = [n for n in names if n is not None and n not in known]
+    if unknown:
+        raise ValueError(
+            f"Unknown adapter(s) {sorted(set(map(str, unknown)))} in `names`; "
+            f"model '{model.name}' has adapters {list(known)}."
+        )
+    # Slots follow the model's adapters, not this batch's: the stacked
+    # shapes stay the same whichever rows use which adapter.
+    slot = {n: i + 1 for i, n in enumerate(known)}
+    rows = ops.convert_to_tensor(
+        np.array([0 if n is None else slot[n] for n in names], "int32")
+    )
+    plans = [multi.batch_plan(layer, list(known), rows) for layer in layers]
+    before = [layer.adapters.batch for layer in layers]
+    for layer, plan in zip(layers, plans, strict=True):
+        layer.adapters.batch = plan
+    drop_compiled_functions(model)
+    _drop_generate(model)
+    try:
+        yield model
+    finally:
+        for layer, plan in zip(layers, before, strict=True):
+            layer.adapters.batch = plan
+        drop_compiled_functions(model)
+        _drop_generate(model)
+
+
+def add_named_adapter(
+    model: keras.layers.Layer,
+    settings: dict[int, dict],
+    adapter_name: str,
+    *,
+    index: LayerIndex,
+) -> keras.layers.Layer:
+    """Add adapter `adapter_name` (inactive) to a model holding adapters.
+
+    The step behind `inject_lora` and `load_adapter` into a model that
+    holds adapters already: `settings` maps `id(layer)` (a `LoraLayer` or a
+    layer to wrap) to its rank, alpha, dropout, use_rslora and seed.
+    Wrapped layers get another pair of factors, others get wrapped.
+
+    Raises:
+        ValueError: if the model holds `adapter_name` already, or a layer
+            cannot be wrapped; the model is unchanged.
+    """
+    layers = index.lora_layers()
+    known = _names(layers)
+    if adapter_name in known:
+        raise ValueError(
+            f"Model '{model.name}' already has an adapter named "
+            f"'{adapter_name}' (adapters: {list(known)}): its layers are "
+            "already wrapped. Pick another `adapter_name` to add a second "
+            "adapter, or `delete_adapter` / `merge_lora` first."
+        )
+    for kwargs in settings.values():
+        check_hyperparameters(
+            kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
+        )
+    active = set(active_adapters(model))
+    wrapped = {id(layer) for layer in layers}
+    fresh = {
+        key: dict(kwargs, adapter_name=adapter_name)
+        for key, kwargs in settings.items()
+        if key not in wrapped
+    }
+    if fresh:
+        wrap_layers(model, fresh, index=index)  # Checks all before changing.
+    for layer in index.lora_layers():
+        if id(layer) in settings and id(layer) in wrapped:
+            multi.add_adapter(layer, adapter_name, **settings[id(layer)])
+        # Newly wrapped layers follow the model's active set.
+        layer.adapters.active = tuple(n for n in layer.adapters.names if n in active)
+    _after_change(model)
+    return model
+
+
+def _names(layers) -> dict:
+    """Adapter names over `layers`, in order of first appearance."""
+    names = {}
+    for layer in layers:
+        names.update(dict.fromkeys(layer.adapters.names))
+    return names
+
+
+def _lora_layers_or_raise(model) -> list[LoraLayer]:
+    layers = LayerIndex(model).lora_layers()
+    if not layers:
+        raise ValueError(
+            f"Model '{model.name}' has no LoRA adapter. Call "
+            "`inject_lora(model)` (or `load_adapter`) first."
+        )
+    return layers
+
+
+def _check_names(model, layers, names) -> tuple:
+    known = _names(layers)
+    single = isinstance(names, str)
+    names_tuple = (names,) if single else tuple(names) if names is not None else ()
+    if not names_tuple or not all(isinstance(n, str) for n in names_tuple):
+        raise ValueError(
+            "Pass an adapter name or a non-empty list of them. Known adapters: "
+            f"{list(known)}. Received: {names!r}"
+        )
+    if len(set(names_tuple)) != len(names_tuple):
+        raise ValueError(
+            f"Adapter names {list(names_tuple)} repeat a name; give each once. "
+            f"Known adapters: {list(known)}."
+        )
+    unknown = [n for n in names_tuple if n not in known]
+    if unknown:
+        raise ValueError(
+            f"Model '{model.name}' has no adapter {unknown}; its adapters are "
+            f"{list(known)}."
+        )
+    return names_tuple
+
+
+def _after_change(model) -> None:
+    if keras.backend.backend() == "torch":
+        # Every torch module lists the parameters below it: refresh them
+        # for factors added or removed.
+        _refresh_torch_params(_containers(model))
+    index = LayerIndex(model)
+    freeze_non_lora(model, index=index)
+    drop_compiled_functions(model)
+    _drop_generate(model)
+    if getattr(model, "compiled", False):
+        _refresh_compile_state(model)
+
+
+def _drop_generate(model) -> None:
+    # keras-hub's causal LMs cache a traced `generate_function` too.
+    if getattr(model, "generate_function", None) is not None:
+        model.generate_function = None

@@ -1,0 +1,274 @@
+"""Several named adapters: switch, disable, delete, files, merge, mixed batches."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_lora import (
+    adapter_batch,
+    adapter_names,
+    delete_adapter,
+    disable_lora,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+    set_adapter,
+)
+from keras_lora.adapters import active_adapters
+from tests.helpers import snapshot, tiny_gpt2_lm, to_numpy, token_batch
+
+
+def small_mlp():
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu", name="up"),
+            keras.layers.Dense(4, name="down"),
+        ],
+        name="small_mlp",
+    )
+    rng = np.random.default_rng(0)
+    for w in model.weights:  # The same base in every model built here.
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    return model
+
+
+def randomize(model, name, seed):
+    """Give adapter `name`'s B factors non-zero values, as training would."""
+    rng = np.random.default_rng(seed)
+    for layer in lora_layers(model):
+        if name in layer.adapters:
+            b = layer.adapters[name].lora_b
+            b.assign(rng.normal(0, 0.3, b.shape).astype("float32"))
+
+
+X = np.random.default_rng(1).normal(size=(6, 8)).astype("float32")
+
+
+def two_adapters():
+    """MLP with "default" (rank 2, on up) and "b" (rank 3, on up and down),
+    and each adapter's outputs when it was the model's only adapter."""
+    model = small_mlp()
+    base = to_numpy(model(X))
+    inject_lora(model, rank=2, alpha=4.0, targets="up", seed=1)
+    randomize(model, "default", 1)
+    out_a = to_numpy(model(X))
+    alone_b = small_mlp()
+    inject_lora(alone_b, rank=3, alpha=6.0, targets=("up", "down"), seed=2)
+    randomize(alone_b, "default", 2)
+    out_b = to_numpy(alone_b(X))
+    inject_lora(model, rank=3, alpha=6.0, targets=("up", "down"), adapter_name="b")
+    # "b" gets the factors the lone model trained.
+    lone = {layer.name: layer for layer in lora_layers(alone_b)}
+    for layer in lora_layers(model):
+        for ours, theirs in zip(
+            layer.adapters["b"].variables,
+            lone[layer.name].adapters["default"].variables,
+            strict=True,
+        ):
+            ours.assign(theirs.value)
+    return model, base, out_a, out_b
+
+
+def test_second_adapter_is_added_inactive_with_its_own_settings():
+    model, _, out_a, _ = two_adapters()
+    up, down = lora_layers(model)
+    assert adapter_names(model) == ["default", "b"]
+    assert active_adapters(model) == ["default"]
+    # The first adapter keeps the layer's attributes and variable paths.
+    assert (up.adapter_name, up.rank, up.scale) == ("default", 2, 2.0)
+    assert (up.adapters["b"].rank, up.adapters["b"].scale) == (3, 2.0)
+    assert up.lora_a.path == "small_mlp/up/lora_a"
+    assert up.adapters["b"].lora_a.path == "small_mlp/up/lora_a_b"
+    assert down.adapter_name == "b"  # Newly wrapped: "b" is its first.
+    np.testing.assert_array_equal(to_numpy(model(X)), out_a)
+    assert [w.path for w in model.trainable_weights] == [
+        "small_mlp/up/lora_a",
+        "small_mlp/up/lora_b",
+    ]
+
+
+def test_set_adapter_reproduces_each_adapter_and_their_sum():
+    model, base, out_a, out_b = two_adapters()
+    set_adapter(model, "b")
+    np.testing.assert_allclose(to_numpy(model(X)), out_b, atol=1e-6)
+    assert sorted(w.path for w in model.trainable_weights) == [
+        "small_mlp/down/lora_a",
+        "small_mlp/down/lora_b",
+        "small_mlp/up/lora_a_b",
+        "small_mlp/up/lora_b_b",
+    ]
+    set_adapter(model, ["default"])
+    np.testing.assert_allclose(to_numpy(model(X)), out_a, atol=1e-6)
+    # Both: the updates add (checked on the first layer's pre-activation).
+    set_adapter(model, ["default", "b"])
+    up = lora_layers(model)[0]
+    h = to_numpy(up.original_layer(X))
+    both = (
+        h
+        + to_numpy(up.lora_update(X))
+        + to_numpy(up.lora_update(X, adapter=up.adapters["b"]))
+    )
+    np.testing.assert_allclose(to_numpy(up(X)), np.maximum(both, 0), atol=1e-5)
+    # Compiled predict follows the switch (traced steps are dropped).
+    set_adapter(model, "default")
+    np.testing.assert_allclose(model.predict(X, verbose=0), out_a, atol=1e-5)
+    set_adapter(model, "b")
+    np.testing.assert_allclose(model.predict(X, verbose=0), out_b, atol=1e-5)
+
+
+def test_disable_lora_gives_the_base_outputs_exactly():
+    model, base, out_a, _ = two_adapters()
+    set_adapter(model, ["default", "b"])
+    with disable_lora(model):
+        np.testing.assert_array_equal(to_numpy(model(X)), base)
+        np.testing.assert_array_equal(model.predict(X, verbose=0), base)
+    assert not np.allclose(to_numpy(model(X)), base)
+
+
+def test_fit_with_b_active_changes_only_b():
+    model, _, _, _ = two_adapters()
+    set_adapter(model, "b")
+    before = snapshot(model)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    y = np.ones((6, 4), "float32")
+    model.fit(X, y, epochs=2, batch_size=6, verbose=0)
+    after = snapshot(model)
+    changed = sorted(p for p in before if not np.array_equal(before[p], after[p]))
+    assert changed == [
+        "small_mlp/down/lora_a",
+        "small_mlp/down/lora_b",
+        "small_mlp/up/lora_a_b",
+        "small_mlp/up/lora_b_b",
+    ]
+
+
+def test_bad_names_are_value_errors_and_change_nothing():
+    model, _, out_a, _ = two_adapters()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"\['default', 'b'\]"):
+        set_adapter(model, "c")
+    with pytest.raises(ValueError, match="repeat"):
+        set_adapter(model, ["b", "b"])
+    with pytest.raises(ValueError, match=r"\['default', 'b'\]"):
+        delete_adapter(model, "c")
+    with pytest.raises(
+        ValueError, match="already has an adapter named .b.*already wrapped"
+    ):
+        inject_lora(model, targets="up", adapter_name="b")
+    with pytest.raises(ValueError, match="adapter name"):
+        inject_lora(model, targets="up", adapter_name="a/b")
+    with pytest.raises(ValueError, match=r"\['default', 'b'\]"):
+        with adapter_batch(model, ["default", "zzz"] + [None] * 4):
+            pass
+    with pytest.raises(ValueError, match="6 rows"):
+        with adapter_batch(model, ["default", "b"]):
+            model(X)
+    assert adapter_names(model) == ["default", "b"]
+    assert active_adapters(model) == ["default"]
+    assert snapshot(model).keys() == before.keys()
+    np.testing.assert_array_equal(to_numpy(model(X)), out_a)
+
+
+def test_delete_adapter_promotes_the_next_and_the_last_unwraps():
+    model, base, _, out_b = two_adapters()
+    set_adapter(model, "b")
+    delete_adapter(model, "default")
+    up, down = lora_layers(model)
+    assert (up.adapter_name, up.rank, up.lora_a.path) == (
+        "b",
+        3,
+        "small_mlp/up/lora_a_b",
+    )
+    assert not any("lora_a" == w.path.rpartition("/")[2] and "up" in w.path
+                   for w in model.weights)  # fmt: skip
+    np.testing.assert_allclose(to_numpy(model(X)), out_b, atol=1e-6)
+    delete_adapter(model, "b")
+    assert lora_layers(model) == []
+    assert [type(x).__name__ for x in model.layers] == ["Dense", "Dense"]
+    np.testing.assert_array_equal(to_numpy(model(X)), base)
+
+
+def test_save_and_load_one_adapter_each_and_merge_a_chosen_one(tmp_path):
+    model, base, out_a, out_b = two_adapters()
+    with pytest.raises(ValueError, match="pass `adapter_name=`"):
+        save_adapter(model, tmp_path / "x")
+    save_adapter(model, tmp_path / "a", adapter_name="default")
+    save_adapter(model, tmp_path / "b", adapter_name="b")
+    fresh = small_mlp()
+    load_adapter(fresh, tmp_path / "b")  # A fresh base: "b" is active.
+    np.testing.assert_allclose(to_numpy(fresh(X)), out_b, atol=1e-6)
+    load_adapter(fresh, tmp_path / "a", adapter_name="task_a")  # Added beside.
+    assert adapter_names(fresh) == ["b", "task_a"]
+    np.testing.assert_allclose(to_numpy(fresh(X)), out_b, atol=1e-6)
+    set_adapter(fresh, "task_a")
+    np.testing.assert_allclose(to_numpy(fresh(X)), out_a, atol=1e-6)
+    merge_lora(fresh, adapter_names="b")
+    assert lora_layers(fresh) == []
+    np.testing.assert_allclose(to_numpy(fresh(X)), out_b, atol=1e-4)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_mixed_batch_matches_each_adapter_row_by_row(compiled):
+    model, base, out_a, out_b = two_adapters()
+    names = ["b", None, "default", "b", "default", None]
+    with adapter_batch(model, names):
+        mixed = model.predict(X, verbose=0) if compiled else to_numpy(model(X))
+    expected = {"default": out_a, "b": out_b, None: base}
+    for i, name in enumerate(names):
+        np.testing.assert_allclose(mixed[i], expected[name][i], atol=1e-5)
+    # Outside the context the active adapter is back.
+    np.testing.assert_allclose(to_numpy(model(X)), out_a, atol=1e-6)
+
+
+def test_gpt2_mixed_batch_and_switch_match_single_adapters():
+    lm = tiny_gpt2_lm()
+    batch = token_batch(batch=3)
+    base = to_numpy(lm(batch))
+    inject_lora(lm, rank=2, targets=("query", "value"), seed=1)
+    inject_lora(lm, rank=4, targets=("query", "attention_output"), adapter_name="b")
+    randomize(lm, "default", 3)
+    randomize(lm, "b", 4)
+    out_a = to_numpy(lm(batch))
+    set_adapter(lm, "b")
+    out_b = to_numpy(lm(batch))
+    assert not np.allclose(out_a, out_b, atol=1e-4)
+    with disable_lora(lm):
+        np.testing.assert_array_equal(to_numpy(lm(batch)), base)
+    names = ["default", None, "b"]
+    with adapter_batch(lm, names):
+        mixed = to_numpy(lm(batch))
+    for i, expected in enumerate((out_a, base, out_b)):
+        np.testing.assert_allclose(mixed[i], expected[i], atol=1e-5)
+
+
+def test_gpt2_generate_in_a_mixed_batch_matches_each_adapter():
+    lm = tiny_gpt2_lm()
+    lm.compile(sampler="greedy")
+    inject_lora(lm, rank=2, seed=1)
+    inject_lora(lm, rank=4, adapter_name="b")
+    rng = np.random.default_rng(0)
+    for layer in lora_layers(lm):
+        for name in layer.adapters.names:
+            b = layer.adapters[name].lora_b
+            b.assign(rng.normal(0, 2.0, b.shape).astype("float32"))
+    prompts = {
+        "token_ids": rng.integers(0, 64, (3, 10)).astype("int32"),
+        "padding_mask": np.array([[1] * 4 + [0] * 6] * 3, "int32"),
+    }
+
+    def generate():
+        return to_numpy(lm.generate(prompts, stop_token_ids=None)["token_ids"])
+
+    alone = {}
+    for name in ("default", "b"):
+        set_adapter(lm, name)
+        alone[name] = generate()
+    assert not np.array_equal(alone["default"], alone["b"])
+    with adapter_batch(lm, ["b", "default", "b"]):
+        mixed = generate()
+    np.testing.assert_array_equal(mixed[0], alone["b"][0])
+    np.testing.assert_array_equal(mixed[1], alone["default"][1])
+    np.testing.assert_array_equal(mixed[2], alone["b"][2])
