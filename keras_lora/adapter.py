@@ -34,7 +34,7 @@ import safetensors
 import safetensors.numpy
 
 from keras_lora.files import atomic_write
-from keras_lora.injection import wrap_layers
+from keras_lora.injection import add_named_adapter, wrap_layers
 from keras_lora.layer import LoraLayer, check_wrappable
 from keras_lora.multi import check_adapter_name
 from keras_lora.quantized import base_weight_entries, kernel_path
@@ -262,8 +262,6 @@ def load_adapter(
 
 def _add_beside(model, path, name, saved, all_lora, layers, index) -> None:
     """Add adapter `name` from a file to a model holding other adapters."""
-    from keras_lora.adapters import add_named_adapter
-
     settings = {}
     for layer_path, entry in saved.items():
         layer = all_lora.get(layer_path)

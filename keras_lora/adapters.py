@@ -23,15 +23,11 @@ from keras import ops
 
 from keras_lora import multi
 from keras_lora.injection import (
-    _refresh_compile_state,
-    freeze_non_lora,
-    wrap_layers,
+    refresh_after_adapter_change,
 )
-from keras_lora.layer import LoraLayer, check_hyperparameters
+from keras_lora.layer import LoraLayer
 from keras_lora.surgery import (
     LayerIndex,
-    _containers,
-    _refresh_torch_params,
     drop_compiled_functions,
 )
 
@@ -48,13 +44,14 @@ def adapter_names(model: keras.layers.Layer) -> list[str]:
     >>> adapter_names(model)
     ['default', 'b']
     """
-    return list(_names(LayerIndex(model).lora_layers()))
+    return list(multi.names_in(LayerIndex(model).lora_layers()))
 
 
 def active_adapters(model: keras.layers.Layer) -> list[str]:
     """The names of the active adapters in `model`."""
     layers = LayerIndex(model).lora_layers()
-    return [n for n in _names(layers) if any(n in x.adapters.active for x in layers)]
+    names = multi.names_in(layers)
+    return [n for n in names if any(n in x.adapters.active for x in layers)]
 
 
 def set_adapter(model: keras.layers.Layer, names: str | Sequence[str]) -> None:
@@ -83,10 +80,10 @@ def set_adapter(model: keras.layers.Layer, names: str | Sequence[str]) -> None:
     ['lora_a_b', 'lora_b_b']
     """
     layers = LayerIndex(model).lora_layers()
-    names = _check_names(model, layers, names)
+    names = check_names(model, layers, names)
     for layer in layers:
         layer.adapters.active = tuple(n for n in names if n in layer.adapters)
-    _after_change(model)
+    refresh_after_adapter_change(model)
 
 
 @contextlib.contextmanager
@@ -107,14 +104,12 @@ def disable_lora(model: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
     for layer in layers:
         layer.adapters.disabled = True
     drop_compiled_functions(model)
-    _drop_generate(model)
     try:
         yield model
     finally:
         for layer, disabled in zip(layers, before, strict=True):
             layer.adapters.disabled = disabled
         drop_compiled_functions(model)
-        _drop_generate(model)
 
 
 def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
@@ -145,7 +140,7 @@ def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
     """
     index = LayerIndex(model)
     layers = index.lora_layers()
-    (name,) = _check_names(model, layers, name)
+    (name,) = check_names(model, layers, name)
     unwrap = {}
     for layer in layers:
         if name not in layer.adapters:
@@ -156,7 +151,7 @@ def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
             multi.remove_adapter(layer, name)
     if unwrap:
         index.swap({key: layer.unwrap() for key, layer in unwrap.items()})
-    _after_change(model)
+    refresh_after_adapter_change(model)
     return model
 
 
@@ -195,7 +190,7 @@ def adapter_batch(
     (2, 2)
     """
     layers = _lora_layers_or_raise(model)
-    known = _names(layers)
+    known = multi.names_in(layers)
     if isinstance(names, str) or not isinstance(names, Sequence) or not names:
         raise ValueError(
             "`names` must be a non-empty list with one adapter name (or None, "
@@ -219,71 +214,12 @@ def adapter_batch(
     for layer, plan in zip(layers, plans, strict=True):
         layer.adapters.batch = plan
     drop_compiled_functions(model)
-    _drop_generate(model)
     try:
         yield model
     finally:
         for layer, plan in zip(layers, before, strict=True):
             layer.adapters.batch = plan
         drop_compiled_functions(model)
-        _drop_generate(model)
-
-
-def add_named_adapter(
-    model: keras.layers.Layer,
-    settings: dict[int, dict],
-    adapter_name: str,
-    *,
-    index: LayerIndex,
-) -> keras.layers.Layer:
-    """Add adapter `adapter_name` (inactive) to a model holding adapters.
-
-    The step behind `inject_lora` and `load_adapter` into a model that
-    holds adapters already: `settings` maps `id(layer)` (a `LoraLayer` or a
-    layer to wrap) to its rank, alpha, dropout, use_rslora and seed.
-    Wrapped layers get another pair of factors, others get wrapped.
-
-    Raises:
-        ValueError: if the model holds `adapter_name` already, or a layer
-            cannot be wrapped; the model is unchanged.
-    """
-    layers = index.lora_layers()
-    known = _names(layers)
-    if adapter_name in known:
-        raise ValueError(
-            f"Model '{model.name}' already has an adapter named "
-            f"'{adapter_name}' (adapters: {list(known)}): its layers are "
-            "already wrapped. Pick another `adapter_name` to add a second "
-            "adapter, or `delete_adapter` / `merge_lora` first."
-        )
-    for kwargs in settings.values():
-        check_hyperparameters(
-            kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
-        )
-    active = set(active_adapters(model))
-    wrapped = {id(layer) for layer in layers}
-    fresh = {
-        key: dict(kwargs, adapter_name=adapter_name)
-        for key, kwargs in settings.items()
-        if key not in wrapped
-    }
-    if fresh:
-        wrap_layers(model, fresh, index=index)  # Checks all before changing.
-    for layer in index.lora_layers():
-        if id(layer) in settings and id(layer) in wrapped:
-            multi.add_adapter(layer, adapter_name, **settings[id(layer)])
-        # Newly wrapped layers follow the model's active set.
-        layer.adapters.active = tuple(n for n in layer.adapters.names if n in active)
-    _after_change(model)
-    return model
-
-
-def _names(layers) -> dict:
-    """Adapter names over `layers`, in order of first appearance."""
-    names = {}
-    for layer in layers:
-        names.update(dict.fromkeys(layer.adapters.names))
-    return names
 
 
 def _lora_layers_or_raise(model) -> list[LoraLayer]:
@@ -296,8 +232,14 @@ def _lora_layers_or_raise(model) -> list[LoraLayer]:
     return layers
 
 
-def _check_names(model, layers, names) -> tuple:
-    known = _names(layers)
+def check_names(model, layers, names) -> tuple:
+    """`names` (one or several) as a tuple, each an adapter of `layers`.
+
+    Raises:
+        ValueError: for no name, a repeated name or an unknown one, listing
+            the known adapters.
+    """
+    known = multi.names_in(layers)
     single = isinstance(names, str)
     names_tuple = (names,) if single else tuple(names) if names is not None else ()
     if not names_tuple or not all(isinstance(n, str) for n in names_tuple):
@@ -317,22 +259,3 @@ def _check_names(model, layers, names) -> tuple:
             f"{list(known)}."
         )
     return names_tuple
-
-
-def _after_change(model) -> None:
-    if keras.backend.backend() == "torch":
-        # Every torch module lists the parameters below it: refresh them
-        # for factors added or removed.
-        _refresh_torch_params(_containers(model))
-    index = LayerIndex(model)
-    freeze_non_lora(model, index=index)
-    drop_compiled_functions(model)
-    _drop_generate(model)
-    if getattr(model, "compiled", False):
-        _refresh_compile_state(model)
-
-
-def _drop_generate(model) -> None:
-    # keras-hub's causal LMs cache a traced `generate_function` too.
-    if getattr(model, "generate_function", None) is not None:
-        model.generate_function = None

@@ -8,11 +8,17 @@ from collections.abc import Sequence
 
 import keras
 
+from keras_lora import multi
 from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
-from keras_lora.multi import check_adapter_name
+from keras_lora.multi import check_adapter_name, names_in
 from keras_lora.quantized import install_straight_through_gradients
-from keras_lora.surgery import LayerIndex
+from keras_lora.surgery import (
+    LayerIndex,
+    _containers,
+    _refresh_torch_params,
+    drop_compiled_functions,
+)
 
 
 def inject_lora(
@@ -95,8 +101,6 @@ def inject_lora(
             model, {id(layer): settings for layer in chosen}, index=index
         )
     # Beside adapters already there (see `keras_lora.adapters`).
-    from keras_lora.adapters import add_named_adapter
-
     return add_named_adapter(
         model, {id(layer): settings for layer in chosen}, adapter_name, index=index
     )
@@ -428,3 +432,66 @@ def _refresh_compile_state(model) -> None:
         "Call `model.compile(...)` again, with a new optimizer, before `fit`.",
         stacklevel=3,
     )
+
+
+def add_named_adapter(
+    model: keras.layers.Layer,
+    settings: dict[int, dict],
+    adapter_name: str,
+    *,
+    index: LayerIndex,
+) -> keras.layers.Layer:
+    """Add adapter `adapter_name` (inactive) to a model holding adapters.
+
+    The step behind `inject_lora` and `load_adapter` into a model that
+    holds adapters already: `settings` maps `id(layer)` (a `LoraLayer` or a
+    layer to wrap) to its rank, alpha, dropout, use_rslora and seed.
+    Wrapped layers get another pair of factors, others get wrapped.
+
+    Raises:
+        ValueError: if the model holds `adapter_name` already, or a layer
+            cannot be wrapped; the model is unchanged.
+    """
+    layers = index.lora_layers()
+    known = names_in(layers)
+    if adapter_name in known:
+        raise ValueError(
+            f"Model '{model.name}' already has an adapter named "
+            f"'{adapter_name}' (adapters: {list(known)}): its layers are "
+            "already wrapped. Pick another `adapter_name` to add a second "
+            "adapter, or `delete_adapter` / `merge_lora` first."
+        )
+    for kwargs in settings.values():
+        check_hyperparameters(
+            kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
+        )
+    active = {n for n in known if any(n in x.adapters.active for x in layers)}
+    wrapped = {id(layer) for layer in layers}
+    fresh = {
+        key: dict(kwargs, adapter_name=adapter_name)
+        for key, kwargs in settings.items()
+        if key not in wrapped
+    }
+    if fresh:
+        wrap_layers(model, fresh, index=index)  # Checks all before changing.
+    for layer in index.lora_layers():
+        if id(layer) in settings and id(layer) in wrapped:
+            multi.add_adapter(layer, adapter_name, **settings[id(layer)])
+        # Newly wrapped layers follow the model's active set.
+        layer.adapters.active = tuple(n for n in layer.adapters.names if n in active)
+    refresh_after_adapter_change(model)
+    return model
+
+
+def refresh_after_adapter_change(model: keras.layers.Layer) -> None:
+    """After adapters were added, removed or switched: torch parameter
+    lists, frozen flags, traced steps and the compile state follow."""
+    if keras.backend.backend() == "torch":
+        # Every torch module lists the parameters below it: refresh them
+        # for factors added or removed.
+        _refresh_torch_params(_containers(model))
+    index = LayerIndex(model)
+    freeze_non_lora(model, index=index)
+    drop_compiled_functions(model)
+    if getattr(model, "compiled", False):
+        _refresh_compile_state(model)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
+from keras_lora.adapters import check_names
 from keras_lora.injection import lora_layers
 from keras_lora.quantized import (
     REQUANTIZABLE_MODES,
@@ -91,9 +92,7 @@ def merge_lora(
     if adapter_names is None:
         chosen = {id(layer): layer.adapters.active for layer in wrapped}
     else:
-        from keras_lora.adapters import _check_names
-
-        names = _check_names(model, wrapped, adapter_names)
+        names = check_names(model, wrapped, adapter_names)
         chosen = {
             id(layer): tuple(n for n in names if n in layer.adapters)
             for layer in wrapped

@@ -231,3 +231,11 @@ def batched_update(layer, inputs, plan: BatchPlan):
     if output_perm:
         x = ops.transpose(x, output_perm)
     return x
+
+
+def names_in(layers) -> dict:
+    """Adapter names over `layers`, in order of first appearance."""
+    names = {}
+    for layer in layers:
+        names.update(dict.fromkeys(layer.adapters.names))
+    return names

@@ -205,7 +205,13 @@ def drop_compiled_functions(model: keras.layers.Layer) -> None:
     A traced step holds the layers and variable layouts of its time; after a
     swap or a re-layout Keras must trace it again on the next call.
     """
-    for name in ("train_function", "test_function", "predict_function"):
+    # keras-hub's causal LMs cache a traced `generate_function` too.
+    for name in (
+        "train_function",
+        "test_function",
+        "predict_function",
+        "generate_function",
+    ):
         if getattr(model, name, None) is not None:
             setattr(model, name, None)
 
