@@ -9,6 +9,7 @@ from keras_lora import (
     adapter_names,
     delete_adapter,
     disable_lora,
+    export_peft,
     inject_lora,
     load_adapter,
     lora_layers,
@@ -272,3 +273,12 @@ def test_gpt2_generate_in_a_mixed_batch_matches_each_adapter():
     np.testing.assert_array_equal(mixed[0], alone["b"][0])
     np.testing.assert_array_equal(mixed[1], alone["default"][1])
     np.testing.assert_array_equal(mixed[2], alone["b"][2])
+
+
+def test_export_peft_refuses_a_model_with_several_adapters(tmp_path):
+    lm = tiny_gpt2_lm()
+    inject_lora(lm, rank=2)
+    inject_lora(lm, rank=2, adapter_name="second")
+    with pytest.raises(ValueError, match="several adapters"):
+        export_peft(lm, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()

@@ -174,6 +174,15 @@ def export_peft(
             f"Model '{model.name}' has no LoraLayer to export. Call "
             "`inject_lora(model)` first."
         )
+    several = sorted({n for layer in wrapped for n in layer.adapters.names})
+    if len(several) > 1:
+        # A PEFT directory holds one adapter, and the factors read below are
+        # each layer's first: never export one adapter in place of another.
+        raise ValueError(
+            f"Model '{model.name}' holds several adapters {several}; "
+            "export_peft writes one. `delete_adapter` the others (or "
+            "`save_adapter(..., adapter_name=...)` to keep them apart) first."
+        )
     use_rslora = all(layer.use_rslora for layer in wrapped)
     modules = {
         (block, module): _fused_module(found, block, module, layers, use_rslora)
