@@ -127,6 +127,45 @@ def test_benchmark_tiny_two_steps(tmp_path):
     assert "| lora/floor step time |" in (tmp_path / "results.md").read_text()
 
 
+def test_benchmark_quantized_remat_lora_row(tmp_path):
+    # One LoRA row over an int8 base built in RematScope("activations"):
+    # its own label, a training increment, and a finite loss after the
+    # same 1 + 2 steps.
+    backend = keras.backend.backend()
+    args = ["--tiny", "--backend", backend, "--runs", "lora", "--quantize", "int8"]
+    args += ["--remat", "activations", "--steps", "2", "--warmup", "1"]
+    proc = run_benchmark(args + ["--batch", "2", "--seq", "16"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["quantize"] == ["int8"]
+    assert data["config"]["remat"] == ["activations"]
+    (result,) = data["results"]
+    assert result["status"] == "ok", result
+    assert (result["run"], result["variant"]) == ("lora", "int8, remat")
+    assert (result["quantize"], result["remat"]) == ("int8", "activations")
+    assert result["base_dtype"] == "float32"
+    assert result["training_increment_gb"] >= 0
+    if result["memory_device"] == "host RSS":
+        assert result["baseline_rss_gb"] > 0
+        assert result["process_peak_rss_gb"] == pytest.approx(
+            result["baseline_rss_gb"] + result["training_increment_gb"], abs=0.002
+        )
+    assert np.isfinite(result["final_loss"]) and result["final_loss"] > 0
+    assert len(result["step_times_s"]) == 3
+    # Only the LoRA factors train: the quantized base stays frozen.
+    assert result["trainable_params"] == 2 * 2 * (64 * 4 + 4 * 64)
+    assert "| keras-lora (int8, remat) |" in (tmp_path / "results.md").read_text()
+    spec = json.loads(
+        (tmp_path / "runs" / f"{backend}-lora-int8-remat.spec.json").read_text()
+    )
+    assert (spec["quantize"], spec["remat"], spec["variant"]) == (
+        "int8",
+        "activations",
+        "int8, remat",
+    )
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -134,6 +173,9 @@ def test_benchmark_tiny_two_steps(tmp_path):
         (["--runs", "lora", "qlora"], "unknown run"),
         (["--targets", "query", "mlp.*"], "unknown target"),
         (["--tiny", "--seq", "4096"], "exceeds the model's max_sequence_length"),
+        (["--quantize", "int3"], "--quantize ['int3']: choose among none, int8"),
+        (["--remat", "full"], "'larger_than' are not supported by Keras"),
+        (["--base-dtype", "float16"], "--base-dtype ['float16']"),
     ],
 )
 def test_benchmark_rejects_bad_arguments(args, message, tmp_path):
@@ -171,3 +213,47 @@ def test_benchmark_rejects_bad_token_files(tmp_path, rows, width, high, message)
     assert proc.returncode == 1
     assert message in proc.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def _row(run, variant="", step=1.0, increment=1.0, loss=5.0):
+    return {
+        "status": "ok",
+        "backend": "jax",
+        "run": run,
+        "variant": variant,
+        "median_step_s": step,
+        "peak_memory_gb": increment + 1.0,
+        "training_increment_gb": increment,
+        "final_loss": loss,
+        "trainable_params": 2048,
+        "tokens_per_s": 1000.0,
+        "memory_device": "host RSS",
+    }
+
+
+def test_memory_ratios_against_targets():
+    from keras_lora.bench import report
+
+    results = [
+        _row("full", increment=4.0),
+        _row("lora", increment=2.0),
+        _row("lora", "int8", step=1.2, increment=1.5, loss=5.05),
+        _row("lora", "int4", step=1.4, increment=1.2, loss=5.2),
+        _row("lora", "int8, remat", step=1.5, increment=0.8),
+    ]
+    config = {"backends": ["jax"], "targets": ["query", "value"]}
+    rows = {r["ratio"]: r for r in report.ratios(results, config)}
+    assert rows["lora (int8, remat)/full training increment"]["value"] == 0.2
+    assert rows["lora (int8, remat)/full training increment"]["verdict"] == "hit"
+    assert rows["lora/full training increment"]["value"] == 0.5
+    assert rows["lora (int8)/lora step time"]["value"] == 1.2
+    assert rows["lora (int8)/lora step time"]["verdict"] == "hit"
+    assert rows["lora (int8)/lora final loss change"]["value"] == 0.01
+    assert rows["lora (int8)/lora final loss change"]["verdict"] == "hit"
+    assert rows["lora (int4)/lora final loss change"]["value"] == 0.04
+    assert rows["lora (int4)/lora final loss change"]["verdict"] == "miss"
+    # The plain run's ratios read the plain row, not a variant.
+    assert rows["lora/full peak memory"]["value"] == 0.6
+    table = "\n".join(report.table_rows(results))
+    assert "| keras-lora (int8, remat) |" in table
+    assert "| keras-lora |" in table

@@ -71,3 +71,19 @@ def file_bytes(directory: str) -> dict:
             if not name.endswith(".json"):
                 weights += size
     return {"adapter_bytes": weights, "adapter_files_bytes": total}
+
+
+def current_rss_bytes() -> int | None:
+    """Resident memory of this process now (`VmRSS`, Linux), or None.
+
+    The worker reads it after its imports and before building the model:
+    the peak minus this is what the run itself (model, training) added.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024  # Reported in kB.
+    except OSError:
+        pass
+    return None

@@ -15,6 +15,13 @@ Keras fixes its backend at import and a run's peak memory must be its own:
     peft     Hugging Face PEFT (LoRA on a transformers GPT2LMHeadModel of
              the same size), on torch, as an outside peer.
 
+The LoRA run can also train over a cheaper frozen base: `base_dtypes`
+(bfloat16: the whole model under that dtype policy), `quantize` (int8,
+int4: `model.quantize(mode)` before `inject_lora`) and `remat`
+("activations": build and inject inside `keras.RematScope`). Every
+combination asked for is one more LoRA row, labelled by its `variant`
+(e.g. "int8, remat"); the plain float32 row has variant "".
+
 The default model is the GPT-2 base architecture with RANDOM weights, so it
 runs offline; every output says so. Writes `results.json`, `results.md` and
 bar charts into `out` (`keras_lora.bench.report`).
@@ -38,6 +45,12 @@ from keras_lora.recipes.models import ARCHITECTURES, architecture
 BACKENDS = ("jax", "tensorflow", "torch")
 RUNS = ("full", "lora", "builtin", "floor", "peft")
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
+# Frozen-base options of the LoRA run (each list: the rows to run).
+BASE_DTYPES = ("float32", "bfloat16")
+QUANTIZE_MODES = ("none", "int8", "int4")
+# keras-hub GPT-2 fails in Keras itself under RematScope "full" and
+# "larger_than" (tests/test_remat.py), so only "activations" is offered.
+REMAT_MODES = ("none", "activations")
 # Preset names whose size is known without reading them (offline).
 PRESET_SIZES = {
     "gpt2_base_en": "base",
@@ -71,6 +84,10 @@ class CompareConfig:
         inference_runs: timed forward passes (each) for the LoRA run.
         rounds: repeat every run, round-robin; each reports its fastest.
         timeout: seconds allowed per run.
+        base_dtypes: dtypes of the LoRA run's whole model (`BASE_DTYPES`).
+        quantize: quantization modes of its frozen base (`QUANTIZE_MODES`).
+        remat: `keras.RematScope` modes it is built in (`REMAT_MODES`).
+            The LoRA run is repeated for every combination of these three.
         command: the command line the report names.
     """
 
@@ -94,6 +111,9 @@ class CompareConfig:
     inference_runs: int = 8
     rounds: int = 1
     timeout: float = 3600.0
+    base_dtypes: tuple[str, ...] = ("float32",)
+    quantize: tuple[str, ...] = ("none",)
+    remat: tuple[str, ...] = ("none",)
     command: str = "keras_lora.bench.engine.compare"
 
     def __post_init__(self):
@@ -133,6 +153,27 @@ class CompareConfig:
                 f"--dtype-policy {self.dtype_policy!r}: choose from "
                 f"{', '.join(DTYPE_POLICIES)}"
             )
+        for name, allowed in (
+            ("base_dtypes", BASE_DTYPES),
+            ("quantize", QUANTIZE_MODES),
+            ("remat", REMAT_MODES),
+        ):
+            values = getattr(self, name)
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                flag = "--base-dtype" if name == "base_dtypes" else f"--{name}"
+                raise ValueError(
+                    f"{flag} {bad or list(values)}: choose among "
+                    f"{', '.join(allowed)}"
+                    + (
+                        " (RematScope 'full' and 'larger_than' are not "
+                        "supported by Keras for keras-hub GPT-2: they fail "
+                        "in Keras itself)"
+                        if name == "remat"
+                        else ""
+                    )
+                )
+            object.__setattr__(self, name, tuple(v for v in allowed if v in values))
         object.__setattr__(self, "backends", tuple(backends))
         object.__setattr__(self, "runs", tuple(r for r in RUNS if r in self.runs))
         object.__setattr__(
@@ -221,11 +262,48 @@ def check_tokens(config: CompareConfig, vocabulary_size: int) -> str:
     return f"token ids from {os.path.abspath(config.tokens)} ({len(rows)} rows)"
 
 
-def plan_for(config: dict) -> list[tuple[str, str]]:
-    """(backend, run) pairs in run order; PEFT once, on torch."""
-    plan = [(b, r) for b in config["backends"] for r in config["runs"] if r != "peft"]
+def lora_variants(config: dict) -> list[dict]:
+    """The LoRA run's frozen-base settings, one dict per row to run.
+
+    Each has `base_dtype`, `quantize`, `remat` and `variant`, its label
+    ("" for the plain float32 run, else e.g. "int8, remat"). A config
+    written before these options existed gives the plain run only.
+    """
+    variants = []
+    for dtype in config.get("base_dtypes", ["float32"]):
+        for mode in config.get("quantize", ["none"]):
+            for remat in config.get("remat", ["none"]):
+                parts = [p for p in (dtype, mode) if p not in ("float32", "none")]
+                if remat != "none":
+                    parts.append("remat")
+                variants.append(
+                    {
+                        "base_dtype": dtype,
+                        "quantize": mode,
+                        "remat": remat,
+                        "variant": ", ".join(parts),
+                    }
+                )
+    return variants
+
+
+def plan_for(config: dict) -> list[tuple[str, str, dict]]:
+    """(backend, run, frozen-base settings) in run order; PEFT once, on torch.
+
+    Runs other than LoRA get the plain settings (variant "").
+    """
+    variants = lora_variants(config)
+    plain = {"base_dtype": "float32", "quantize": "none", "remat": "none"}
+    plain["variant"] = ""
+    plan = [
+        (b, r, v)
+        for b in config["backends"]
+        for r in config["runs"]
+        if r != "peft"
+        for v in (variants if r == "lora" else [plain])
+    ]
     if "peft" in config["runs"]:
-        plan.append(("torch", "peft"))
+        plan.append(("torch", "peft", plain))
     return plan
 
 
@@ -259,13 +337,19 @@ def run_child(spec: dict, backend: str, log_path: str, timeout: float) -> dict:
     }
 
 
-def pick_round(every_round: list[dict], backend: str, run: str, warmup: int) -> dict:
-    """The round of (backend, run) with the lowest median step time.
+def pick_round(
+    every_round: list[dict], backend: str, run: str, warmup: int, variant: str = ""
+) -> dict:
+    """The round of (backend, run, variant) with the lowest median step time.
 
     Adds `round_median_steps_s` (every round's median) and `min_step_s`
     (the fastest timed step of any round: the least disturbed estimate).
     """
-    rounds = [r for r in every_round if (r["backend"], r["run"]) == (backend, run)]
+    rounds = [
+        r
+        for r in every_round
+        if (r["backend"], r["run"], r.get("variant", "")) == (backend, run, variant)
+    ]
     ok = [r for r in rounds if r.get("status") == "ok"]
     if not ok:
         return rounds[-1]
@@ -283,8 +367,8 @@ def succeeded(results: dict) -> bool:
 def write_outputs(config: dict, every_round: list[dict], out: str) -> dict:
     """Pick each run's round, write JSON, markdown and charts, print them."""
     results = [
-        pick_round(every_round, backend, run, config["warmup"])
-        for backend, run in plan_for(config)
+        pick_round(every_round, backend, run, config["warmup"], v["variant"])
+        for backend, run, v in plan_for(config)
     ]
     rows = report.ratios(results, config)
     data = {
@@ -369,6 +453,9 @@ def compare(config: CompareConfig) -> dict:
         "data": data_label,
         "tokens_path": os.path.abspath(config.tokens) if config.tokens else None,
         "eval_batches": config.eval_batches,
+        "base_dtypes": list(config.base_dtypes),
+        "quantize": list(config.quantize),
+        "remat": list(config.remat),
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -381,12 +468,15 @@ def compare(config: CompareConfig) -> dict:
     every_round = []
     total = len(plan) * config.rounds
     for round_index in range(config.rounds):
-        for backend, run in plan:
+        for backend, run, variant in plan:
             name = f"{backend}-{run}"
+            if variant["variant"]:
+                name += "-" + variant["variant"].replace(", ", "-")
             if config.rounds > 1:
                 name += f"-round{round_index + 1}"
             spec = dict(
                 settings,
+                **variant,
                 run=run,
                 backend=backend,
                 dtype_policy=None
@@ -395,7 +485,8 @@ def compare(config: CompareConfig) -> dict:
                 result_path=os.path.join(runs_dir, f"{name}.json"),
             )
             print(
-                f"[{len(every_round) + 1}/{total}] {backend:10s} {run:8s} ",
+                f"[{len(every_round) + 1}/{total}] {backend:10s} "
+                f"{report.run_label(run, variant['variant']):28s} ",
                 end="",
                 flush=True,
             )
@@ -403,6 +494,7 @@ def compare(config: CompareConfig) -> dict:
             log_path = os.path.join(runs_dir, f"{name}.log")
             result = run_child(spec, backend, log_path, config.timeout)
             result["round"] = round_index + 1
+            result.setdefault("variant", variant["variant"])
             elapsed = time.perf_counter() - started
             if result.get("status") == "ok":
                 print(

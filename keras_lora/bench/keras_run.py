@@ -17,13 +17,20 @@ import time
 
 import numpy as np
 
-from keras_lora.bench.common import eval_data, file_bytes, step_stats, token_data
+from keras_lora.bench.common import (
+    current_rss_bytes,
+    eval_data,
+    file_bytes,
+    step_stats,
+    token_data,
+)
 from keras_lora.callbacks import host_peak_rss_bytes
 from keras_lora.families import GPT2
 
 
 def keras_run(spec: dict) -> dict:
     import keras
+    import keras_hub  # noqa: F401  (imported before the baseline is read)
 
     import keras_lora
     from keras_lora.callbacks import GPUMemoryCallback
@@ -32,15 +39,24 @@ def keras_run(spec: dict) -> dict:
     keras.utils.set_random_seed(spec["seed"])
     if spec["dtype_policy"]:
         keras.config.set_dtype_policy(spec["dtype_policy"])
-
-    t0 = time.perf_counter()
-    lm = build_lm(spec)
-    build_s = time.perf_counter() - t0
+    if spec.get("base_dtype", "float32") != "float32":
+        # A half-precision base: every weight (LoRA's too) in that dtype.
+        keras.config.set_dtype_policy(spec["base_dtype"])
     tokens, labels = token_data(spec)
     x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
+    # One tiny op starts the backend's runtime (JAX, TF), so its buffers
+    # count in the baseline and not as the run's training memory.
+    keras.ops.convert_to_numpy(keras.ops.ones((2,)) + 1)
+    baseline_rss = current_rss_bytes()
 
     run = spec["run"]
-    prepare_run(lm, run, spec)
+    t0 = time.perf_counter()
+    with remat_scope(spec, keras):
+        lm = build_lm(spec)
+        if spec.get("quantize", "none") != "none":
+            lm.quantize(spec["quantize"])
+        prepare_run(lm, run, spec)
+    build_s = time.perf_counter() - t0
     trainable = sum(math.prod(v.shape) for v in lm.trainable_weights)
     frozen = sum(math.prod(v.shape) for v in lm.non_trainable_weights)
 
@@ -72,12 +88,22 @@ def keras_run(spec: dict) -> dict:
         "eval_loss": eval_loss,
     }
     if not memory.on_accelerator:
-        result["process_peak_rss_gb"] = round(
-            max(build_peak, host_peak_rss_bytes()) / 2**30, 3
-        )
+        peak = max(build_peak, host_peak_rss_bytes())
+        result["process_peak_rss_gb"] = round(peak / 2**30, 3)
+        if baseline_rss is not None:
+            result["baseline_rss_gb"] = round(baseline_rss / 2**30, 3)
+            result["training_increment_gb"] = round(
+                max(0, peak - baseline_rss) / 2**30, 3
+            )
+    elif memory.peak_usage is not None:
+        # Device memory: nothing of this process was on the device before
+        # the model was built, so all of its peak is the run's increment.
+        result["training_increment_gb"] = memory.peak_usage
     result.update(step_stats(timer.step_times, timer.cpu_times, spec))
     result.update(adapter_size(lm, spec, keras_lora))
-    if run == "lora":
+    # Latency is measured against a float base built alike: only the plain
+    # LoRA run has one to compare with.
+    if run == "lora" and not spec.get("variant"):
         result.update(inference_latency(lm, spec, x, keras_lora))
     return result
 
@@ -104,6 +130,16 @@ def prepare_run(lm, run: str, spec: dict) -> None:
         spec["learning_rate"], exclude_from_decay=run != "floor"
     )
     lm.compile(optimizer=optimizer, loss=loss)
+
+
+def remat_scope(spec: dict, keras):
+    """`keras.RematScope(mode)` for the spec's `remat`, else a no-op scope.
+
+    Keras reads the mode when a layer is created, so the model is built
+    and injected inside it.
+    """
+    mode = spec.get("remat", "none")
+    return keras.RematScope(mode=None if mode == "none" else mode)
 
 
 def keras_eval_loss(lm, spec: dict) -> float | None:

@@ -53,6 +53,11 @@ def main(spec_path: str) -> int:
     result.update(
         run=spec["run"],
         backend=spec["backend"],
+        # The LoRA run's frozen base ("" and float32/none/none: plain).
+        variant=spec.get("variant", ""),
+        base_dtype=spec.get("base_dtype", "float32"),
+        quantize=spec.get("quantize", "none"),
+        remat=spec.get("remat", "none"),
         wall_s=round(time.perf_counter() - started, 2),
         # Which keras_lora produced the numbers (an install or a checkout).
         keras_lora_path=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

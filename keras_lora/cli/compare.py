@@ -115,6 +115,29 @@ def add_compare(sub) -> None:
     parser.add_argument(
         "--timeout", type=positive_float, default=3600, help="seconds per run."
     )
+    parser.add_argument(
+        "--base-dtype",
+        nargs="+",
+        default=["float32"],
+        help="the LoRA run's whole-model dtype, one row each "
+        f"({', '.join(engine.BASE_DTYPES)}).",
+    )
+    parser.add_argument(
+        "--quantize",
+        nargs="+",
+        default=["none"],
+        help="quantize the LoRA run's frozen base before injecting, one row "
+        f"each ({', '.join(engine.QUANTIZE_MODES)}).",
+    )
+    parser.add_argument(
+        "--remat",
+        nargs="+",
+        default=["none"],
+        help="build and inject the LoRA run inside keras.RematScope, one row "
+        f"each ({', '.join(engine.REMAT_MODES)}; Keras's 'full' and "
+        "'larger_than' fail on keras-hub GPT-2). The LoRA run is repeated "
+        "for every combination of --base-dtype, --quantize and --remat.",
+    )
     parser.add_argument("--out", default=os.path.join("runs", "compare"))
     parser.add_argument(
         "--render",
@@ -150,6 +173,9 @@ def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         inference_runs=args.inference_runs,
         rounds=args.rounds,
         timeout=args.timeout,
+        base_dtypes=tuple(split_list(args.base_dtype)),
+        quantize=tuple(split_list(args.quantize)),
+        remat=tuple(split_list(args.remat)),
         command=shlex.join(["keras-lora", *(argv or ["compare"])]),
     )
     return 0 if engine.succeeded(engine.compare(config)) else 1
