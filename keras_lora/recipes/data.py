@@ -179,7 +179,11 @@ def docstring_split() -> tuple[list[str], list[str]]:
     heldout: list[str] = []
     for module, text in _stdlib_docstrings_by_module():
         (heldout if module in HELDOUT_DOCSTRING_MODULES else train).append(text)
-    return train, heldout
+    # inspect.getdoc inherits docstrings, so one text can come from two
+    # modules: held-out text must be unseen (the train side stays as is,
+    # which keeps the shipped base reproducible).
+    seen = set(train)
+    return train, [text for text in heldout if text not in seen]
 
 
 def python_code_split(max_chars: int = 600_000) -> tuple[list[str], list[str]]:
@@ -189,7 +193,8 @@ def python_code_split(max_chars: int = 600_000) -> tuple[list[str], list[str]]:
     `CODE_MODULES`, rewritten by `ast.unparse` (docstrings and comments
     dropped, formatting normalised), so the text is code only. Modules in
     `HELDOUT_CODE_MODULES` form the held-out side; the two sides never
-    share a module. Deterministic for one Python version.
+    share a module, and a document found twice is kept once. Deterministic
+    for one Python version.
 
     Args:
         max_chars: stop each side once it holds this many characters.
@@ -208,7 +213,11 @@ def python_code_split(max_chars: int = 600_000) -> tuple[list[str], list[str]]:
     _check_positive("max_chars", max_chars)
     sides: dict[bool, list[str]] = {False: [], True: []}
     sizes = {False: 0, True: 0}
+    seen: set[str] = set()
     for module, text in _code_documents():
+        if text in seen:  # The same code in two modules: keep it once.
+            continue
+        seen.add(text)
         side = module in HELDOUT_CODE_MODULES
         if sizes[side] < max_chars:
             sides[side].append(text)
