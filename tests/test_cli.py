@@ -228,7 +228,7 @@ def test_demo_fine_tunes_compares_and_reports(tmp_path):
         "demo", "--arch", "tiny", "--steps", "2", "--compare-steps", "1",
         "--warmup", "1", "--eval-batches", "1", "--batch", "2", "--seq", "16",
         "--max-documents", "40", "--vocab-size", "300", "--runs", "full",
-        "lora", "--verbose", "0", "--out", out,
+        "lora", "--verbose", "0", "--out", out, "--no-quality",
     ]  # fmt: skip
     code, stdout = run_main(argv)
     assert code == 0, stdout

@@ -25,7 +25,9 @@ DEMO_BACKEND = "jax"
 SMALL_DEMO = [
     "--steps", "2", "--compare-steps", "1", "--warmup", "1", "--eval-batches",
     "1", "--batch", "2", "--seq", "16", "--vocab-size", "300", "--runs", "full",
-    "lora", "--verbose", "0",
+    "lora", "--verbose", "0", "--quality-steps", "2", "--quality-batch", "2",
+    "--quality-seq", "16", "--quality-eval-rows", "2", "--quality-max-length",
+    "8",
 ]  # fmt: skip
 
 
@@ -122,6 +124,11 @@ def test_installed_demo_runs_from_an_empty_directory(site, tmp_path):
     assert page.startswith("# keras-lora demo")
     assert "| full fine-tuning |" in page and "| keras-lora |" in page
     assert "RANDOM weights" in page
+    # The quality part ran on the pretrained base shipped inside the wheel.
+    quality = json.loads((out / "quality.json").read_text())
+    assert set(quality["runs"]) == {"lora", "full"}
+    assert page.index("## Quality") < page.index("## Cost")
+    assert "keras-lora's own small GPT-2" in page and "source code" in page
     for name in ("run_report.json", "training_loss.png", "adapter"):
         assert (out / name).exists(), name
     rows = np.load(out / "compare" / "tokens.npy")

@@ -206,6 +206,25 @@ def add_demo(sub) -> None:
         default=defaults.verbose,
         help="fit verbosity.",
     )
+    dm.add_argument(
+        "--no-quality",
+        action="store_true",
+        help="skip the quality part (LoRA vs full fine-tuning of keras-lora's "
+        "pretrained small GPT-2 on Python code).",
+    )
+    for name, what in (
+        ("steps", "training steps of each quality run"),
+        ("batch", "rows per quality training step"),
+        ("seq", "tokens per quality row (at most 128)"),
+        ("eval-rows", "held-out rows per domain for the quality losses"),
+        ("max-length", "length of the quality part's generations"),
+    ):
+        dm.add_argument(
+            f"--quality-{name}",
+            type=positive_int,
+            default=getattr(defaults, "quality_" + name.replace("-", "_")),
+            help=what + ".",
+        )
     dm.set_defaults(run=demo)
 
 
@@ -228,6 +247,12 @@ def demo(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         seed=args.seed,
         verbose=args.verbose,
+        quality=not args.no_quality,
+        quality_steps=args.quality_steps,
+        quality_batch=args.quality_batch,
+        quality_seq=args.quality_seq,
+        quality_eval_rows=args.quality_eval_rows,
+        quality_max_length=args.quality_max_length,
     )
     result = demo_lib.demo(config)
     return 0 if succeeded(result["compare"]) else 1

@@ -1,5 +1,10 @@
 """`keras-lora demo`: the offline main job, as one function.
 
+0. Quality (`recipes.quality`): keras-lora's own small pretrained GPT-2
+   (shipped in the package, `recipes.pretrain`) fine-tuned on Python source
+   code with LoRA and with full fine-tuning: held-out losses before and
+   after on the new domain and on the original one (forgetting),
+   generations, `quality.json` and `quality_loss.png`.
 1. A short LoRA fine-tune (rank 4, alpha 32, query/value) of a GPT-2
    architecture with random weights on the default corpus (Python
    standard-library docstrings, byte-level BPE tokenizer trained on it):
@@ -33,6 +38,7 @@ from keras_lora.bench import engine
 from keras_lora.files import atomic_write
 from keras_lora.recipes import data, models
 from keras_lora.recipes.finetune import FinetuneConfig, finetune
+from keras_lora.recipes.quality import QualityConfig
 from keras_lora.recipes.training import first_and_last
 
 COMPARE_RUNS = ("full", "lora", "builtin", "peft")
@@ -61,6 +67,10 @@ class DemoConfig:
         vocab_size: vocabulary of the trained tokenizer.
         seed: seeds everything.
         verbose: `fit` verbosity of the fine-tune.
+        quality: run the quality part first (`recipes.quality`).
+        quality_steps, quality_batch, quality_seq, quality_eval_rows,
+        quality_max_length: its `QualityConfig` steps, batch, seq,
+            eval_rows and max_length.
     """
 
     out: str = os.path.join("runs", "demo")
@@ -77,9 +87,16 @@ class DemoConfig:
     vocab_size: int | None = None
     seed: int = 0
     verbose: int = 1
+    quality: bool = True
+    quality_steps: int = QualityConfig.steps
+    quality_batch: int = QualityConfig.batch
+    quality_seq: int = QualityConfig.seq
+    quality_eval_rows: int = QualityConfig.eval_rows
+    quality_max_length: int = QualityConfig.max_length
 
     def __post_init__(self):
         models.architecture(self.arch)
+        self.quality_config()  # Checks the quality settings.
         bad = [r for r in self.runs if r not in COMPARE_RUNS]
         if bad or not self.runs:
             raise ValueError(
@@ -90,6 +107,19 @@ class DemoConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         object.__setattr__(self, "runs", tuple(dict.fromkeys(self.runs)))
+
+    def quality_config(self) -> QualityConfig:
+        """The quality part's settings."""
+        return QualityConfig(
+            out=self.out,
+            steps=self.quality_steps,
+            batch=self.quality_batch,
+            seq=self.quality_seq,
+            eval_rows=self.quality_eval_rows,
+            max_length=self.quality_max_length,
+            eval_every=max(1, self.quality_steps // 6),
+            seed=self.seed,
+        )
 
     @property
     def documents(self) -> int | None:
@@ -120,6 +150,19 @@ def demo(config: DemoConfig) -> dict:
     needed_rows = (config.warmup + config.compare_steps + config.eval_batches) * (
         config.batch
     )
+
+    quality = None
+    if config.quality:
+        from keras_lora.recipes.quality import quality as run_quality
+
+        print(
+            f"== 0/2 quality: LoRA vs full fine-tuning of keras-lora's pretrained "
+            f"small GPT-2 on Python code ({backend}) ==",
+            flush=True,
+        )
+        quality = run_quality(config.quality_config())
+        gc.collect()
+        keras.backend.clear_session(free_memory=True)
 
     print(f"== 1/2 LoRA fine-tune ({config.arch}, {backend}) ==", flush=True)
     run = finetune(
@@ -171,7 +214,12 @@ def demo(config: DemoConfig) -> dict:
         f"plots {os.path.join(config.out, 'training_loss.png')}, "
         f"{os.path.join(compare_dir, 'peak_memory.png')}"
     )
-    return {"finetune": run, "compare": results, "report": report_path}
+    return {
+        "quality": quality,
+        "finetune": run,
+        "compare": results,
+        "report": report_path,
+    }
 
 
 def compare_command(config: engine.CompareConfig) -> str:
@@ -225,6 +273,17 @@ def write_tokens(config: DemoConfig, path: str, needed_rows: int) -> None:
         np.save(f, rows[:needed_rows])
 
 
+def quality_section(out: str) -> list[str]:
+    """The quality part's lines of report.md, if `quality.json` is there."""
+    from keras_lora.recipes.quality import markdown
+
+    path = os.path.join(out, "quality.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return markdown(json.load(f))
+
+
 def write_report(out: str, compare_dir: str, seconds: float) -> str:
     """`report.md`: the fine-tune's summary and the comparison, one page.
 
@@ -259,7 +318,8 @@ def write_report(out: str, compare_dir: str, seconds: float) -> str:
         f"{run['versions']['keras_lora']}; {os.cpu_count()} CPU cores; "
         f"{seconds / 60:.1f} min in all.",
         "",
-        "## LoRA fine-tune",
+        *quality_section(out),
+        "## Cost: LoRA fine-tune of a random-weight architecture",
         "",
         f"- weights: {run['weights']}",
         f"- tokenizer: {run['tokenizer']}",
