@@ -449,17 +449,24 @@ def add_named_adapter(
     Wrapped layers get another pair of factors, others get wrapped.
 
     Raises:
-        ValueError: if the model holds `adapter_name` already, or a layer
-            cannot be wrapped; the model is unchanged.
+        ValueError: if a chosen layer holds `adapter_name` already, or a
+            layer cannot be wrapped; the model is unchanged.
     """
     layers = index.lora_layers()
     known = names_in(layers)
-    if adapter_name in known:
+    # The same name may grow onto more layers (one `inject_lora` call per
+    # rank, say), never onto a layer that holds it already.
+    taken = [
+        layer.name
+        for layer in layers
+        if id(layer) in settings and adapter_name in layer.adapters.names
+    ]
+    if taken:
         raise ValueError(
-            f"Model '{model.name}' already has an adapter named "
-            f"'{adapter_name}' (adapters: {list(known)}): its layers are "
-            "already wrapped. Pick another `adapter_name` to add a second "
-            "adapter, or `delete_adapter` / `merge_lora` first."
+            f"Layers {taken} of model '{model.name}' already hold adapter "
+            f"'{adapter_name}' (adapters: {list(known)}): they are already "
+            "wrapped. Pick another `adapter_name` to add a second adapter, "
+            "or `delete_adapter` / `merge_lora` first."
         )
     for kwargs in settings.values():
         check_hyperparameters(

@@ -155,9 +155,7 @@ def test_bad_names_are_value_errors_and_change_nothing():
         set_adapter(model, ["b", "b"])
     with pytest.raises(ValueError, match=r"\['default', 'b'\]"):
         delete_adapter(model, "c")
-    with pytest.raises(
-        ValueError, match="already has an adapter named .b.*already wrapped"
-    ):
+    with pytest.raises(ValueError, match="already hold adapter .b.*already wrapped"):
         inject_lora(model, targets="up", adapter_name="b")
     with pytest.raises(ValueError, match="adapter name"):
         inject_lora(model, targets="up", adapter_name="a/b")
@@ -282,3 +280,20 @@ def test_export_peft_refuses_a_model_with_several_adapters(tmp_path):
     with pytest.raises(ValueError, match="several adapters"):
         export_peft(lm, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+def test_the_same_name_grows_onto_more_layers_with_their_own_rank():
+    # One `inject_lora` call per rank, as PEFT's rank_pattern does in one.
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(5, name="up"),
+            keras.layers.Dense(4, name="down"),
+        ]
+    )
+    inject_lora(model, rank=2, targets="up")
+    inject_lora(model, rank=3, targets="down")
+    assert adapter_names(model) == ["default"]
+    assert {x.name: x.rank for x in lora_layers(model)} == {"up": 2, "down": 3}
+    assert active_adapters(model) == ["default"]
+    assert len(model.trainable_weights) == 4
