@@ -100,16 +100,8 @@ def disable_lora(model: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
     True
     """
     layers = _lora_layers_or_raise(model)
-    before = [layer.adapters.disabled for layer in layers]
-    for layer in layers:
-        layer.adapters.disabled = True
-    drop_compiled_functions(model)
-    try:
+    with _adapter_state(model, layers, "disabled", [True] * len(layers)):
         yield model
-    finally:
-        for layer, disabled in zip(layers, before, strict=True):
-            layer.adapters.disabled = disabled
-        drop_compiled_functions(model)
 
 
 def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
@@ -210,16 +202,8 @@ def adapter_batch(
         np.array([0 if n is None else slot[n] for n in names], "int32")
     )
     plans = [multi.batch_plan(layer, list(known), rows) for layer in layers]
-    before = [layer.adapters.batch for layer in layers]
-    for layer, plan in zip(layers, plans, strict=True):
-        layer.adapters.batch = plan
-    drop_compiled_functions(model)
-    try:
+    with _adapter_state(model, layers, "batch", plans):
         yield model
-    finally:
-        for layer, plan in zip(layers, before, strict=True):
-            layer.adapters.batch = plan
-        drop_compiled_functions(model)
 
 
 def _lora_layers_or_raise(model) -> list[LoraLayer]:
@@ -259,3 +243,20 @@ def check_names(model, layers, names) -> tuple:
             f"{list(known)}."
         )
     return names_tuple
+
+
+@contextlib.contextmanager
+def _adapter_state(model, layers, attribute: str, values: list) -> Iterator[None]:
+    """Set `layer.adapters.<attribute>` per layer for the context, then put
+    the old values back. Traced steps baked the state in: drop them on entry
+    and on exit."""
+    before = [getattr(layer.adapters, attribute) for layer in layers]
+    for layer, value in zip(layers, values, strict=True):
+        setattr(layer.adapters, attribute, value)
+    drop_compiled_functions(model)
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before, strict=True):
+            setattr(layer.adapters, attribute, value)
+        drop_compiled_functions(model)
