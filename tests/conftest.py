@@ -1,9 +1,45 @@
+import gc
+
 import keras
 import pytest
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "worker_backend(name): the test judges a child process that runs Keras "
+        "on backend `name` whatever this process's backend is, so it runs once, "
+        "in that backend's pass (tests/run_all_backends.py), and is deselected "
+        "in the others",
+    )
+
+
 def pytest_report_header(config):
     return f"keras backend: {keras.backend.backend()}"
+
+
+def pytest_collection_modifyitems(config, items):
+    # A child process on a fixed backend gives the same result whichever
+    # backend the parent runs; judging it in all three passes would triple
+    # the suite's slowest tests and test nothing more.
+    backend = keras.backend.backend()
+    keep, other = [], []
+    for item in items:
+        mark = item.get_closest_marker("worker_backend")
+        (other if mark and mark.args[0] != backend else keep).append(item)
+    if other:
+        config.hook.pytest_deselected(items=other)
+        items[:] = keep
+
+
+def pytest_collection_finish(session):
+    # Keras runs gc.collect() in Layer.__delattr__ (every `model.quantize`
+    # deletes kernels) and elsewhere. With TensorFlow, JAX, torch and
+    # transformers imported the heap holds ~850k objects and one collection
+    # takes ~1 s: quantizing a tiny GPT-2 took 16 s. Freezing what the
+    # imports made leaves collections only the tests' own objects to scan.
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)

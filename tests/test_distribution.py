@@ -3,9 +3,10 @@ and torch DDP.
 
 Device setup must happen before JAX or TensorFlow starts (8 virtual CPU
 devices for JAX, 2 logical CPUs for TensorFlow), so the training checks run
-in separate processes (tests/dist_worker.py) and report JSON; these tests
-judge it, under any Keras backend. The layout-map checks run in this
-process: building a `LayoutMap` needs no devices.
+in separate processes (tests/dist_worker.py) and report JSON; each worker's
+tests run in its own backend's pass of the suite (`worker_backend` marks,
+tests/conftest.py). The layout-map checks run in this process on every
+backend: building a `LayoutMap` needs no devices.
 """
 
 from __future__ import annotations
@@ -246,10 +247,12 @@ def test_distribute_lora_errors():
 # ------------------------------------------- JAX: 8 virtual CPU devices
 
 
+@pytest.mark.worker_backend("jax")
 def test_jax_worker_has_eight_devices(jax_run):
     assert jax_run["devices"] == 8
 
 
+@pytest.mark.worker_backend("jax")
 def test_data_parallel_trains_like_one_device(jax_run):
     np.testing.assert_allclose(
         jax_run["dp_losses"], jax_run["single_losses"], atol=TOL, rtol=0
@@ -260,6 +263,7 @@ def test_data_parallel_trains_like_one_device(jax_run):
         assert spec == [None] * len(spec), path
 
 
+@pytest.mark.worker_backend("jax")
 def test_model_parallel_trains_like_one_device(jax_run):
     losses = jax_run["mp_losses"]
     np.testing.assert_allclose(losses, jax_run["single_losses"], atol=TOL, rtol=0)
@@ -267,6 +271,7 @@ def test_model_parallel_trains_like_one_device(jax_run):
     assert jax_run["mp_logits_diff"] <= TOL
 
 
+@pytest.mark.worker_backend("jax")
 def test_model_parallel_layouts(jax_run):
     # Base weights and the LoRA factors made by inject_lora in the scope.
     assert len(jax_run["mp_specs"]) == 60
@@ -274,6 +279,7 @@ def test_model_parallel_layouts(jax_run):
     assert jax_run["mp_specs_after_fit"] == jax_run["mp_specs"]
 
 
+@pytest.mark.worker_backend("jax")
 def test_merge_on_sharded_model(jax_run):
     assert jax_run["mp_merged_lora_layers"] == 0
     assert jax_run["mp_merge_diff"] <= TOL
@@ -282,6 +288,7 @@ def test_merge_on_sharded_model(jax_run):
     _assert_specs(jax_run["mp_merged_specs"])
 
 
+@pytest.mark.worker_backend("jax")
 def test_adapter_between_sharded_and_single_device(jax_run):
     assert jax_run["mp_to_single_factors_equal"]
     assert jax_run["mp_to_single_logits_diff"] <= TOL
@@ -291,6 +298,7 @@ def test_adapter_between_sharded_and_single_device(jax_run):
     _assert_specs(jax_run["single_to_mp_specs"])
 
 
+@pytest.mark.worker_backend("jax")
 def test_distribute_lora_lays_out_factors_made_outside_the_scope(jax_run):
     assert set(jax_run["late_specs_before"].values()) == {"single-device"}
     _assert_specs(jax_run["late_specs_after"])
@@ -305,6 +313,7 @@ def test_distribute_lora_lays_out_factors_made_outside_the_scope(jax_run):
         assert spec == expected_axes(path, len(spec)), key
 
 
+@pytest.mark.worker_backend("jax")
 def test_predict_after_merge_on_sharded_model(jax_run):
     # merge_lora drops the compiled predict step, whose out_shardings
     # still listed the LoRA factors.
@@ -313,6 +322,7 @@ def test_predict_after_merge_on_sharded_model(jax_run):
     assert result.get("diff", 1.0) <= TOL, result
 
 
+@pytest.mark.worker_backend("jax")
 def test_layout_map_docstring_example(jax_run):
     assert jax_run["doctest"]["attempted"] > 0
     assert jax_run["doctest"]["failed"] == 0
@@ -321,6 +331,7 @@ def test_layout_map_docstring_example(jax_run):
 # ------------------------------ TensorFlow: MirroredStrategy on 2 CPUs
 
 
+@pytest.mark.worker_backend("tensorflow")
 def test_mirrored_strategy_trains_like_one_device(tf_run):
     assert tf_run["replicas"] == 2
     # Made inside strategy.scope(), the factors and kernels are mirrored.
@@ -332,6 +343,7 @@ def test_mirrored_strategy_trains_like_one_device(tf_run):
     assert tf_run["mirrored_logits_diff"] <= TOL
 
 
+@pytest.mark.worker_backend("tensorflow")
 def test_mirrored_strategy_adapter_and_merge(tf_run):
     assert tf_run["mirrored_to_single_factors_equal"]
     assert tf_run["mirrored_to_single_logits_diff"] <= TOL
@@ -341,6 +353,7 @@ def test_mirrored_strategy_adapter_and_merge(tf_run):
     assert tf_run["merge_diff"] <= TOL
 
 
+@pytest.mark.worker_backend("tensorflow")
 def test_predict_after_merge_on_tensorflow(tf_run):
     assert tf_run["merged_predict_reset"]["diff"] <= TOL
     # merge_lora drops the cached tf.function that still ran the LoRA path.
@@ -350,6 +363,7 @@ def test_predict_after_merge_on_tensorflow(tf_run):
 # -------------------------------------------- torch: DDP, 2 CPU processes
 
 
+@pytest.mark.worker_backend("torch")
 def test_torch_ddp_trains_like_one_device(torch_runs):
     rank0, rank1 = sorted(torch_runs, key=lambda r: r["rank"])
     # Only the 24 LoRA factors (2 blocks x 6 layers x A, B) get gradients.

@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_BACKEND = "jax"
+# What these tests check is the install, not a backend: the children run
+# once per suite, in the JAX pass (tests/conftest.py).
+pytestmark = pytest.mark.worker_backend("jax")
 # The demo's smallest settings: 2 fine-tuning steps, one timed step per run.
 SMALL_DEMO = [
     "--steps", "2", "--compare-steps", "1", "--warmup", "1", "--eval-batches",
@@ -98,11 +100,6 @@ def test_installed_package_comes_from_the_wheel(site, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != DEMO_BACKEND,
-    reason=f"the installed demo runs once per suite, under {DEMO_BACKEND} "
-    "(about 2 minutes; what it tests is the install, not the backend)",
-)
 def test_installed_demo_runs_from_an_empty_directory(site, tmp_path):
     proc = run_installed(
         site, ["demo", "--arch", "tiny", "--out", "d", *SMALL_DEMO], tmp_path
