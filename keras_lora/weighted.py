@@ -48,12 +48,13 @@ def add_weighted_adapter(
 
     As PEFT's `add_weighted_adapter`: every layer holding one of
     `adapters` gets the new adapter (inactive and frozen, like any added
-    adapter: `set_adapter(model, adapter_name)` uses it). Its rank is the
-    same on every layer, PEFT's: the sum of the adapters' ranks ("cat"),
-    their common rank ("linear"), `svd_rank` or the largest rank ("svd"),
-    where an adapter's rank is its largest over the layers; a layer where
-    the combination needs fewer columns gets zero ones. With a single
-    adapter the combination is "linear", as in PEFT.
+    adapter: `set_adapter(model, adapter_name)` uses it). Its rank is
+    PEFT's: the sum of the adapters' ranks ("cat") or `svd_rank`, by
+    default the largest rank ("svd"), the same on every layer, where an
+    adapter's rank is its largest over the layers and a layer needing
+    fewer columns gets zero ones; "linear" keeps the adapters' common rank
+    on each layer. With a single adapter the combination is "linear", as
+    in PEFT.
 
     "svd" truncates each Keras layer's update on its own. Where several
     layers form one fused Hugging Face module (GPT-2's query, key and
@@ -117,6 +118,7 @@ def add_weighted_adapter(
             f"`combination` must be one of {COMBINATIONS}. Received: "
             f"combination={combination!r}"
         )
+    _check_svd(svd_rank, svd_clamp)
     if len(names) == 1:
         combination = "linear"  # As PEFT: one adapter is only re-weighted.
     chosen = [x for x in layers if any(n in x.adapters for n in names)]
@@ -134,33 +136,32 @@ def add_weighted_adapter(
             )
         rank = ranks[0]
     else:
-        rank = _check_svd(svd_rank, svd_clamp) or max(ranks)
-    if combination == "linear":
-        for layer in chosen:
-            here = {layer.adapters[n].rank for n in names if n in layer.adapters}
-            if here != {rank}:
-                raise ValueError(
-                    f"combination='linear' needs every adapter at rank {rank} "
-                    f"on every layer; layer '{layer.name}' has ranks "
-                    f"{sorted(here)}. Use 'cat' or 'svd'."
-                )
-    factors = {}
+        rank = svd_rank or max(ranks)
+    factors, settings = {}, {}
     for layer in chosen:
         present = [(layer.adapters[n], w) for n, w in zip(names, weights, strict=True)
                    if n in layer.adapters]  # fmt: skip
+        here = sorted({adapter.rank for adapter, _ in present})
+        if combination == "linear":
+            # The factors add: one rank per layer (PEFT's sum fails
+            # otherwise); a single adapter keeps each layer's own.
+            if len(here) > 1:
+                raise ValueError(
+                    "combination='linear' adds the factors, so the adapters "
+                    f"need one rank on each layer; layer '{layer.name}' has "
+                    f"ranks {here}. Use 'cat' or 'svd'."
+                )
+            rank = here[0]
         a, b = _combine(combination, present, rank, svd_clamp)
         factors[id(layer)] = (
             a.reshape(layer.split.in_shape + (rank,)),
             b.reshape((rank,) + layer.split.out_shape),
         )
-    settings = {
-        id(layer): dict(
+        settings[id(layer)] = dict(
             rank=rank,
             alpha=float(rank),  # Scale 1: the scales are in the factors.
-            dropout=next(a.dropout for a, _ in _present(layer, names)),
+            dropout=present[0][0].dropout,  # PEFT: the first adapter's.
         )
-        for layer in chosen
-    }
     add_named_adapter(model, settings, adapter_name, index=index)
     for layer in LayerIndex(model).lora_layers():
         if adapter_name in layer.adapters:
@@ -169,10 +170,6 @@ def add_weighted_adapter(
             new.lora_a.assign(a.astype("float32"))
             new.lora_b.assign(b.astype("float32"))
     return model
-
-
-def _present(layer, names):
-    return [(layer.adapters[n], n) for n in names if n in layer.adapters]
 
 
 def _check_weights(weights, names, known) -> list[float]:

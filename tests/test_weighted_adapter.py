@@ -151,7 +151,7 @@ def test_bad_input_is_a_value_error_and_changes_nothing(args, kwargs, match):
     np.testing.assert_array_equal(to_numpy(model(X)), out_a)
 
 
-def test_linear_refuses_ranks_that_differ_on_one_layer():
+def test_linear_keeps_each_layers_rank_and_refuses_mixed_ranks():
     model = keras.Sequential(
         [
             keras.Input((4,)),
@@ -168,6 +168,15 @@ def test_linear_refuses_ranks_that_differ_on_one_layer():
     with pytest.raises(ValueError, match="layer 'p' has ranks \\[1, 2\\]"):
         add_weighted_adapter(model, ["default", "b"], [1, 1], "m", "linear")
     assert adapter_names(model) == ["default", "b"]
+    # One adapter with a rank per layer (PEFT's rank_pattern) keeps them.
+    randomize(model, "default", 3)
+    add_weighted_adapter(model, ["default"], [-2.0], "m", "cat")
+    p, q = lora_layers(model)
+    assert (p.adapters["m"].rank, q.adapters["m"].rank) == (2, 1)
+    for name, update in updates(model, "m").items():
+        np.testing.assert_allclose(
+            update, -2 * updates(model, "default")[name], atol=1e-5
+        )
 
 
 # --- against PEFT -----------------------------------------------------------
