@@ -27,6 +27,7 @@ from keras_lora.interop import export_hf_model, export_peft, import_peft
 from keras_lora.layer import LoraLayer
 from keras_lora.merge import merge_lora
 from keras_lora.version import __version__ as __version__
+from keras_lora.weighted import add_weighted_adapter
 
 __all__ = [
     "AdapterCheckpoint",
@@ -34,6 +35,7 @@ __all__ = [
     "LoraLayer",
     "active_adapters",
     "adapter_batch",
+    "add_weighted_adapter",
     "adapter_names",
     "delete_adapter",
     "disable_lora",

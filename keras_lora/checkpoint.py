@@ -9,6 +9,8 @@ import shutil
 import keras
 
 from keras_lora.adapter import save_adapter
+from keras_lora.adapters import adapter_names
+from keras_lora.multi import check_adapter_name
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 
@@ -31,6 +33,10 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         every_n_steps: save after every N training steps; `None` for never.
         save_at_epoch_end: also save when an epoch ends.
         keep: how many checkpoints to keep (the newest); `None` keeps all.
+        adapter_name: which adapter each checkpoint saves (a checkpoint
+            holds one); may be left out when the model holds one. Checked
+            when training begins: a model holding several adapters needs
+            it, and it must be one of them.
 
     Example:
 
@@ -55,8 +61,11 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         every_n_steps: int | None = None,
         save_at_epoch_end: bool = True,
         keep: int | None = 3,
+        adapter_name: str | None = None,
     ):
         super().__init__()
+        if adapter_name is not None:
+            check_adapter_name(adapter_name)
         if every_n_steps is not None and (
             not isinstance(every_n_steps, int) or every_n_steps <= 0
         ):
@@ -77,6 +86,7 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         self.every_n_steps = every_n_steps
         self.save_at_epoch_end = save_at_epoch_end
         self.keep = keep
+        self.adapter_name = adapter_name
         self.steps = 0  # Optimizer steps taken, as of the last callback.
         self._epoch_start = 0
         self._saved_at: int | None = None
@@ -94,6 +104,26 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         """The newest checkpoint directory, or None."""
         checkpoints = self.checkpoints
         return checkpoints[-1] if checkpoints else None
+
+    def on_train_begin(self, logs=None):
+        # Fail before training rather than at the first save, steps later.
+        known = adapter_names(self.model)
+        if not known:
+            raise ValueError(
+                f"AdapterCheckpoint: model '{self.model.name}' has no LoRA "
+                "adapter to save. Call `inject_lora(model)` before `fit`."
+            )
+        if self.adapter_name is None and len(known) > 1:
+            raise ValueError(
+                f"AdapterCheckpoint: model '{self.model.name}' holds adapters "
+                f"{known}; a checkpoint holds one. Pass "
+                "`AdapterCheckpoint(..., adapter_name=...)`."
+            )
+        if self.adapter_name is not None and self.adapter_name not in known:
+            raise ValueError(
+                f"AdapterCheckpoint: model '{self.model.name}' has no adapter "
+                f"{self.adapter_name!r}; its adapters are {known}."
+            )
 
     def on_epoch_begin(self, epoch, logs=None):
         # The optimizer's step counter is read once an epoch and when a
@@ -135,7 +165,7 @@ class AdapterCheckpoint(keras.callbacks.Callback):
     def _save(self) -> None:
         self._saved_at = self.steps
         target = os.path.join(self.directory, f"step-{self.steps:08d}")
-        save_adapter(self.model, target)
+        save_adapter(self.model, target, adapter_name=self.adapter_name)
         if self.keep is not None:
             for old in self.checkpoints[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)

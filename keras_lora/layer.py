@@ -228,6 +228,27 @@ class LoraLayer(keras.layers.Layer):
             seed=self.seed,
             adapter_name=self.adapter_name,
         )
+        # Later adapters and the active set: without them a reloaded model
+        # would miss the other adapters' variables. Listed in the order
+        # their variables were made, which is the order Keras saves them.
+        # (A first adapter promoted by `delete_adapter` comes back with its
+        # factors named "lora_a"/"lora_b", as a first adapter's are.)
+        state = self.adapters
+        later = [a for a in state.by_name.values() if a is not state.first]
+        if later:
+            config["more_adapters"] = [
+                dict(
+                    name=a.name,
+                    rank=a.rank,
+                    alpha=a.alpha,
+                    dropout=a.dropout,
+                    use_rslora=a.use_rslora,
+                    seed=a.seed,
+                )
+                for a in later
+            ]
+        if later or state.active != (self.adapter_name,):
+            config["active_adapters"] = list(state.active)
         return config
 
     @classmethod
@@ -235,9 +256,21 @@ class LoraLayer(keras.layers.Layer):
         config = dict(config)
         original = keras.saving.deserialize_keras_object(config.pop("original_layer"))
         build_config = config.pop("original_build_config", None)
+        more = config.pop("more_adapters", [])
+        active = config.pop("active_adapters", None)
         if build_config and not original.built:
             original.build_from_config(build_config)
-        return cls(original, **config)
+        layer = cls(original, **config)
+        for settings in more:
+            settings = dict(settings)
+            multi.add_adapter(layer, settings.pop("name"), **settings)
+        if active is not None:
+            layer.adapters.active = tuple(active)
+        # Only the active adapters train, as `set_adapter` left them.
+        trainable = {id(v) for v in layer.lora_variables(active_only=True)}
+        for variable in layer.lora_variables():
+            variable.trainable = id(variable) in trainable
+        return layer
 
     def unwrap(self) -> keras.layers.Layer:
         """Give the wrapped layer its activation back and return it."""

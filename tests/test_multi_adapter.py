@@ -1,5 +1,7 @@
 """Several named adapters: switch, disable, delete, files, merge, mixed batches."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -273,12 +275,14 @@ def test_gpt2_generate_in_a_mixed_batch_matches_each_adapter():
     np.testing.assert_array_equal(mixed[2], alone["b"][2])
 
 
-def test_export_peft_refuses_a_model_with_several_adapters(tmp_path):
+def test_export_peft_needs_a_known_adapter_name_with_several_adapters(tmp_path):
     lm = tiny_gpt2_lm()
     inject_lora(lm, rank=2)
     inject_lora(lm, rank=2, adapter_name="second")
-    with pytest.raises(ValueError, match="several adapters"):
+    with pytest.raises(ValueError, match="several adapters.*adapter_name="):
         export_peft(lm, tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"\['default', 'second'\]"):
+        export_peft(lm, tmp_path / "peft", adapter_name="third")
     assert not (tmp_path / "peft").exists()
 
 
@@ -297,3 +301,78 @@ def test_the_same_name_grows_onto_more_layers_with_their_own_rank():
     assert {x.name: x.rank for x in lora_layers(model)} == {"up": 2, "down": 3}
     assert active_adapters(model) == ["default"]
     assert len(model.trainable_weights) == 4
+
+
+def adapter_settings(model) -> dict:
+    """Per layer and adapter: rank, alpha, scale, dropout; and the active set."""
+    return {
+        (layer.name, name): (a.rank, a.alpha, a.scale, a.dropout)
+        for layer in lora_layers(model)
+        for name, a in layer.adapters.by_name.items()
+    }
+
+
+@pytest.mark.parametrize("delete_first", [False, True])
+def test_model_save_keeps_every_adapter(tmp_path, delete_first):
+    model, _, _, _ = two_adapters()
+    inject_lora(model, rank=1, alpha=3.0, dropout=0.2, targets="down", adapter_name="c")
+    randomize(model, "c", 5)
+    if delete_first:  # "b" becomes the first adapter of "up".
+        delete_adapter(model, "default")
+    set_adapter(model, ["b", "c"])
+    model.save(tmp_path / "m.keras")
+    restored = keras.saving.load_model(tmp_path / "m.keras")
+    assert adapter_names(restored) == adapter_names(model)
+    assert active_adapters(restored) == ["b", "c"]
+    assert adapter_settings(restored) == adapter_settings(model)
+    # The same factors train (a promoted first adapter's come back named
+    # "lora_a"/"lora_b", as the first adapter's always are).
+    names = [re.sub("^(lora_[ab])_b$", r"\1", w.name) for w in model.trainable_weights]
+    if not delete_first:
+        names = [w.name for w in model.trainable_weights]
+    assert [w.name for w in restored.trainable_weights] == names
+    np.testing.assert_array_equal(to_numpy(restored(X)), to_numpy(model(X)))
+    for name in adapter_names(model):
+        set_adapter(model, name)
+        set_adapter(restored, name)
+        np.testing.assert_array_equal(to_numpy(restored(X)), to_numpy(model(X)))
+
+
+def test_merge_lora_adds_exactly_the_chosen_adapters():
+    model, base, out_a, out_b = two_adapters()
+    assert active_adapters(model) == ["default"]
+    merge_lora(model, adapter_names="b")  # Not the active one.
+    np.testing.assert_allclose(to_numpy(model(X)), out_b, atol=1e-5)
+    model, base, out_a, out_b = two_adapters()
+    set_adapter(model, ["default", "b"])
+    both = to_numpy(model(X))
+    set_adapter(model, "b")
+    merge_lora(model, adapter_names=["default", "b"])
+    np.testing.assert_allclose(to_numpy(model(X)), both, atol=1e-5)
+    model, _, _, _ = two_adapters()
+    with pytest.raises(ValueError, match=r"\['default', 'b'\]"):
+        merge_lora(model, adapter_names="c")
+    assert adapter_names(model) == ["default", "b"]
+
+
+def test_layout_map_lays_out_every_adapter_like_the_first():
+    from keras_lora import gpt2_layout_map
+    from tests.test_distribution import _mesh, expected_axes
+
+    lm = tiny_gpt2_lm(num_heads=4)
+    inject_lora(lm, rank=2, targets=("query", "value"))
+    inject_lora(lm, rank=4, targets=("query", "attention_output"), adapter_name="b")
+    layout_map = gpt2_layout_map(_mesh())
+    later = 0
+    for variable in lm.weights:
+        path, ndim = variable.path, len(variable.shape)
+        keys = [k for k in layout_map if re.search(k, path)]
+        assert len(keys) <= 1, (path, keys)
+        layer, name = path.split("/")[-2:]
+        if name.startswith(("lora_a_", "lora_b_")):
+            later += 1
+            first = path[: -len("_b")]  # ".../query/lora_a_b" -> "/lora_a".
+            layout = layout_map[path]
+            assert layout is not None, path
+            assert list(layout.axes) == expected_axes(first, ndim), path
+    assert later == 2 * 2  # "b" on the query of each of the two blocks.

@@ -21,7 +21,15 @@ import peft  # noqa: E402
 import safetensors.numpy  # noqa: E402
 import transformers  # noqa: E402
 
-from keras_lora import LoraLayer, inject_lora, lora_layers, merge_lora  # noqa: E402
+from keras_lora import (  # noqa: E402
+    LoraLayer,
+    adapter_names,
+    inject_lora,
+    lora_layers,
+    merge_lora,
+    set_adapter,
+)
+from keras_lora.adapters import active_adapters  # noqa: E402
 from keras_lora.families import GPT2  # noqa: E402
 from keras_lora.interop import (  # noqa: E402
     export_hf_model,
@@ -471,12 +479,48 @@ def test_import_refuses_dora(hf_dir, tmp_path):
     _assert_unchanged(lm, before)
 
 
-def test_import_refuses_model_with_lora(hf_dir, tmp_path):
+def test_import_refuses_a_name_the_model_holds(hf_dir, tmp_path):
     adapter = peft_adapter(hf_dir, tmp_path, target_modules=["c_attn"])
     lm = ph.keras_lm(hf_dir)
     inject_lora(lm, targets=("query",))
-    with pytest.raises(ValueError, match="already has LoraLayers"):
-        import_peft(lm, adapter)
+    inject_lora(lm, targets=("query",), adapter_name="b")
+    before = snapshot(lm)
+    for name in ("default", "b"):
+        with pytest.raises(ValueError, match=r"holds adapter .*\['default', 'b'\]"):
+            import_peft(lm, adapter, adapter_name=name)
+    after = snapshot(lm)
+    assert after.keys() == before.keys()
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value)
+
+
+def test_export_and_import_one_of_several_adapters(hf_dir, ids, base_logits, tmp_path):
+    lm = ph.keras_lm(hf_dir)
+    inject_lora(lm, rank=2, alpha=4.0, targets=("query", "value"))
+    inject_lora(lm, rank=3, alpha=6.0, targets=("query", "attention_output"),
+                adapter_name="b")  # fmt: skip
+    rng = np.random.default_rng(0)
+    for layer in lora_layers(lm):
+        for name in layer.adapters.names:
+            b = layer.adapters[name].lora_b
+            b.assign(rng.normal(0, 0.5, b.shape).astype("float32"))
+    logits = {}
+    for name in ("default", "b"):
+        set_adapter(lm, name)
+        logits[name] = ph.keras_outputs(lm, ids)
+        assert_adapter_matters(logits[name], base_logits)
+        adapter = export_peft(lm, tmp_path / name, adapter_name=name)
+        model = peft.PeftModel.from_pretrained(ph.hf_lm(hf_dir), adapter).eval()
+        assert_close(ph.torch_outputs(model, ids), logits[name])
+    # Into a model holding an adapter, an import adds one beside it.
+    fresh = ph.keras_lm(hf_dir)
+    import_peft(fresh, tmp_path / "default")
+    import_peft(fresh, tmp_path / "b", adapter_name="b")
+    assert adapter_names(fresh) == ["default", "b"]
+    assert active_adapters(fresh) == ["default"]
+    assert_close(ph.keras_outputs(fresh, ids), logits["default"])
+    set_adapter(fresh, "b")
+    assert_close(ph.keras_outputs(fresh, ids), logits["b"])
 
 
 def test_import_refuses_other_models(tmp_path):

@@ -5,7 +5,9 @@ that matches two keys raises. Every key built here is anchored at both ends
 and names the variable itself ("/kernel", "/lora_a", "/lora_b"), so a key
 meant for a kernel never catches a LoRA factor (Keras issue 19496: keys
 like "decoder_block.*attention.*(query|key|value).*kernel" also caught
-".../query/lora_kernel_a" and gave it the kernel's layout). The anchors
+".../query/lora_kernel_a" and gave it the kernel's layout). A factor's
+key also matches the factors of the layer's later adapters
+(".../lora_a_<adapter name>"), which take the first adapter's layout. The anchors
 make the keys mean the same under `re.fullmatch` (Keras 3.15) and
 `re.search` (earlier Keras 3), and `(?:.*/)?` lets the model sit under any
 parent path. Variables no key matches (biases, layer norms) are
@@ -22,6 +24,8 @@ from keras_lora.families.family import HIDDEN, MODEL, Family
 
 # Any parent path (a backbone inside a task model, a model inside another).
 _ANY = r"^(?:.*/)?"
+# "_<adapter name>" after a factor's name, or nothing (the first adapter).
+_ADAPTER_SUFFIX = r"(?:_[A-Za-z0-9_.-]+)?"
 
 
 def layout_map(
@@ -100,7 +104,12 @@ def layout_map(
     for role, variables in family.sharding.projections.items():
         projection = _ANY + block + "/" + re.escape(family.projection(role).path)
         for variable, layout in variables.items():
-            layouts[f"{projection}/{re.escape(variable)}$"] = resolve(layout)
+            key = re.escape(variable)
+            if variable.startswith("lora_"):
+                # A layer's later adapters name their factors
+                # "lora_a_<adapter>" (`keras_lora.multi`): same layouts.
+                key += _ADAPTER_SUFFIX
+            layouts[f"{projection}/{key}$"] = resolve(layout)
     return layouts
 
 

@@ -38,13 +38,14 @@ import keras
 import numpy as np
 
 from keras_lora.families import FAMILIES, Family, family_of
-from keras_lora.injection import wrap_layers
+from keras_lora.injection import add_named_adapter, wrap_layers
 from keras_lora.interop import peft_format
 from keras_lora.interop.hf_layout import HfLayout, hf_layout
 from keras_lora.interop.peft_format import PeftModule
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.layer import LoraLayer
-from keras_lora.surgery import walk_layers
+from keras_lora.multi import check_adapter_name, names_in
+from keras_lora.surgery import LayerIndex, walk_layers
 
 # Every PEFT key starts with this (PeftModel's `base_model.model`).
 _KEY_ROOT = "base_model.model."
@@ -108,6 +109,7 @@ def export_peft(
     *,
     hf_model: str | None = None,
     base_model_name_or_path: str | None = None,
+    adapter_name: str | None = None,
 ) -> str:
     """Write the LoRA factors of a keras-hub model as a PEFT adapter.
 
@@ -129,13 +131,16 @@ def export_peft(
             family's `hf_model_prefixes`; by default the first (the class
             with the language-model head).
         base_model_name_or_path: recorded in the config for reference.
+        adapter_name: which adapter to write (a PEFT directory holds one);
+            required when the model holds several.
 
     Returns:
         The directory path, as a string.
 
     Raises:
         ValueError: if the model is of no known family, has no `LoraLayer`,
-            has one on a layer the family has no PEFT module for, or its
+            holds several adapters and `adapter_name` is missing or names
+            none of them, has one on a layer the family has no PEFT module for, or its
             factors need what one PEFT config cannot say: roles of one
             fused module with different scales, or different dropout rates.
 
@@ -174,19 +179,12 @@ def export_peft(
             f"Model '{model.name}' has no LoraLayer to export. Call "
             "`inject_lora(model)` first."
         )
-    several = sorted({n for layer in wrapped for n in layer.adapters.names})
-    if len(several) > 1:
-        # A PEFT directory holds one adapter, and the factors read below are
-        # each layer's first: never export one adapter in place of another.
-        raise ValueError(
-            f"Model '{model.name}' holds several adapters {several}; "
-            "export_peft writes one. `delete_adapter` the others (or "
-            "`save_adapter(..., adapter_name=...)` to keep them apart) first."
-        )
-    use_rslora = all(layer.use_rslora for layer in wrapped)
+    name = _adapter_to_export(model, wrapped, adapter_name)
+    adapters = [layer.adapters[name] for layer in wrapped if name in layer.adapters]
+    use_rslora = all(adapter.use_rslora for adapter in adapters)
     modules = {
-        (block, module): _fused_module(found, block, module, layers, use_rslora)
-        for (block, module), layers in _group_by_module(found).items()
+        (block, module): _fused_module(found, block, module, records, use_rslora)
+        for (block, module), records in _group_by_module(found, name).items()
     }
     names = {key: _module_name(family, *key) for key in modules}
     targets = sorted({module for _, module in modules})
@@ -197,7 +195,7 @@ def export_peft(
         {names[key]: fused for key, fused in modules.items()},
         target_modules=targets,
         use_rslora=use_rslora,
-        dropout=_common_dropout(wrapped),
+        dropout=_common_dropout(adapters),
         fan_in_fan_out=family.fan_in_fan_out,
         task_type=family.hf_task_types.get(hf_model),
         base_model_name_or_path=base_model_name_or_path,
@@ -215,6 +213,7 @@ def import_peft(
     path: str | os.PathLike,
     *,
     seed: int | None = None,
+    adapter_name: str = "default",
 ) -> keras.layers.Layer:
     """Load a Hugging Face PEFT LoRA adapter into a keras-hub model.
 
@@ -226,17 +225,22 @@ def import_peft(
     `rank_pattern`, `alpha_pattern`, `use_rslora` and `lora_dropout` carry
     over. The model must hold the base weights the adapter was trained on
     (keras-hub's `from_preset` reads a Hugging Face checkpoint directory).
+    Into a model that holds other adapters, it is added beside them,
+    inactive, as `inject_lora(..., adapter_name=...)` adds one
+    (`set_adapter(model, adapter_name)` uses it).
 
     Everything is checked before the model changes: on error it is left as
     it was.
 
     Args:
         model: a keras-hub backbone or task model of a family in
-            `keras_lora.families`, without `LoraLayer`s.
+            `keras_lora.families`, with or without adapters.
         path: a PEFT adapter directory (`adapter_config.json` and
             `adapter_model.safetensors`), as written by PEFT's
             `save_pretrained` or `export_peft`.
         seed: seed for the LoRA dropout.
+        adapter_name: the name the adapter gets in the model; not one it
+            holds already.
 
     Returns:
         The same model, modified in place.
@@ -244,7 +248,8 @@ def import_peft(
     Raises:
         ValueError: if a file is missing (or only a pickled
             `adapter_model.bin` exists), the model is of no known family or
-            already has `LoraLayer`s, or the adapter cannot be mapped
+            already holds an adapter `adapter_name` (the message lists its
+            adapters), or the adapter cannot be mapped
             exactly: not LoRA, DoRA, `bias` other than "none", base-weight
             rewriting initialisations (PiSSA, OLoRA, LoftQ, ...), other
             options that change the forward pass, an adapter recorded for
@@ -255,10 +260,13 @@ def import_peft(
     """
     found = _locate(model)
     family = found.family
-    if found.lora:
+    check_adapter_name(adapter_name)
+    known = list(names_in(layer for _, layer in found.lora))
+    if adapter_name in known:
         raise ValueError(
-            f"Model '{model.name}' already has LoraLayers. Import a PEFT "
-            "adapter into a model without LoRA (merge or rebuild it first)."
+            f"Model '{model.name}' already holds adapter {adapter_name!r} "
+            f"(adapters: {known}). Import it under another `adapter_name=`, "
+            "or `delete_adapter` / `merge_lora` first."
         )
     path = os.fspath(path)
     config = peft_format.read_config(path)
@@ -270,27 +278,33 @@ def import_peft(
         use_rslora=bool(config.get("use_rslora", False)),
         seed=seed,
     )
-    # One call wraps every layer, each with its module's rank and alpha,
-    # and freezes the rest, as `inject_lora` does.
-    wrap_layers(
-        model,
-        {
-            id(found.layer(block, role)): dict(
-                common, rank=fused.rank, alpha=fused.alpha
-            )
-            for (block, module), fused in modules.items()
-            for role in family.hf_modules[module]
-        },
-    )
+    settings = {
+        id(found.layer(block, role)): dict(common, rank=fused.rank, alpha=fused.alpha)
+        for (block, module), fused in modules.items()
+        for role in family.hf_modules[module]
+    }
+    if found.lora:
+        # Beside the adapters there: wrapped layers get more factors.
+        add_named_adapter(model, settings, adapter_name, index=LayerIndex(model))
+    else:
+        # One call wraps every layer, each with its module's rank and
+        # alpha, and freezes the rest, as `inject_lora` does.
+        wrap_layers(
+            model,
+            {key: dict(kw, adapter_name=adapter_name) for key, kw in settings.items()},
+        )
     for (block, module), fused in modules.items():
         row = 0
         for role in family.hf_modules[module]:
-            layer = found.wrapper(block, role)
+            layer = found.layer(block, role)
+            if not isinstance(layer, LoraLayer):
+                layer = found.wrapper(block, role)
+            adapter = layer.adapters[adapter_name]
             layout = found.hf_layout(block, role)
             rows = slice(row, row + layout.fan_out)
             row = rows.stop
-            layer.lora_a.assign(layout.a_from_hf(fused.lora_a))
-            layer.lora_b.assign(layout.b_from_hf(fused.lora_b[rows]))
+            adapter.lora_a.assign(layout.a_from_hf(fused.lora_a))
+            adapter.lora_b.assign(layout.b_from_hf(fused.lora_b[rows]))
     return model
 
 
@@ -323,13 +337,34 @@ def _locate(model) -> _Located:
     return _Located(family, backbone, layers, lora, num_blocks)
 
 
+def _adapter_to_export(model, wrapped, adapter_name) -> str:
+    """The adapter `export_peft` writes: `adapter_name`, or the only one."""
+    known = list(names_in(wrapped))
+    if adapter_name is None:
+        if len(known) > 1:
+            # A PEFT directory holds one adapter: never guess which.
+            raise ValueError(
+                f"Model '{model.name}' holds several adapters {known}; a PEFT "
+                "adapter directory holds one. Pass `adapter_name=` to say "
+                "which to export."
+            )
+        return known[0]
+    if adapter_name not in known:
+        raise ValueError(
+            f"Model '{model.name}' has no adapter {adapter_name!r}; its "
+            f"adapters are {known}."
+        )
+    return adapter_name
+
+
 def _module_name(family: Family, block: int, module: str) -> str:
     """A module's name below the model prefix: `hf_block`, then `module`."""
     return f"{family.hf_block.format(block=block)}.{module}"
 
 
-def _group_by_module(found: _Located) -> dict:
-    """The LoraLayers by PEFT module: `(block, module) -> {role: layer}`."""
+def _group_by_module(found: _Located, name: str) -> dict:
+    """Adapter `name`'s records by PEFT module: `(block, module) -> {role:
+    keras_lora.multi.Adapter}`, for the layers that hold it."""
     family = found.family
     where = {
         found.path(block, role): (block, role)
@@ -338,6 +373,8 @@ def _group_by_module(found: _Located) -> dict:
     }
     modules = {}
     for path, layer in found.lora:
+        if name not in layer.adapters:
+            continue
         if path not in where:
             raise ValueError(
                 f"LoraLayer '{layer.name}' wraps a layer that transformers' "
@@ -346,15 +383,16 @@ def _group_by_module(found: _Located) -> dict:
             )
         block, role = where[path]
         module = family.projection(role).hf_module
-        modules.setdefault((block, module), {})[role] = layer
+        modules.setdefault((block, module), {})[role] = layer.adapters[name]
     return dict(sorted(modules.items()))
 
 
 def _fused_module(found, block, module, layers, use_rslora) -> PeftModule:
     """The PEFT factors and alpha of one module from its Keras LoraLayers.
 
-    `layers` maps the module's wrapped roles to their LoraLayers; every
-    role of the module (wrapped or not) gives its rows of B.
+    `layers` maps the module's wrapped roles to the exported adapter's
+    records (`keras_lora.multi.Adapter`: rank, scale, factors); every role
+    of the module (wrapped or not) gives its rows of B.
     """
     roles = found.family.hf_modules[module]
     scales = {role: layer.scale for role, layer in layers.items()}
@@ -392,8 +430,8 @@ def _to_numpy(variable) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(variable.value), "float32")
 
 
-def _common_dropout(wrapped) -> float:
-    rates = {layer.dropout for layer in wrapped}
+def _common_dropout(adapters) -> float:
+    rates = {adapter.dropout for adapter in adapters}
     if len(rates) > 1:
         raise ValueError(
             "PEFT has one `lora_dropout` per adapter, but the LoraLayers use "
