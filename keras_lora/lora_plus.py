@@ -77,7 +77,7 @@ class LoraPlusOptimizer(keras.optimizers.Optimizer):
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="d")])
     >>> _ = inject_lora(model, rank=1, targets="d")
     >>> optimizer = LoraPlusOptimizer(keras.optimizers.SGD(0.01), ratio=16)
-    >>> float(optimizer.b_optimizer.learning_rate)
+    >>> round(float(optimizer.b_optimizer.learning_rate), 6)  # float32
     0.16
     >>> model.compile(optimizer=optimizer, loss="mse")
     """
