@@ -14,7 +14,8 @@ transposed.
 - pissa: K = U·diag(S)·Vh; A = U_r·sqrt(S_r / s), B = sqrt(S_r / s)·Vh_r,
   and the kernel becomes the residual K − s·A·B (PEFT's `pissa_init`).
   `"pissa_niter_K"` takes the top-r singular triplets from a randomised SVD
-  with K subspace iterations (as `torch.svd_lowrank`, seeded by `seed`).
+  with K subspace iterations (as `torch.svd_lowrank`; seeded by `seed`, 0
+  when it is `None`, so a run is repeatable).
 - olora: Kᵀ = Q·R; A = R_rᵀ, B = Q_rᵀ (PEFT's `olora_init`, no division
   by the scale), and the kernel becomes K − s·A·B.
 
@@ -34,7 +35,10 @@ factors A0, B0 as two frozen float32 variables (`initial_a`, `initial_b`,
 
 Such an adapter must be the only one on its layers: a second adapter would
 see the residual kernel, not the base, and nothing exact could be saved
-for it.
+for it. The decomposition runs in float64 on the host and the residual is
+rounded once into the kernel's dtype: with a float32 kernel the model at
+init equals the base to float32 rounding; a bfloat16/float16 kernel adds
+that dtype's rounding of the residual, as in PEFT.
 """
 
 from __future__ import annotations
@@ -164,7 +168,7 @@ def _randomised_svd(w, rank, niter, seed):
     """Halko et al.'s randomised SVD with `niter` subspace iterations: the
     algorithm of `torch.svd_lowrank(w, q=rank, niter=niter)` (PEFT's
     `pissa_niter_K`)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0 if seed is None else seed)
     q = np.linalg.qr(w @ rng.standard_normal((w.shape[1], rank)))[0]
     for _ in range(niter):
         q = np.linalg.qr(w.T @ q)[0]
