@@ -298,7 +298,7 @@ def test_pissa_layer_round_trips_through_model_save(tmp_path):
             np.testing.assert_allclose(out(loaded, x), out(model, x), rtol=0, atol=1e-6)
 
 
-def test_trained_pissa_gpt2_saves_and_exports_for_the_original_weights(tmp_path):
+def test_moved_pissa_gpt2_saves_and_exports_for_the_original_weights(tmp_path):
     pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from keras_lora import export_peft
@@ -310,14 +310,16 @@ def test_trained_pissa_gpt2_saves_and_exports_for_the_original_weights(tmp_path)
     base = ph.keras_outputs(lm, ids)
     inject_lora(lm, rank=2, alpha=4.0, targets=("query", "value"), init="pissa")
     np.testing.assert_allclose(ph.keras_outputs(lm, ids), base, rtol=0, atol=1e-5)
-    lm.compile(
-        optimizer=keras.optimizers.Adam(1e-2),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    data = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
-    lm.fit(data, ids, batch_size=2, epochs=3, verbose=0)
+    # Move both factors away from their start, as training does (a real
+    # `fit` is in `test_saved_pissa_adapter_applies_to_the_original_base`;
+    # compiling GPT-2's train step would cost this test 10 s on JAX).
+    rng = np.random.default_rng(0)
+    for layer in lora_layers(lm):
+        for factor in (layer.lora_a, layer.lora_b):
+            noise = rng.normal(0, 0.05, tuple(factor.shape)).astype("float32")
+            factor.assign(to_numpy(factor.value) + noise)
     trained = ph.keras_outputs(lm, ids)
-    assert np.abs(trained - base).max() > 1e-2  # Training moved the model.
+    assert np.abs(trained - base).max() > 1e-2
 
     save_adapter(lm, tmp_path / "adapter")
     fresh = load_adapter(ph.keras_lm(hf_dir), tmp_path / "adapter")
