@@ -96,6 +96,15 @@ class LoraPlusOptimizer(keras.optimizers.Optimizer):
                 f"Optimizer '{optimizer.name}' is already built (it has "
                 "stepped); LoRA+ needs a new one to split the variables."
             )
+        for option in ("loss_scale_factor", "gradient_accumulation_steps"):
+            # The wrapper steps once per batch and Keras scales the loss
+            # through the outer optimizer: inner ones must do neither.
+            if getattr(optimizer, option, None):
+                raise ValueError(
+                    f"LoraPlusOptimizer does not support `{option}` on the "
+                    "wrapped optimizer. For mixed precision, Keras wraps the "
+                    "LoraPlusOptimizer in a LossScaleOptimizer by itself."
+                )
         super().__init__(learning_rate=0.0, name=name or "lora_plus")
         self.ratio = float(ratio)
         self.base_optimizer = optimizer
@@ -163,6 +172,10 @@ class LoraPlusOptimizer(keras.optimizers.Optimizer):
     def learning_rate(self, learning_rate):
         self.base_optimizer.learning_rate = learning_rate
         self.b_optimizer.learning_rate = self._scaled(learning_rate)
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        self.base_optimizer.exclude_from_weight_decay(var_list, var_names)
+        self.b_optimizer.exclude_from_weight_decay(var_list, var_names)
 
     def finalize_variable_values(self, var_list):
         self.base_optimizer.finalize_variable_values(

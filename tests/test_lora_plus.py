@@ -11,7 +11,7 @@ from keras_lora import (
     lora_plus_optimizer,
     set_adapter,
 )
-from tests.helpers import to_numpy
+from tests.helpers import dtype_policy, to_numpy
 
 
 def adapted_model(second=True):
@@ -114,12 +114,28 @@ def test_whole_model_save_keeps_the_optimizer(tmp_path):
         np.testing.assert_array_equal(to_numpy(mine), to_numpy(theirs))
 
 
+def test_mixed_precision_wraps_it_in_a_loss_scale_optimizer():
+    with dtype_policy("mixed_float16"):
+        model = adapted_model(second=False)
+    model.compile(optimizer=lora_plus_optimizer("adam", 1e-2), loss="mse")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    x, y = data()
+    before = to_numpy(lora_layers(model)[0].lora_b.value).copy()
+    # The first steps overflow in float16 and are skipped while the loss
+    # scale comes down from 2**15 (TensorFlow: 6 of them), as with any
+    # optimizer.
+    history = model.fit(x, y, batch_size=4, epochs=5, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert np.abs(to_numpy(lora_layers(model)[0].lora_b.value) - before).max() > 0
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(optimizer="adam", ratio=0), "positive number"),
         (dict(optimizer="nonesuch"), "Cannot make optimizer"),
         (dict(optimizer=keras.optimizers.Adam(), learning_rate=0.1), "instance"),
+        (dict(optimizer="adam", loss_scale_factor=128.0), "loss_scale_factor"),
     ],
 )
 def test_bad_arguments_are_refused(kwargs, match):
