@@ -25,6 +25,7 @@ from keras_lora.injection import (
 )
 from keras_lora.interop import export_hf_model, export_peft, import_peft
 from keras_lora.layer import LoraLayer
+from keras_lora.lora_plus import LoraPlusOptimizer, lora_plus_optimizer
 from keras_lora.merge import merge_lora
 from keras_lora.version import __version__ as __version__
 from keras_lora.weighted import add_weighted_adapter
@@ -33,6 +34,7 @@ __all__ = [
     "AdapterCheckpoint",
     "GPUMemoryCallback",
     "LoraLayer",
+    "LoraPlusOptimizer",
     "active_adapters",
     "adapter_batch",
     "add_weighted_adapter",
@@ -49,6 +51,7 @@ __all__ = [
     "layer_paths",
     "load_adapter",
     "lora_layers",
+    "lora_plus_optimizer",
     "merge_lora",
     "print_trainable_parameters",
     "read_adapter_config",

@@ -34,6 +34,7 @@ import safetensors
 import safetensors.numpy
 
 from keras_lora.files import atomic_write
+from keras_lora.initialization import plain_factors
 from keras_lora.injection import add_named_adapter, wrap_layers
 from keras_lora.layer import LoraLayer, check_wrappable
 from keras_lora.multi import check_adapter_name
@@ -60,6 +61,12 @@ def save_adapter(
     shapes, the kernel dtype, the base model's class and a fingerprint of
     its architecture, and the package version. The write is atomic: an
     interrupted save leaves an earlier adapter at `path` loadable.
+
+    A PiSSA/OLoRA adapter (whose layers hold residual kernels) is saved as
+    what it adds to the ORIGINAL base kernels, PEFT's conversion: a plain
+    adapter of rank 2r (A' = [A, A0], B' = [B; -B0], alpha doubled so the
+    scale stays). It loads into the original base model and gives the
+    trained model's outputs; training it further is plain LoRA of rank 2r.
 
     Args:
         model: a model with `LoraLayer`s.
@@ -125,10 +132,12 @@ def save_adapter(
             f"Cannot save an adapter to '{path}': it is a file. An adapter is "
             "a directory; pass a new or existing directory path."
         )
-    tensors = {}
+    tensors, plain = {}, {}
     for layer_path, layer in wrapped.items():  # `layer`: the adapter's record.
-        tensors[f"{layer_path}/lora_a"] = _float32(layer.lora_a)
-        tensors[f"{layer_path}/lora_b"] = _float32(layer.lora_b)
+        # PiSSA/OLoRA: their rank-2r equivalent for the original kernel.
+        a, b, rank, alpha = plain[layer_path] = plain_factors(layer)
+        tensors[f"{layer_path}/lora_a"] = np.ascontiguousarray(a)
+        tensors[f"{layer_path}/lora_b"] = np.ascontiguousarray(b)
     data = safetensors.numpy.save(tensors, metadata={"format": FORMAT})
     digest = hashlib.sha256(data).hexdigest()
     weights_name = f"adapter_weights.{digest[:16]}.safetensors"
@@ -146,12 +155,12 @@ def save_adapter(
             {
                 "path": layer_path,
                 "class": type(originals[layer_path]).__name__,
-                "rank": layer.rank,
-                "alpha": layer.alpha,
+                "rank": plain[layer_path][2],
+                "alpha": plain[layer_path][3],
                 "dropout": layer.dropout,
                 "use_rslora": layer.use_rslora,
-                "lora_a_shape": list(layer.lora_a.shape),
-                "lora_b_shape": list(layer.lora_b.shape),
+                "lora_a_shape": list(plain[layer_path][0].shape),
+                "lora_b_shape": list(plain[layer_path][1].shape),
                 "kernel_shape": list(originals[layer_path].kernel.shape),
                 "kernel_dtype": keras.backend.standardize_dtype(
                     originals[layer_path].kernel.dtype
@@ -413,6 +422,13 @@ def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> Non
     for layer_path, layer in wrapped.items():
         entry = saved[layer_path]
         ad = layer.adapters[name]
+        if ad.initial is not None:
+            raise ValueError(
+                f"Layer '{layer_path}' holds adapter '{name}' as PiSSA/OLoRA "
+                "(its kernel is a residual), which factors from a file cannot "
+                "replace exactly. Load the adapter into the original base "
+                "model, or under another `adapter_name=` after `merge_lora`."
+            )
         ours = (ad.rank, ad.alpha, ad.use_rslora, list(ad.lora_a.shape))
         theirs = (
             entry["rank"],
@@ -456,7 +472,7 @@ def _kernel_layers(model, index: LayerIndex) -> dict[str, keras.layers.Layer]:
 def _base_model_info(model, wrapped: list[LoraLayer]) -> dict:
     """Class and architecture fingerprint of the model without LoRA
     (`wrapped`: all its LoRA layers)."""
-    lora_ids = {id(v) for layer in wrapped for v in layer.lora_variables()}
+    lora_ids = {id(v) for layer in wrapped for v in layer.added_variables()}
     base_weights = [v for v in model.weights if id(v) not in lora_ids]
     # Quantized kernels count at their float shapes: an adapter trained over
     # a quantized base loads into the float base, and back.
@@ -468,7 +484,3 @@ def _base_model_info(model, wrapped: list[LoraLayer]) -> dict:
         "num_parameters": sum(int(np.prod(v.shape)) for v in base_weights),
         "fingerprint": hashlib.sha256("\n".join(entries).encode()).hexdigest(),
     }
-
-
-def _float32(variable) -> np.ndarray:
-    return np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value), "float32")

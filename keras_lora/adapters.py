@@ -22,10 +22,12 @@ import numpy as np
 from keras import ops
 
 from keras_lora import multi
+from keras_lora.initialization import restore_kernel
 from keras_lora.injection import (
     refresh_after_adapter_change,
 )
 from keras_lora.layer import LoraLayer
+from keras_lora.quantized import quantization_mode
 from keras_lora.surgery import (
     LayerIndex,
     drop_compiled_functions,
@@ -114,9 +116,12 @@ def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
     Returns:
         The same model, modified in place.
 
+    A PiSSA/OLoRA adapter's layers get their original kernels back.
+
     Raises:
         ValueError: if `model` has no adapter `name` (the message lists
-            them); the model is unchanged.
+            them), or it is a PiSSA/OLoRA adapter over a kernel quantized
+            since; the model is unchanged.
 
     Example:
 
@@ -139,9 +144,22 @@ def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
             continue
         if layer.adapters.names == (name,):
             unwrap[id(layer)] = layer
-        else:
+    for layer in unwrap.values():
+        mode = quantization_mode(layer.original_layer)
+        if layer.adapters.first.initial is not None and mode is not None:
+            raise ValueError(
+                f"Layer '{layer.name}' holds PiSSA/OLoRA adapter '{name}' over "
+                f"a kernel quantized ({mode}) after it was added: the original "
+                "kernel cannot be put back exactly. Merge it instead "
+                "(`merge_lora(model, quantized=...)`)."
+            )
+    for layer in layers:
+        if name in layer.adapters and id(layer) not in unwrap:
             multi.remove_adapter(layer, name)
     if unwrap:
+        for layer in unwrap.values():
+            # A PiSSA/OLoRA kernel is the residual: the original comes back.
+            restore_kernel(layer)
         index.swap({key: layer.unwrap() for key, layer in unwrap.items()})
     refresh_after_adapter_change(model)
     return model

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import keras
 
 from keras_lora import multi
+from keras_lora.initialization import check_init, check_layer_init
 from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
 from keras_lora.multi import check_adapter_name, names_in
@@ -30,6 +31,7 @@ def inject_lora(
     use_rslora: bool = False,
     seed: int | None = None,
     adapter_name: str = "default",
+    init: str = "kaiming",
 ) -> keras.layers.Layer:
     """Wrap every target layer with a `LoraLayer` and freeze everything else.
 
@@ -66,14 +68,21 @@ def inject_lora(
             wrapped. Like PEFT's `add_adapter`, it starts inactive and
             frozen; `set_adapter(model, name)` activates it (and makes it
             the trainable one).
+        init: how the factors start (PEFT's `init_lora_weights`):
+            `"kaiming"` (default), `"gaussian"`, `"pissa"`,
+            `"pissa_niter_K"` or `"olora"`; see `keras_lora.initialization`.
+            PiSSA and OLoRA move the kernels' principal part into the
+            factors (the model's outputs do not change); their adapters
+            save and export as plain rank-2r LoRA for the original base.
 
     Returns:
         The same model, modified in place.
 
     Raises:
-        ValueError: for a bad setting, a target that matches nothing or
-            cannot be wrapped, or an `adapter_name` the model already
-            holds. The model is unchanged then.
+        ValueError: for a bad setting (an unknown `init`, PiSSA/OLoRA
+            on a quantized kernel or beside another adapter), a target that
+            matches nothing or cannot be wrapped, or an `adapter_name` the
+            model already holds. The model is unchanged then.
 
     Example:
 
@@ -85,9 +94,15 @@ def inject_lora(
     """
     check_hyperparameters(rank, alpha, dropout)
     check_adapter_name(adapter_name)
+    check_init(init)
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     settings = dict(
-        rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed
+        rank=rank,
+        alpha=alpha,
+        dropout=dropout,
+        use_rslora=use_rslora,
+        seed=seed,
+        init=init,
     )
     index = LayerIndex(model)  # The only walk of the tree.
     if targets == ("all-linear",):
@@ -153,6 +168,13 @@ def wrap_layers(
         check_wrappable(layers[key])
         check_hyperparameters(
             kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
+        )
+        # PiSSA/OLoRA rewrite kernels: refuse before any layer changes.
+        check_layer_init(
+            layers[key],
+            split_kernel(layers[key]),
+            kwargs.get("init", "kaiming"),
+            kwargs.get("rank", 4),
         )
     index.swap(
         {key: LoraLayer(layers[key], **kwargs) for key, kwargs in settings.items()}
@@ -472,6 +494,9 @@ def add_named_adapter(
         check_hyperparameters(
             kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
         )
+    for layer in layers:
+        if id(layer) in settings:
+            multi.check_beside(layer, settings[id(layer)].get("init", "kaiming"))
     active = {n for n in known if any(n in x.adapters.active for x in layers)}
     wrapped = {id(layer) for layer in layers}
     fresh = {

@@ -7,7 +7,7 @@ import math
 import keras
 from keras import ops
 
-from keras_lora import multi
+from keras_lora import initialization, multi
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.quantized import check_quantization_mode, float_policy, kernel_path
 
@@ -24,11 +24,17 @@ class LoraLayer(keras.layers.Layer):
 
     A maps every input feature the kernel contracts to `rank` and B maps
     `rank` to every output feature, whatever the order of the kernel's axes
-    (see `keras_lora.kernel_split`). A starts kaiming-uniform, as in the
-    reference LoRA implementation, and B at zero, so a fresh adapter changes
-    no output. Both are float32 under every dtype policy and are created
-    here, when the layer is wrapped: never lazily inside a traced `fit`.
-    The wrapped kernel and bias are frozen.
+    (see `keras_lora.kernel_split`). By default A starts kaiming-uniform,
+    as in the reference LoRA implementation, and B at zero, so a fresh
+    adapter changes no output; `init` picks another start (see
+    `keras_lora.initialization`): `"gaussian"`, or `"pissa"` /
+    `"pissa_niter_K"` / `"olora"`, which move the kernel's principal part
+    into A and B and leave the residual in the kernel (the output is
+    unchanged; the layer keeps the initial factors, frozen, to save and
+    export the adapter for the original kernel). Both factors are float32
+    under every dtype policy and are created here, when the layer is
+    wrapped: never lazily inside a traced `fit`. The wrapped kernel and
+    bias are frozen.
 
     Args:
         original_layer: a built `keras.layers.Dense` or
@@ -39,6 +45,9 @@ class LoraLayer(keras.layers.Layer):
         dropout: dropout rate on the LoRA path's input, in [0, 1).
         use_rslora: scale by `alpha / sqrt(rank)` (rank-stabilised LoRA).
         seed: seed for A's initialisation and the dropout.
+        init: how the factors start: `"kaiming"` (default), `"gaussian"`,
+            `"pissa"`, `"pissa_niter_K"` (randomised SVD, K iterations) or
+            `"olora"`, as PEFT's `init_lora_weights`.
         adapter_name: the name of this first adapter; more are added with
             `inject_lora(..., adapter_name=...)` (see `keras_lora.adapters`).
             `lora_a`, `lora_b`, `rank`, `alpha` and `scale` always describe
@@ -67,11 +76,15 @@ class LoraLayer(keras.layers.Layer):
         use_rslora: bool = False,
         seed: int | None = None,
         adapter_name: str = "default",
+        init: str = "kaiming",
         **kwargs,
     ):
         check_wrappable(original_layer)
         check_hyperparameters(rank, alpha, dropout)
         multi.check_adapter_name(adapter_name)
+        initialization.check_layer_init(
+            original_layer, split_kernel(original_layer), init, rank
+        )
         kwargs.setdefault("name", original_layer.name)
         # A quantized layer's policy ("int8_from_float32") would send the
         # wrapper to a quantized call it does not have: the wrapper runs
@@ -106,13 +119,13 @@ class LoraLayer(keras.layers.Layer):
         # is a computed tensor with no path).
         layer_path = kernel_path(original_layer).rpartition("/")[0]
         self._parent_path = layer_path.rpartition("/")[0]
-        bound = 1.0 / math.sqrt(self.split.fan_in)
+        self.init = init
         self.lora_a = self.add_weight(
             name="lora_a",
             shape=self.split.in_shape + (self.rank,),
-            # kaiming_uniform(a=sqrt(5)) on a (rank, fan_in) matrix, as PEFT
-            # and the reference implementation initialise A.
-            initializer=keras.initializers.RandomUniform(-bound, bound, seed),
+            initializer=initialization.a_initializer(
+                init, self.split.fan_in, self.rank, seed
+            ),
             dtype="float32",
         )
         self.lora_b = self.add_weight(
@@ -136,8 +149,16 @@ class LoraLayer(keras.layers.Layer):
                 seed,
                 self.scale,
                 self.dropout_layer,
+                init,
             )
         )
+        if initialization.rewrites_kernel(init):
+            first = self.adapters.first
+            a0, b0 = initialization.initialize_from_kernel(self, first)
+            first.initial = multi.Adapter(
+                adapter_name, a0, b0, self.rank, self.alpha, 0.0,
+                self.use_rslora, seed, self.scale,
+            )  # fmt: skip
         self.built = True
 
     def call(self, inputs, training=None):
@@ -191,12 +212,14 @@ class LoraLayer(keras.layers.Layer):
             x = ops.transpose(x, output_perm)
         return x
 
-    def delta(self, adapter_name: str | None = None):
+    def delta(self, adapter_name: str | None = None, adapter=None):
         """`scale * A·B` in float32, shaped like the wrapped kernel.
 
-        `adapter_name` picks an adapter; by default, the first one.
+        `adapter_name` picks an adapter (or `adapter`, a record); by
+        default, the first one.
         """
-        adapter = self.adapters[adapter_name or self.adapter_name]
+        if adapter is None:
+            adapter = self.adapters[adapter_name or self.adapter_name]
         update = ops.einsum(
             self.split.delta_equation(),
             ops.convert_to_tensor(adapter.lora_a.value, "float32"),
@@ -204,10 +227,25 @@ class LoraLayer(keras.layers.Layer):
         )
         return update * adapter.scale
 
+    def initial_delta(self):
+        """`scale * A0·B0` in float32 for a PiSSA/OLoRA adapter (what the
+        wrapped kernel lacks from the original one), else `None`."""
+        initial = self.adapters.first.initial
+        if initial is None:
+            return None
+        return self.delta(adapter=initial)
+
     def lora_variables(self, active_only: bool = False) -> list:
         """The factors of every adapter (or of the active ones only)."""
         names = self.adapters.active if active_only else self.adapters.names
         return [v for n in names for v in self.adapters[n].variables]
+
+    def added_variables(self) -> list:
+        """Every variable the wrapper adds to the model: the factors, and
+        the frozen initial factors of a PiSSA/OLoRA adapter."""
+        initial = self.adapters.first.initial
+        extra = list(initial.variables) if initial is not None else []
+        return self.lora_variables() + extra
 
     def compute_output_shape(self, input_shape):
         return self.original_layer.compute_output_shape(input_shape)
@@ -227,6 +265,7 @@ class LoraLayer(keras.layers.Layer):
             use_rslora=self.use_rslora,
             seed=self.seed,
             adapter_name=self.adapter_name,
+            init=self.init,
         )
         # Later adapters and the active set: without them a reloaded model
         # would miss the other adapters' variables. Listed in the order

@@ -51,7 +51,8 @@ def merge_lora(
             layer is quantized, ignored otherwise.
         adapter_names: with several adapters, the one(s) whose updates are
             added (by default the active ones); the others are dropped,
-            since every layer is unwrapped.
+            since every layer is unwrapped. A PiSSA/OLoRA adapter left out
+            gives its layer's original kernel back.
 
     Returns:
         The same model, modified in place.
@@ -120,6 +121,11 @@ def merge_lora(
         merged = dequantized_kernel(original)
         for name in chosen[id(layer)]:
             merged = ops.add(merged, layer.delta(name))
+        initial = layer.adapters.first.initial
+        if initial is not None and layer.adapters.first.name not in chosen[id(layer)]:
+            # A PiSSA/OLoRA adapter left out: its residual kernel takes the
+            # initial update back, which gives the original kernel.
+            merged = ops.add(merged, layer.initial_delta())
         plans.append((layer, mode, merged))
     replacements = {}
     for layer, mode, merged in plans:

@@ -17,6 +17,15 @@ from dataclasses import dataclass, field
 import keras
 from keras import ops
 
+from keras_lora.initialization import a_initializer, check_init, rewrites_kernel
+
+_ALONE = (
+    "a PiSSA/OLoRA adapter rewrites the kernel into a residual, so it must "
+    "be the only adapter on its layers: another one beside it would see "
+    "the residual, not the base kernel. Merge or delete one first, or use "
+    "init='kaiming' or 'gaussian'."
+)
+
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -43,6 +52,12 @@ class Adapter:
     seed: int | None
     scale: float
     dropout_layer: keras.layers.Layer | None = None
+    # How the factors started (`keras_lora.initialization`).
+    init: str = "kaiming"
+    # PiSSA/OLoRA: the frozen initial factors, as an adapter record (same
+    # rank and scale, no dropout); the wrapped kernel is the original
+    # minus their update.
+    initial: Adapter | None = None
 
     @property
     def variables(self) -> tuple:
@@ -97,6 +112,16 @@ class AdapterState:
         )
 
 
+def check_beside(layer, init: str) -> None:
+    """Raise `ValueError` if an adapter started by `init` cannot be added
+    to `layer`, a `LoraLayer` holding adapters already."""
+    if rewrites_kernel(check_init(init)) or layer.adapters.first.initial is not None:
+        raise ValueError(
+            f"Cannot add an adapter to layer '{layer.name}' (adapters "
+            f"{list(layer.adapters.names)}; init={init!r}): {_ALONE}"
+        )
+
+
 def add_adapter(
     layer,
     name: str,
@@ -105,20 +130,23 @@ def add_adapter(
     dropout: float = 0.0,
     use_rslora: bool = False,
     seed: int | None = None,
+    init: str = "kaiming",
 ) -> Adapter:
     """Give `layer` (a `LoraLayer`) another adapter's factors.
 
-    A is kaiming-uniform and B zero, as for the first adapter. They are
-    created trainable (a TensorFlow variable made non-trainable is never
-    watched by the gradient tape, whatever Keras's flag says later); the
-    caller freezes the inactive ones.
+    A is kaiming-uniform (or gaussian, see `keras_lora.initialization`) and
+    B zero. They are created trainable (a TensorFlow variable made
+    non-trainable is never watched by the gradient tape, whatever Keras's
+    flag says later); the caller freezes the inactive ones.
     """
     split = layer.split
-    bound = 1.0 / math.sqrt(split.fan_in)
+    if rewrites_kernel(check_init(init)) or layer.adapters.first.initial is not None:
+        # The caller checks first (`check_beside`); this is the last guard.
+        raise ValueError(f"Layer '{layer.name}': {_ALONE}")
     lora_a = layer.add_weight(
         name=f"lora_a_{name}",
         shape=split.in_shape + (rank,),
-        initializer=keras.initializers.RandomUniform(-bound, bound, seed),
+        initializer=a_initializer(init, split.fan_in, rank, seed),
         dtype="float32",
     )
     lora_b = layer.add_weight(
@@ -141,7 +169,7 @@ def add_adapter(
     scale = alpha / (math.sqrt(rank) if use_rslora else rank)
     adapter = Adapter(
         name, lora_a, lora_b, int(rank), float(alpha), float(dropout),
-        bool(use_rslora), seed, scale, dropout_layer,
+        bool(use_rslora), seed, scale, dropout_layer, init,
     )  # fmt: skip
     layer.adapters.by_name[name] = adapter
     return adapter
@@ -170,16 +198,22 @@ def remove_adapter(layer, name: str) -> None:
             first.seed,
             first.scale,
         )
+        layer.init = first.init
         object.__setattr__(layer, "dropout_layer", first.dropout_layer)
 
 
 def apply(layer, inputs, outputs, training=None):
     """`outputs` plus the update of every active adapter (or per row)."""
     state = layer.adapters
-    if state.disabled:
-        return outputs
     if state.batch is not None:
         return ops.add(outputs, batched_update(layer, inputs, state.batch))
+    initial = state.first.initial
+    if initial is not None and (state.disabled or state.first.name not in state.active):
+        # A PiSSA/OLoRA kernel is the residual: the base model adds back
+        # the initial update (its adapter is the layer's only one).
+        outputs = ops.add(outputs, layer.lora_update(inputs, adapter=initial))
+    if state.disabled:
+        return outputs
     for name in state.active:
         update = layer.lora_update(inputs, training=training, adapter=state[name])
         outputs = ops.add(outputs, update)
@@ -193,6 +227,14 @@ def batch_plan(layer, names, rows) -> BatchPlan:
     max_rank = max([a.rank for a in adapters] or [1])
     a_slots = [ops.zeros((split.fan_in, max_rank), "float32")]
     b_slots = [ops.zeros((max_rank, split.fan_out), "float32")]
+    initial = layer.adapters.first.initial
+    if initial is not None:
+        # The base of a PiSSA/OLoRA kernel (the residual) is the residual
+        # plus the initial update (same rank as the adapter's, the only
+        # one on this layer).
+        a_slots = [ops.reshape(initial.lora_a.value, (split.fan_in, max_rank))]
+        b = ops.reshape(initial.lora_b.value, (max_rank, split.fan_out))
+        b_slots = [b * initial.scale]
     for name in names:
         if name not in layer.adapters:  # Not on this layer: the base.
             a_slots.append(a_slots[0])

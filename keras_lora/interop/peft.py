@@ -38,6 +38,7 @@ import keras
 import numpy as np
 
 from keras_lora.families import FAMILIES, Family, family_of
+from keras_lora.initialization import plain_factors
 from keras_lora.injection import add_named_adapter, wrap_layers
 from keras_lora.interop import peft_format
 from keras_lora.interop.hf_layout import HfLayout, hf_layout
@@ -121,6 +122,10 @@ def export_peft(
     scaling equals the Keras layers' `scale`. Modules whose rank or alpha
     differ from the most common ones go into `rank_pattern` /
     `alpha_pattern`.
+
+    A PiSSA/OLoRA adapter (residual kernels) is written as PEFT converts
+    one: a plain LoRA of twice its rank that applies to the ORIGINAL base
+    weights (see `keras_lora.initialization.plain_factors`).
 
     Args:
         model: a keras-hub backbone or task model of a family in
@@ -406,7 +411,12 @@ def _fused_module(found, block, module, layers, use_rslora) -> PeftModule:
             f"differ: {scales}. Give them the same alpha / rank (inject them "
             "in one `inject_lora` call)."
         )
-    rank = sum(layer.rank for layer in layers.values())
+    # PiSSA/OLoRA layers export their rank-2r equivalent for the original
+    # base weights (PEFT's conversion); other layers are themselves.
+    plain = {
+        role: plain_factors(adapter) for role, adapter in layers.items()
+    }
+    rank = sum(p[2] for p in plain.values())
     # Choose lora_alpha so that PEFT's scaling is the Keras scale.
     alpha = peft_format.tidy(scale * (math.sqrt(rank) if use_rslora else rank))
     layouts = [found.hf_layout(block, role) for role in roles]
@@ -414,20 +424,14 @@ def _fused_module(found, block, module, layers, use_rslora) -> PeftModule:
     lora_b = np.zeros((sum(x.fan_out for x in layouts), rank), "float32")
     row = col = 0
     for role, layout in zip(roles, layouts, strict=True):
-        layer = layers.get(role)
-        if layer is not None:
-            cols = slice(col, col + layer.rank)
-            lora_a[cols] = layout.a_to_hf(_to_numpy(layer.lora_a))
-            lora_b[row : row + layout.fan_out, cols] = layout.b_to_hf(
-                _to_numpy(layer.lora_b)
-            )
+        if role in plain:
+            a, b, role_rank, _ = plain[role]
+            cols = slice(col, col + role_rank)
+            lora_a[cols] = layout.a_to_hf(a)
+            lora_b[row : row + layout.fan_out, cols] = layout.b_to_hf(b)
             col = cols.stop
         row += layout.fan_out
     return PeftModule(rank=rank, alpha=alpha, lora_a=lora_a, lora_b=lora_b)
-
-
-def _to_numpy(variable) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(variable.value), "float32")
 
 
 def _common_dropout(adapters) -> float:
