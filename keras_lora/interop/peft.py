@@ -413,9 +413,7 @@ def _fused_module(found, block, module, layers, use_rslora) -> PeftModule:
         )
     # PiSSA/OLoRA layers export their rank-2r equivalent for the original
     # base weights (PEFT's conversion); other layers are themselves.
-    plain = {
-        role: plain_factors(adapter) for role, adapter in layers.items()
-    }
+    plain = {role: plain_factors(adapter) for role, adapter in layers.items()}
     rank = sum(p[2] for p in plain.values())
     # Choose lora_alpha so that PEFT's scaling is the Keras scale.
     alpha = peft_format.tidy(scale * (math.sqrt(rank) if use_rslora else rank))
