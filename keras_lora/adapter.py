@@ -5,6 +5,7 @@ An adapter is a directory:
     adapter_config.json                       what was wrapped, and how
     adapter_weights.<sha256[:16]>.safetensors the factors, keyed
                                               "<layer key>/lora_a|lora_b"
+                                              (and "/lora_magnitude" for DoRA)
 
 A layer's key is its kernel's Keras variable path without "/kernel"
 ("transformer_layer_0/self_attention/query"): variable paths come from
@@ -129,6 +130,8 @@ def save_adapter(
     for layer_path, layer in wrapped.items():  # `layer`: the adapter's record.
         tensors[f"{layer_path}/lora_a"] = _float32(layer.lora_a)
         tensors[f"{layer_path}/lora_b"] = _float32(layer.lora_b)
+        if layer.magnitude is not None:
+            tensors[f"{layer_path}/lora_magnitude"] = _float32(layer.magnitude)
     data = safetensors.numpy.save(tensors, metadata={"format": FORMAT})
     digest = hashlib.sha256(data).hexdigest()
     weights_name = f"adapter_weights.{digest[:16]}.safetensors"
@@ -150,6 +153,7 @@ def save_adapter(
                 "alpha": layer.alpha,
                 "dropout": layer.dropout,
                 "use_rslora": layer.use_rslora,
+                "use_dora": layer.magnitude is not None,
                 "lora_a_shape": list(layer.lora_a.shape),
                 "lora_b_shape": list(layer.lora_b.shape),
                 "kernel_shape": list(originals[layer_path].kernel.shape),
@@ -246,6 +250,7 @@ def load_adapter(
                     "alpha": entry["alpha"],
                     "dropout": entry["dropout"],
                     "use_rslora": entry["use_rslora"],
+                    "use_dora": _use_dora(entry),
                     "adapter_name": name,
                 }
                 for layer_path, entry in saved.items()
@@ -257,6 +262,8 @@ def load_adapter(
         adapter = layer.adapters[name]
         adapter.lora_a.assign(tensors[f"{layer_path}/lora_a"])
         adapter.lora_b.assign(tensors[f"{layer_path}/lora_b"])
+        if adapter.magnitude is not None:
+            adapter.magnitude.assign(tensors[f"{layer_path}/lora_magnitude"])
     return model
 
 
@@ -285,6 +292,7 @@ def _add_beside(model, path, name, saved, all_lora, layers, index) -> None:
             "alpha": entry["alpha"],
             "dropout": entry["dropout"],
             "use_rslora": entry["use_rslora"],
+            "use_dora": _use_dora(entry),
         }
     add_named_adapter(model, settings, name, index=index)
 
@@ -374,7 +382,12 @@ def _check_base_model(model, config, wrapped: dict) -> None:
 
 
 def _check_tensors(tensors: dict, saved: dict) -> None:
-    expected = {f"{p}/{name}" for p in saved for name in ("lora_a", "lora_b")}
+    expected = {
+        f"{p}/{name}"
+        for p, entry in saved.items()
+        for name in ("lora_a", "lora_b")
+        + (("lora_magnitude",) if _use_dora(entry) else ())
+    }
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise ValueError(
@@ -400,6 +413,13 @@ def _check_tensors(tensors: dict, saved: dict) -> None:
                 f"{b.shape}; the config says {a_shape} and {b_shape} at rank "
                 f"{rank}. The adapter is damaged; save it again."
             )
+        magnitude = tensors.get(f"{layer_path}/lora_magnitude")
+        if magnitude is not None and magnitude.shape != b_shape[1:]:
+            raise ValueError(
+                f"The DoRA magnitude for '{layer_path}' has shape "
+                f"{magnitude.shape}; B {b_shape} needs {b_shape[1:]}. The "
+                "adapter is damaged; save it again."
+            )
 
 
 def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> None:
@@ -413,19 +433,37 @@ def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> Non
     for layer_path, layer in wrapped.items():
         entry = saved[layer_path]
         ad = layer.adapters[name]
-        ours = (ad.rank, ad.alpha, ad.use_rslora, list(ad.lora_a.shape))
+        ours = (
+            ad.rank,
+            ad.alpha,
+            ad.use_rslora,
+            ad.magnitude is not None,
+            list(ad.lora_a.shape),
+        )
         theirs = (
             entry["rank"],
             entry["alpha"],
             entry["use_rslora"],
+            _use_dora(entry),
             entry["lora_a_shape"],
         )
         if ours != theirs:
             raise ValueError(
-                f"Layer '{layer_path}' has rank, alpha, rslora and A shape "
+                f"Layer '{layer_path}' has rank, alpha, rslora, DoRA and A shape "
                 f"{ours}; the adapter has {theirs}. Load it into a fresh base "
                 "model, or one injected with the same settings."
             )
+
+
+def _use_dora(entry: dict) -> bool:
+    """A saved layer's DoRA flag (files from before DoRA have none)."""
+    value = entry.get("use_dora", False)
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"Layer '{entry['path']}' has `use_dora={value!r}` in the adapter "
+            "config; it must be true or false. The adapter is damaged."
+        )
+    return value
 
 
 def _layer_key(layer) -> str:

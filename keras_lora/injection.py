@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import keras
 
-from keras_lora import multi
+from keras_lora import dora, multi
 from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
 from keras_lora.multi import check_adapter_name, names_in
@@ -30,6 +30,7 @@ def inject_lora(
     use_rslora: bool = False,
     seed: int | None = None,
     adapter_name: str = "default",
+    use_dora: bool = False,
 ) -> keras.layers.Layer:
     """Wrap every target layer with a `LoraLayer` and freeze everything else.
 
@@ -66,6 +67,12 @@ def inject_lora(
             wrapped. Like PEFT's `add_adapter`, it starts inactive and
             frozen; `set_adapter(model, name)` activates it (and makes it
             the trainable one).
+        use_dora: DoRA: each wrapped layer also trains a magnitude per
+            output feature, starting at its kernel's column norms, and
+            computes `m / ||W + s·A·B|| * (x·(W + s·A·B)) + bias` as PEFT's
+            `use_dora=True` does (see `keras_lora.dora`). `merge_lora`
+            folds it into the kernel; adapter files and PEFT
+            export/import carry it. Refused over a quantized layer.
 
     Returns:
         The same model, modified in place.
@@ -89,6 +96,8 @@ def inject_lora(
     settings = dict(
         rank=rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, seed=seed
     )
+    if use_dora:  # Only when asked: older callers' settings stay as they were.
+        settings["use_dora"] = True
     index = LayerIndex(model)  # The only walk of the tree.
     if targets == ("all-linear",):
         chosen = all_linear_layers(model, index=index)
@@ -154,6 +163,8 @@ def wrap_layers(
         check_hyperparameters(
             kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
         )
+        if kwargs.get("use_dora"):
+            dora.check_base(layers[key], split_kernel(layers[key]))
     index.swap(
         {key: LoraLayer(layers[key], **kwargs) for key, kwargs in settings.items()}
     )
@@ -468,10 +479,14 @@ def add_named_adapter(
             "wrapped. Pick another `adapter_name` to add a second adapter, "
             "or `delete_adapter` / `merge_lora` first."
         )
-    for kwargs in settings.values():
+    by_id = index.by_id()
+    for key, kwargs in settings.items():
         check_hyperparameters(
             kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
         )
+        layer = by_id[key]
+        if kwargs.get("use_dora") and isinstance(layer, LoraLayer):
+            dora.check_base(layer.original_layer, layer.split)
     active = {n for n in known if any(n in x.adapters.active for x in layers)}
     wrapped = {id(layer) for layer in layers}
     fresh = {

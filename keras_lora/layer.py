@@ -7,7 +7,7 @@ import math
 import keras
 from keras import ops
 
-from keras_lora import multi
+from keras_lora import dora, multi
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.quantized import check_quantization_mode, float_policy, kernel_path
 
@@ -39,6 +39,10 @@ class LoraLayer(keras.layers.Layer):
         dropout: dropout rate on the LoRA path's input, in [0, 1).
         use_rslora: scale by `alpha / sqrt(rank)` (rank-stabilised LoRA).
         seed: seed for A's initialisation and the dropout.
+        use_dora: add DoRA's trainable magnitude per output feature
+            (`keras_lora.dora`): the output becomes
+            `m / ||W + s·A·B|| * (x·(W + s·A·B)) + bias`, as PEFT's
+            `use_dora=True`. Not over a quantized kernel.
         adapter_name: the name of this first adapter; more are added with
             `inject_lora(..., adapter_name=...)` (see `keras_lora.adapters`).
             `lora_a`, `lora_b`, `rank`, `alpha` and `scale` always describe
@@ -67,10 +71,13 @@ class LoraLayer(keras.layers.Layer):
         use_rslora: bool = False,
         seed: int | None = None,
         adapter_name: str = "default",
+        use_dora: bool = False,
         **kwargs,
     ):
         check_wrappable(original_layer)
         check_hyperparameters(rank, alpha, dropout)
+        if use_dora:
+            dora.check_base(original_layer, split_kernel(original_layer))
         multi.check_adapter_name(adapter_name)
         kwargs.setdefault("name", original_layer.name)
         # A quantized layer's policy ("int8_from_float32") would send the
@@ -121,6 +128,11 @@ class LoraLayer(keras.layers.Layer):
             initializer="zeros",
             dtype="float32",
         )
+        magnitude = None
+        if use_dora:
+            magnitude = dora.add_magnitude(
+                self, dora.MAGNITUDE, self.lora_a, self.lora_b, self.scale
+            )
         self.adapter_name = adapter_name
         # Every adapter's factors and settings, the first one's included;
         # the state of several adapters lives in `keras_lora.multi`.
@@ -136,6 +148,7 @@ class LoraLayer(keras.layers.Layer):
                 seed,
                 self.scale,
                 self.dropout_layer,
+                magnitude,
             )
         )
         self.built = True
@@ -144,7 +157,7 @@ class LoraLayer(keras.layers.Layer):
         # The wrapped layer may have been quantized after wrapping.
         check_quantization_mode(self.original_layer)
         outputs = self.original_layer(inputs, training=training)
-        if self.adapters.plain:
+        if self.adapters.plain and not self.use_dora:
             # One adapter, active: the fast path.
             outputs = ops.add(outputs, self.lora_update(inputs, training=training))
         else:
@@ -204,6 +217,16 @@ class LoraLayer(keras.layers.Layer):
         )
         return update * adapter.scale
 
+    @property
+    def use_dora(self) -> bool:
+        """Whether the first adapter is DoRA (has a magnitude)."""
+        return self.adapters.first.magnitude is not None
+
+    @property
+    def lora_magnitude(self):
+        """The first adapter's DoRA magnitude, or None."""
+        return self.adapters.first.magnitude
+
     def lora_variables(self, active_only: bool = False) -> list:
         """The factors of every adapter (or of the active ones only)."""
         names = self.adapters.active if active_only else self.adapters.names
@@ -227,6 +250,7 @@ class LoraLayer(keras.layers.Layer):
             use_rslora=self.use_rslora,
             seed=self.seed,
             adapter_name=self.adapter_name,
+            use_dora=self.use_dora,
         )
         return config
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import keras
 from keras import ops
 
+from keras_lora import dora
+
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -43,9 +45,12 @@ class Adapter:
     seed: int | None
     scale: float
     dropout_layer: keras.layers.Layer | None = None
+    magnitude: keras.Variable | None = None  # DoRA's (see `keras_lora.dora`).
 
     @property
     def variables(self) -> tuple:
+        if self.magnitude is not None:
+            return (self.lora_a, self.lora_b, self.magnitude)
         return (self.lora_a, self.lora_b)
 
 
@@ -105,6 +110,7 @@ def add_adapter(
     dropout: float = 0.0,
     use_rslora: bool = False,
     seed: int | None = None,
+    use_dora: bool = False,
 ) -> Adapter:
     """Give `layer` (a `LoraLayer`) another adapter's factors.
 
@@ -114,6 +120,8 @@ def add_adapter(
     caller freezes the inactive ones.
     """
     split = layer.split
+    if use_dora:
+        dora.check_base(layer.original_layer, split)
     bound = 1.0 / math.sqrt(split.fan_in)
     lora_a = layer.add_weight(
         name=f"lora_a_{name}",
@@ -139,9 +147,14 @@ def add_adapter(
         if locked:
             layer._tracker.lock()
     scale = alpha / (math.sqrt(rank) if use_rslora else rank)
+    magnitude = None
+    if use_dora:
+        magnitude = dora.add_magnitude(
+            layer, f"{dora.MAGNITUDE}_{name}", lora_a, lora_b, scale
+        )
     adapter = Adapter(
         name, lora_a, lora_b, int(rank), float(alpha), float(dropout),
-        bool(use_rslora), seed, scale, dropout_layer,
+        bool(use_rslora), seed, scale, dropout_layer, magnitude,
     )  # fmt: skip
     layer.adapters.by_name[name] = adapter
     return adapter
@@ -180,8 +193,13 @@ def apply(layer, inputs, outputs, training=None):
         return outputs
     if state.batch is not None:
         return ops.add(outputs, batched_update(layer, inputs, state.batch))
+    base = outputs  # DoRA rescales the base output, not other adapters'.
     for name in state.active:
-        update = layer.lora_update(inputs, training=training, adapter=state[name])
+        adapter = state[name]
+        if adapter.magnitude is not None:
+            update = dora.update(layer, adapter, inputs, base, training)
+        else:
+            update = layer.lora_update(inputs, training=training, adapter=adapter)
         outputs = ops.add(outputs, update)
     return outputs
 
@@ -190,6 +208,14 @@ def batch_plan(layer, names, rows) -> BatchPlan:
     """Stack `layer`'s adapters `names` for rows `rows` (slots, see `BatchPlan`)."""
     split = layer.split
     adapters = [layer.adapters[n] for n in names if n in layer.adapters]
+    dora_names = [a.name for a in adapters if a.magnitude is not None]
+    if dora_names:
+        raise ValueError(
+            f"Layer '{layer.name}' holds DoRA adapters {dora_names}; "
+            "adapter_batch mixes plain LoRA adapters only (DoRA rescales "
+            "the whole output per adapter). Run each DoRA adapter's rows "
+            "in their own batch, with `set_adapter`."
+        )
     max_rank = max([a.rank for a in adapters] or [1])
     a_slots = [ops.zeros((split.fan_in, max_rank), "float32")]
     b_slots = [ops.zeros((max_rank, split.fan_out), "float32")]

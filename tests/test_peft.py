@@ -462,15 +462,6 @@ def test_import_refuses_and_leaves_model_unchanged(case, hf_dir, tmp_path):
     _assert_unchanged(lm, before)
 
 
-def test_import_refuses_dora(hf_dir, tmp_path):
-    adapter = peft_adapter(hf_dir, tmp_path, target_modules=["c_attn"], use_dora=True)
-    lm = ph.keras_lm(hf_dir)
-    before = snapshot(lm)
-    with pytest.raises(ValueError, match="DoRA"):
-        import_peft(lm, adapter)
-    _assert_unchanged(lm, before)
-
-
 def test_import_refuses_model_with_lora(hf_dir, tmp_path):
     adapter = peft_adapter(hf_dir, tmp_path, target_modules=["c_attn"])
     lm = ph.keras_lm(hf_dir)

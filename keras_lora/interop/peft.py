@@ -24,6 +24,12 @@ rank `sum(ranks)`: A stacks their A's, B is block-diagonal (zero rows for a
 role without LoRA). Going back, every row block of a fused B takes the
 whole (shared) A. Both directions are exact: the same function, not an
 approximation.
+
+DoRA adapters (`use_dora`) add `...lora_magnitude_vector`, shaped
+(fan_out,): each role's magnitude, in the Hugging Face output order. A
+fused module's roles without DoRA in Keras export their kernel's column
+norms, which makes PEFT's rescaling of their columns exactly one; on import
+every role of a fused module is wrapped, so each keeps its magnitudes.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from keras_lora.interop.hf_layout import HfLayout, hf_layout
 from keras_lora.interop.peft_format import PeftModule
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.layer import LoraLayer
+from keras_lora.quantized import dequantized_kernel
 from keras_lora.surgery import walk_layers
 
 # Every PEFT key starts with this (PeftModel's `base_model.model`).
@@ -137,7 +144,8 @@ def export_peft(
         ValueError: if the model is of no known family, has no `LoraLayer`,
             has one on a layer the family has no PEFT module for, or its
             factors need what one PEFT config cannot say: roles of one
-            fused module with different scales, or different dropout rates.
+            fused module with different scales, different dropout rates,
+            or DoRA on some layers and plain LoRA on others.
 
     Example (a tiny GPT-2 and back):
 
@@ -184,8 +192,11 @@ def export_peft(
             "`save_adapter(..., adapter_name=...)` to keep them apart) first."
         )
     use_rslora = all(layer.use_rslora for layer in wrapped)
+    use_dora = _common_dora(wrapped)
     modules = {
-        (block, module): _fused_module(found, block, module, layers, use_rslora)
+        (block, module): _fused_module(
+            found, block, module, layers, use_rslora, use_dora
+        )
         for (block, module), layers in _group_by_module(found).items()
     }
     names = {key: _module_name(family, *key) for key in modules}
@@ -201,6 +212,7 @@ def export_peft(
         fan_in_fan_out=family.fan_in_fan_out,
         task_type=family.hf_task_types.get(hf_model),
         base_model_name_or_path=base_model_name_or_path,
+        use_dora=use_dora,
     )
     prefix = _KEY_ROOT + family.hf_model_prefixes[hf_model]
     return peft_format.write_adapter(
@@ -223,7 +235,8 @@ def import_peft(
     fused module of rank r (several roles in one Hugging Face module) becomes
     one layer
     of rank r per role, all sharing its A and taking their rows of its B.
-    `rank_pattern`, `alpha_pattern`, `use_rslora` and `lora_dropout` carry
+    `rank_pattern`, `alpha_pattern`, `use_rslora`, `lora_dropout` and
+    `use_dora` (each role takes its part of the module's magnitude) carry
     over. The model must hold the base weights the adapter was trained on
     (keras-hub's `from_preset` reads a Hugging Face checkpoint directory).
 
@@ -245,7 +258,7 @@ def import_peft(
         ValueError: if a file is missing (or only a pickled
             `adapter_model.bin` exists), the model is of no known family or
             already has `LoraLayer`s, or the adapter cannot be mapped
-            exactly: not LoRA, DoRA, `bias` other than "none", base-weight
+            exactly: not LoRA, `bias` other than "none", base-weight
             rewriting initialisations (PiSSA, OLoRA, LoftQ, ...), other
             options that change the forward pass, an adapter recorded for
             another architecture, keys for other modules, missing factors,
@@ -270,6 +283,8 @@ def import_peft(
         use_rslora=bool(config.get("use_rslora", False)),
         seed=seed,
     )
+    if config.get("use_dora"):
+        common["use_dora"] = True
     # One call wraps every layer, each with its module's rank and alpha,
     # and freezes the rest, as `inject_lora` does.
     wrap_layers(
@@ -291,6 +306,10 @@ def import_peft(
             row = rows.stop
             layer.lora_a.assign(layout.a_from_hf(fused.lora_a))
             layer.lora_b.assign(layout.b_from_hf(fused.lora_b[rows]))
+            if fused.magnitude is not None:
+                layer.lora_magnitude.assign(
+                    _magnitude_from_hf(layout, fused.magnitude[rows])
+                )
     return model
 
 
@@ -350,7 +369,7 @@ def _group_by_module(found: _Located) -> dict:
     return dict(sorted(modules.items()))
 
 
-def _fused_module(found, block, module, layers, use_rslora) -> PeftModule:
+def _fused_module(found, block, module, layers, use_rslora, use_dora) -> PeftModule:
     """The PEFT factors and alpha of one module from its Keras LoraLayers.
 
     `layers` maps the module's wrapped roles to their LoraLayers; every
@@ -374,22 +393,55 @@ def _fused_module(found, block, module, layers, use_rslora) -> PeftModule:
     layouts = [found.hf_layout(block, role) for role in roles]
     lora_a = np.zeros((rank, layouts[0].fan_in), "float32")
     lora_b = np.zeros((sum(x.fan_out for x in layouts), rank), "float32")
+    magnitude = np.zeros(lora_b.shape[:1], "float32") if use_dora else None
     row = col = 0
     for role, layout in zip(roles, layouts, strict=True):
         layer = layers.get(role)
+        rows = slice(row, row + layout.fan_out)
         if layer is not None:
             cols = slice(col, col + layer.rank)
             lora_a[cols] = layout.a_to_hf(_to_numpy(layer.lora_a))
-            lora_b[row : row + layout.fan_out, cols] = layout.b_to_hf(
-                _to_numpy(layer.lora_b)
-            )
+            lora_b[rows, cols] = layout.b_to_hf(_to_numpy(layer.lora_b))
             col = cols.stop
-        row += layout.fan_out
-    return PeftModule(rank=rank, alpha=alpha, lora_a=lora_a, lora_b=lora_b)
+        if use_dora and layer is not None:
+            magnitude[rows] = _magnitude_to_hf(layout, _to_numpy(layer.lora_magnitude))
+        elif use_dora:
+            # No LoRA on this role: its B rows are zero, and magnitudes
+            # equal to its column norms leave its outputs as they are.
+            kernel = dequantized_kernel(found.layer(block, role))
+            kernel = layout.kernel_to_hf(_to_numpy(kernel))
+            magnitude[rows] = np.linalg.norm(kernel, axis=1)
+        row = rows.stop
+    return PeftModule(rank, alpha, lora_a, lora_b, magnitude)
 
 
-def _to_numpy(variable) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(variable.value), "float32")
+def _magnitude_to_hf(layout: HfLayout, magnitude: np.ndarray) -> np.ndarray:
+    """A Keras magnitude (`out_shape`) -> PEFT's (fan_out,): as a B of rank 1."""
+    return layout.b_to_hf(magnitude[None])[:, 0]
+
+
+def _magnitude_from_hf(layout: HfLayout, magnitude: np.ndarray) -> np.ndarray:
+    """PEFT's magnitude (fan_out,) -> Keras's, shaped `out_shape`."""
+    return layout.b_from_hf(magnitude[:, None])[0]
+
+
+def _common_dora(wrapped) -> bool:
+    """PEFT's one `use_dora` flag, or `ValueError` if the layers differ."""
+    flags = {layer.use_dora for layer in wrapped}
+    if len(flags) > 1:
+        dora = sorted(layer.name for layer in wrapped if layer.use_dora)
+        raise ValueError(
+            "PEFT has one `use_dora` per adapter, but only some LoraLayers "
+            f"use DoRA ({dora[:4]}). Inject every layer with the same "
+            "`use_dora` to export."
+        )
+    return flags.pop()
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A variable's value (or a tensor) as a float32 NumPy array."""
+    value = getattr(value, "value", value)
+    return np.asarray(keras.ops.convert_to_numpy(value), "float32")
 
 
 def _common_dropout(wrapped) -> float:
@@ -427,7 +479,8 @@ def _key_pattern(family: Family) -> re.Pattern:
     modules = "|".join(re.escape(m) for m in family.hf_modules)
     return re.compile(
         re.escape(_KEY_ROOT) + rf"(?P<prefix>{prefixes}){block}\."
-        rf"(?P<module>{modules})\.lora_(?P<factor>[AB])\.weight"
+        rf"(?P<module>{modules})\.(?:lora_(?P<factor>[AB])\.weight"
+        r"|(?P<magnitude>lora_magnitude_vector)(?:\.weight)?)"
     )
 
 
@@ -443,7 +496,7 @@ def _key_help(family: Family) -> str:
     modules = ", ".join(family.hf_modules)
     return (
         f"{_KEY_ROOT}{prefix}{family.hf_block.format(block='{i}')}."
-        f"{{{modules}}}.lora_{{A,B}}.weight"
+        f"{{{modules}}}.{{lora_A.weight, lora_B.weight, lora_magnitude_vector}}"
     )
 
 
@@ -461,7 +514,8 @@ def _read_modules(found: _Located, config, tensors) -> dict:
                 f"{family.label}: '{key}'. Supported: {_key_help(family)}."
             )
         prefixes.add(match["prefix"])
-        factors[int(match["block"]), match["module"]][match["factor"]] = value
+        factor = "M" if match["magnitude"] else match["factor"]
+        factors[int(match["block"]), match["module"]][factor] = value
     if not factors:
         raise ValueError("The adapter has no LoRA weights.")
     if len(prefixes) > 1:
