@@ -83,12 +83,9 @@ def weight_norm(layer, lora_a, lora_b, scale: float, kernel=None):
     `kernel` defaults to the wrapped layer's kernel.
     """
     split: KernelSplit = layer.split
-    with AutocastScope(None):
-        if kernel is None:
-            kernel = layer.original_layer.kernel
-        kernel = ops.cast(ops.convert_to_tensor(kernel), "float32")
-        a = ops.convert_to_tensor(lora_a, "float32")
-        b = ops.convert_to_tensor(lora_b, "float32")
+    if kernel is None:
+        kernel = layer.original_layer.kernel
+    kernel, a, b = _float32(kernel), _float32(lora_a), _float32(lora_b)
     rank = a.shape[-1]
     order = tuple(split.kernel_spec.index(c) for c in split.in_axes + split.out_axes)
     kernel = ops.reshape(ops.transpose(kernel, order), (split.fan_in, split.fan_out))
@@ -102,9 +99,7 @@ def weight_norm(layer, lora_a, lora_b, scale: float, kernel=None):
 def factor(layer, adapter):
     """`m / ||W + s·A·B||`, float32, shaped `split.out_shape`."""
     norm = weight_norm(layer, adapter.lora_a, adapter.lora_b, adapter.scale)
-    with AutocastScope(None):
-        magnitude = ops.convert_to_tensor(adapter.magnitude, "float32")
-    return magnitude / norm
+    return _float32(adapter.magnitude) / norm
 
 
 def update(layer, adapter, inputs, outputs, training=None):
@@ -141,10 +136,22 @@ def kernel_update(layer, adapter, kernel):
     """
     split: KernelSplit = layer.split
     norm = weight_norm(layer, adapter.lora_a, adapter.lora_b, adapter.scale, kernel)
-    f = ops.convert_to_tensor(adapter.magnitude.value, "float32") / norm
+    f = _float32(adapter.magnitude) / norm
     size = dict(zip(split.out_axes, split.out_shape, strict=True))
     f = ops.reshape(f, tuple(size.get(c, 1) for c in split.kernel_spec))
     return (f - 1) * kernel + f * layer.delta(adapter.name)
+
+
+def _float32(value):
+    """A variable's value (or a tensor) as a float32 tensor, never autocast.
+
+    The value is read here, inside the scope: a variable handed on to an op
+    would be read there, under the layer's autocast to float16/bfloat16.
+    """
+    with AutocastScope(None):
+        if isinstance(value, keras.Variable):
+            value = value.value
+        return ops.cast(ops.convert_to_tensor(value), "float32")
 
 
 def _output_plan(split: KernelSplit, name: str) -> tuple[tuple[int, ...], tuple]:
