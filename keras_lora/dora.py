@@ -23,8 +23,8 @@ have a magnitude.
 >>> from keras_lora import inject_lora
 >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
 >>> _ = inject_lora(model, rank=2, targets="d", use_dora=True)
->>> [w.path for w in model.trainable_weights]
-['d/lora_a', 'd/lora_b', 'd/lora_magnitude']
+>>> [w.name for w in model.trainable_weights]
+['lora_a', 'lora_b', 'lora_magnitude']
 """
 
 from __future__ import annotations

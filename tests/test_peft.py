@@ -378,7 +378,8 @@ BAD_ADAPTERS = {
             "does not map onto keras-hub GPT-2: "
             "'base_model.model.lm_head.lora_A.weight'. Supported: "
             "base_model.model.[transformer.]h.{i}.{attn.c_attn, attn.c_proj, "
-            "mlp.c_fc, mlp.c_proj}.lora_{A,B}.weight."
+            "mlp.c_fc, mlp.c_proj}.{lora_A.weight, lora_B.weight, "
+            "lora_magnitude_vector}."
         ),
     ),
     "mixed_prefixes": (
