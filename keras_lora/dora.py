@@ -57,8 +57,8 @@ def check_base(layer: keras.layers.Layer, split: KernelSplit) -> None:
             f"Layer '{layer.name}' is quantized ({mode}); DoRA rescales each "
             "output feature by the norm of the float kernel on every call, "
             "which a quantized kernel does not hold. Use plain LoRA "
-            "(`use_dora=False`) over a quantized base, or DoRA before "
-            "quantizing."
+            "(`use_dora=False`) over a quantized base, or `merge_lora` a "
+            "DoRA adapter before quantizing."
         )
     _output_plan(split, layer.name)
 

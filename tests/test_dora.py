@@ -259,6 +259,14 @@ def test_refuses_quantized_base():
     _unchanged(model, before)
 
 
+def test_refuses_to_run_over_a_base_quantized_later():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
+    inject_lora(model, rank=2, targets="d", use_dora=True)
+    model.quantize("int8")
+    with pytest.raises(ValueError, match="merge_lora"):
+        model(X[0])
+
+
 def test_refuses_named_dora_adapter_over_quantized_base():
     model = small_model()
     model.quantize("int8")
