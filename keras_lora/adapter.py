@@ -56,10 +56,11 @@ def save_adapter(
     """Save one adapter of `model` (factors and layout) to directory `path`.
 
     Only the factors are written (a GPT-2 base adapter at rank 4 on
-    query/value is about 0.6 MB), with a JSON config that records the
-    format version, each wrapped layer's path, rank, alpha, dropout and
-    shapes, the kernel dtype, the base model's class and a fingerprint of
-    its architecture, and the package version. The write is atomic: an
+    query/value is about 0.6 MB; a DoRA adapter adds its magnitudes), with
+    a JSON config that records the format version, each wrapped layer's
+    path, rank, alpha, dropout, DoRA flag and shapes, the kernel dtype,
+    the base model's class and a fingerprint of its architecture, and the
+    package version. The write is atomic: an
     interrupted save leaves an earlier adapter at `path` loadable.
 
     Args:
