@@ -60,8 +60,8 @@ def save_adapter(
     a JSON config that records the format version, each wrapped layer's
     path, rank, alpha, dropout, DoRA flag and shapes, the kernel dtype,
     the base model's class and a fingerprint of its architecture, and the
-    package version. The write is atomic: an
-    interrupted save leaves an earlier adapter at `path` loadable.
+    package version. The write is atomic: an interrupted save leaves an
+    earlier adapter at `path` loadable.
 
     Args:
         model: a model with `LoraLayer`s.
