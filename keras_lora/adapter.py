@@ -5,6 +5,7 @@ An adapter is a directory:
     adapter_config.json                       what was wrapped, and how
     adapter_weights.<sha256[:16]>.safetensors the factors, keyed
                                               "<layer key>/lora_a|lora_b"
+                                              (and "/lora_magnitude" for DoRA)
 
 A layer's key is its kernel's Keras variable path without "/kernel"
 ("transformer_layer_0/self_attention/query"): variable paths come from
@@ -56,11 +57,12 @@ def save_adapter(
     """Save one adapter of `model` (factors and layout) to directory `path`.
 
     Only the factors are written (a GPT-2 base adapter at rank 4 on
-    query/value is about 0.6 MB), with a JSON config that records the
-    format version, each wrapped layer's path, rank, alpha, dropout and
-    shapes, the kernel dtype, the base model's class and a fingerprint of
-    its architecture, and the package version. The write is atomic: an
-    interrupted save leaves an earlier adapter at `path` loadable.
+    query/value is about 0.6 MB; a DoRA adapter adds its magnitudes), with
+    a JSON config that records the format version, each wrapped layer's
+    path, rank, alpha, dropout, DoRA flag and shapes, the kernel dtype,
+    the base model's class and a fingerprint of its architecture, and the
+    package version. The write is atomic: an interrupted save leaves an
+    earlier adapter at `path` loadable.
 
     A PiSSA/OLoRA adapter (whose layers hold residual kernels) is saved as
     what it adds to the ORIGINAL base kernels, PEFT's conversion: a plain
@@ -138,6 +140,8 @@ def save_adapter(
         a, b, rank, alpha = plain[layer_path] = plain_factors(layer)
         tensors[f"{layer_path}/lora_a"] = np.ascontiguousarray(a)
         tensors[f"{layer_path}/lora_b"] = np.ascontiguousarray(b)
+        if layer.magnitude is not None:
+            tensors[f"{layer_path}/lora_magnitude"] = _float32(layer.magnitude)
     data = safetensors.numpy.save(tensors, metadata={"format": FORMAT})
     digest = hashlib.sha256(data).hexdigest()
     weights_name = f"adapter_weights.{digest[:16]}.safetensors"
@@ -159,6 +163,7 @@ def save_adapter(
                 "alpha": plain[layer_path][3],
                 "dropout": layer.dropout,
                 "use_rslora": layer.use_rslora,
+                "use_dora": layer.magnitude is not None,
                 "lora_a_shape": list(plain[layer_path][0].shape),
                 "lora_b_shape": list(plain[layer_path][1].shape),
                 "kernel_shape": list(originals[layer_path].kernel.shape),
@@ -255,6 +260,7 @@ def load_adapter(
                     "alpha": entry["alpha"],
                     "dropout": entry["dropout"],
                     "use_rslora": entry["use_rslora"],
+                    "use_dora": _use_dora(entry),
                     "adapter_name": name,
                 }
                 for layer_path, entry in saved.items()
@@ -266,6 +272,8 @@ def load_adapter(
         adapter = layer.adapters[name]
         adapter.lora_a.assign(tensors[f"{layer_path}/lora_a"])
         adapter.lora_b.assign(tensors[f"{layer_path}/lora_b"])
+        if adapter.magnitude is not None:
+            adapter.magnitude.assign(tensors[f"{layer_path}/lora_magnitude"])
     return model
 
 
@@ -294,6 +302,7 @@ def _add_beside(model, path, name, saved, all_lora, layers, index) -> None:
             "alpha": entry["alpha"],
             "dropout": entry["dropout"],
             "use_rslora": entry["use_rslora"],
+            "use_dora": _use_dora(entry),
         }
     add_named_adapter(model, settings, name, index=index)
 
@@ -383,7 +392,12 @@ def _check_base_model(model, config, wrapped: dict) -> None:
 
 
 def _check_tensors(tensors: dict, saved: dict) -> None:
-    expected = {f"{p}/{name}" for p in saved for name in ("lora_a", "lora_b")}
+    expected = {
+        f"{p}/{name}"
+        for p, entry in saved.items()
+        for name in ("lora_a", "lora_b")
+        + (("lora_magnitude",) if _use_dora(entry) else ())
+    }
     missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or extra:
         raise ValueError(
@@ -409,6 +423,13 @@ def _check_tensors(tensors: dict, saved: dict) -> None:
                 f"{b.shape}; the config says {a_shape} and {b_shape} at rank "
                 f"{rank}. The adapter is damaged; save it again."
             )
+        magnitude = tensors.get(f"{layer_path}/lora_magnitude")
+        if magnitude is not None and magnitude.shape != b_shape[1:]:
+            raise ValueError(
+                f"The DoRA magnitude for '{layer_path}' has shape "
+                f"{magnitude.shape}; B {b_shape} needs {b_shape[1:]}. The "
+                "adapter is damaged; save it again."
+            )
 
 
 def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> None:
@@ -429,19 +450,37 @@ def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> Non
                 "replace exactly. Load the adapter into the original base "
                 "model, or under another `adapter_name=` after `merge_lora`."
             )
-        ours = (ad.rank, ad.alpha, ad.use_rslora, list(ad.lora_a.shape))
+        ours = (
+            ad.rank,
+            ad.alpha,
+            ad.use_rslora,
+            ad.magnitude is not None,
+            list(ad.lora_a.shape),
+        )
         theirs = (
             entry["rank"],
             entry["alpha"],
             entry["use_rslora"],
+            _use_dora(entry),
             entry["lora_a_shape"],
         )
         if ours != theirs:
             raise ValueError(
-                f"Layer '{layer_path}' has rank, alpha, rslora and A shape "
+                f"Layer '{layer_path}' has rank, alpha, rslora, DoRA and A shape "
                 f"{ours}; the adapter has {theirs}. Load it into a fresh base "
                 "model, or one injected with the same settings."
             )
+
+
+def _use_dora(entry: dict) -> bool:
+    """A saved layer's DoRA flag (files from before DoRA have none)."""
+    value = entry.get("use_dora", False)
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"Layer '{entry['path']}' has `use_dora={value!r}` in the adapter "
+            "config; it must be true or false. The adapter is damaged."
+        )
+    return value
 
 
 def _layer_key(layer) -> str:
@@ -484,3 +523,7 @@ def _base_model_info(model, wrapped: list[LoraLayer]) -> dict:
         "num_parameters": sum(int(np.prod(v.shape)) for v in base_weights),
         "fingerprint": hashlib.sha256("\n".join(entries).encode()).hexdigest(),
     }
+
+
+def _float32(variable) -> np.ndarray:
+    return np.ascontiguousarray(keras.ops.convert_to_numpy(variable.value), "float32")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import keras
 
-from keras_lora import multi
+from keras_lora import dora, multi
 from keras_lora.initialization import check_init, check_layer_init
 from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
@@ -32,6 +32,7 @@ def inject_lora(
     seed: int | None = None,
     adapter_name: str = "default",
     init: str = "kaiming",
+    use_dora: bool = False,
 ) -> keras.layers.Layer:
     """Wrap every target layer with a `LoraLayer` and freeze everything else.
 
@@ -74,6 +75,12 @@ def inject_lora(
             PiSSA and OLoRA move the kernels' principal part into the
             factors (the model's outputs do not change); their adapters
             save and export as plain rank-2r LoRA for the original base.
+        use_dora: DoRA: each wrapped layer also trains a magnitude per
+            output feature, starting at its kernel's column norms, and
+            computes `m / ||W + s·A·B|| * (x·(W + s·A·B)) + bias` as PEFT's
+            `use_dora=True` does (see `keras_lora.dora`). `merge_lora`
+            folds it into the kernel; adapter files and PEFT
+            export/import carry it. Refused over a quantized layer.
 
     Returns:
         The same model, modified in place.
@@ -104,6 +111,8 @@ def inject_lora(
         seed=seed,
         init=init,
     )
+    if use_dora:  # Only when asked: older callers' settings stay as they were.
+        settings["use_dora"] = True
     index = LayerIndex(model)  # The only walk of the tree.
     if targets == ("all-linear",):
         chosen = all_linear_layers(model, index=index)
@@ -176,6 +185,10 @@ def wrap_layers(
             kwargs.get("init", "kaiming"),
             kwargs.get("rank", 4),
         )
+        if kwargs.get("use_dora"):
+            dora.check_base(
+                layers[key], split_kernel(layers[key]), kwargs.get("init", "kaiming")
+            )
     index.swap(
         {key: LoraLayer(layers[key], **kwargs) for key, kwargs in settings.items()}
     )
@@ -490,10 +503,16 @@ def add_named_adapter(
             "wrapped. Pick another `adapter_name` to add a second adapter, "
             "or `delete_adapter` / `merge_lora` first."
         )
-    for kwargs in settings.values():
+    by_id = index.by_id()
+    for key, kwargs in settings.items():
         check_hyperparameters(
             kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
         )
+        layer = by_id[key]
+        if kwargs.get("use_dora") and isinstance(layer, LoraLayer):
+            dora.check_base(
+                layer.original_layer, layer.split, kwargs.get("init", "kaiming")
+            )
     for layer in layers:
         if id(layer) in settings:
             multi.check_beside(layer, settings[id(layer)].get("init", "kaiming"))

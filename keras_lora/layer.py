@@ -7,7 +7,7 @@ import math
 import keras
 from keras import ops
 
-from keras_lora import initialization, multi
+from keras_lora import dora, initialization, multi
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.quantized import check_quantization_mode, float_policy, kernel_path
 
@@ -48,6 +48,10 @@ class LoraLayer(keras.layers.Layer):
         init: how the factors start: `"kaiming"` (default), `"gaussian"`,
             `"pissa"`, `"pissa_niter_K"` (randomised SVD, K iterations) or
             `"olora"`, as PEFT's `init_lora_weights`.
+        use_dora: add DoRA's trainable magnitude per output feature
+            (`keras_lora.dora`): the output becomes
+            `m / ||W + s·A·B|| * (x·(W + s·A·B)) + bias`, as PEFT's
+            `use_dora=True`. Not over a quantized kernel.
         adapter_name: the name of this first adapter; more are added with
             `inject_lora(..., adapter_name=...)` (see `keras_lora.adapters`).
             `lora_a`, `lora_b`, `rank`, `alpha` and `scale` always describe
@@ -77,6 +81,7 @@ class LoraLayer(keras.layers.Layer):
         seed: int | None = None,
         adapter_name: str = "default",
         init: str = "kaiming",
+        use_dora: bool = False,
         **kwargs,
     ):
         check_wrappable(original_layer)
@@ -85,6 +90,8 @@ class LoraLayer(keras.layers.Layer):
         initialization.check_layer_init(
             original_layer, split_kernel(original_layer), init, rank
         )
+        if use_dora:
+            dora.check_base(original_layer, split_kernel(original_layer), init)
         kwargs.setdefault("name", original_layer.name)
         # A quantized layer's policy ("int8_from_float32") would send the
         # wrapper to a quantized call it does not have: the wrapper runs
@@ -134,6 +141,11 @@ class LoraLayer(keras.layers.Layer):
             initializer="zeros",
             dtype="float32",
         )
+        magnitude = None
+        if use_dora:
+            magnitude = dora.add_magnitude(
+                self, dora.MAGNITUDE, self.lora_a, self.lora_b, self.scale
+            )
         self.adapter_name = adapter_name
         # Every adapter's factors and settings, the first one's included;
         # the state of several adapters lives in `keras_lora.multi`.
@@ -150,6 +162,7 @@ class LoraLayer(keras.layers.Layer):
                 self.scale,
                 self.dropout_layer,
                 init,
+                magnitude=magnitude,
             )
         )
         if initialization.rewrites_kernel(init):
@@ -165,7 +178,7 @@ class LoraLayer(keras.layers.Layer):
         # The wrapped layer may have been quantized after wrapping.
         check_quantization_mode(self.original_layer)
         outputs = self.original_layer(inputs, training=training)
-        if self.adapters.plain:
+        if self.adapters.plain and not self.use_dora:
             # One adapter, active: the fast path.
             outputs = ops.add(outputs, self.lora_update(inputs, training=training))
         else:
@@ -235,6 +248,16 @@ class LoraLayer(keras.layers.Layer):
             return None
         return self.delta(adapter=initial)
 
+    @property
+    def use_dora(self) -> bool:
+        """Whether the first adapter is DoRA (has a magnitude)."""
+        return self.adapters.first.magnitude is not None
+
+    @property
+    def lora_magnitude(self):
+        """The first adapter's DoRA magnitude, or None."""
+        return self.adapters.first.magnitude
+
     def lora_variables(self, active_only: bool = False) -> list:
         """The factors of every adapter (or of the active ones only)."""
         names = self.adapters.active if active_only else self.adapters.names
@@ -266,6 +289,7 @@ class LoraLayer(keras.layers.Layer):
             seed=self.seed,
             adapter_name=self.adapter_name,
             init=self.init,
+            use_dora=self.use_dora,
         )
         # Later adapters and the active set: without them a reloaded model
         # would miss the other adapters' variables. Listed in the order
@@ -283,6 +307,8 @@ class LoraLayer(keras.layers.Layer):
                     dropout=a.dropout,
                     use_rslora=a.use_rslora,
                     seed=a.seed,
+                    init=a.init,
+                    use_dora=a.magnitude is not None,
                 )
                 for a in later
             ]

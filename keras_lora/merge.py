@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
+from keras_lora import dora
 from keras_lora.adapters import check_names
 from keras_lora.injection import lora_layers
 from keras_lora.quantized import (
@@ -26,6 +27,9 @@ def merge_lora(
     adapter_names: str | Sequence[str] | None = None,
 ) -> keras.layers.Layer:
     """Add `scale * A·B` into each wrapped kernel and unwrap the layers.
+
+    A DoRA adapter's kernel becomes `m / ||W + s·A·B|| * (W + s·A·B)` per
+    output feature, exactly what its unmerged layer computes.
 
     The update is computed in float32 and rounded once into the kernel's
     dtype, so a float16 or bfloat16 kernel does not drift from adding a
@@ -118,9 +122,13 @@ def merge_lora(
     for layer in wrapped:
         original = layer.original_layer
         mode = quantization_mode(original)
-        merged = dequantized_kernel(original)
+        base = merged = dequantized_kernel(original)
         for name in chosen[id(layer)]:
-            merged = ops.add(merged, layer.delta(name))
+            adapter = layer.adapters[name]
+            if adapter.magnitude is not None:  # DoRA's rescaled kernel.
+                merged = ops.add(merged, dora.kernel_update(layer, adapter, base))
+            else:
+                merged = ops.add(merged, layer.delta(name))
         initial = layer.adapters.first.initial
         if initial is not None and layer.adapters.first.name not in chosen[id(layer)]:
             # A PiSSA/OLoRA adapter left out: its residual kernel takes the

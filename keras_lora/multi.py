@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import keras
 from keras import ops
 
+from keras_lora import dora
 from keras_lora.initialization import a_initializer, check_init, rewrites_kernel
 
 _ALONE = (
@@ -58,9 +59,12 @@ class Adapter:
     # rank and scale, no dropout); the wrapped kernel is the original
     # minus their update.
     initial: Adapter | None = None
+    magnitude: keras.Variable | None = None  # DoRA's (see `keras_lora.dora`).
 
     @property
     def variables(self) -> tuple:
+        if self.magnitude is not None:
+            return (self.lora_a, self.lora_b, self.magnitude)
         return (self.lora_a, self.lora_b)
 
 
@@ -131,6 +135,7 @@ def add_adapter(
     use_rslora: bool = False,
     seed: int | None = None,
     init: str = "kaiming",
+    use_dora: bool = False,
 ) -> Adapter:
     """Give `layer` (a `LoraLayer`) another adapter's factors.
 
@@ -143,6 +148,8 @@ def add_adapter(
     if rewrites_kernel(check_init(init)) or layer.adapters.first.initial is not None:
         # The caller checks first (`check_beside`); this is the last guard.
         raise ValueError(f"Layer '{layer.name}': {_ALONE}")
+    if use_dora:
+        dora.check_base(layer.original_layer, split)
     lora_a = layer.add_weight(
         name=f"lora_a_{name}",
         shape=split.in_shape + (rank,),
@@ -167,9 +174,14 @@ def add_adapter(
         if locked:
             layer._tracker.lock()
     scale = alpha / (math.sqrt(rank) if use_rslora else rank)
+    magnitude = None
+    if use_dora:
+        magnitude = dora.add_magnitude(
+            layer, f"{dora.MAGNITUDE}_{name}", lora_a, lora_b, scale
+        )
     adapter = Adapter(
         name, lora_a, lora_b, int(rank), float(alpha), float(dropout),
-        bool(use_rslora), seed, scale, dropout_layer, init,
+        bool(use_rslora), seed, scale, dropout_layer, init, magnitude=magnitude,
     )  # fmt: skip
     layer.adapters.by_name[name] = adapter
     return adapter
@@ -214,8 +226,13 @@ def apply(layer, inputs, outputs, training=None):
         outputs = ops.add(outputs, layer.lora_update(inputs, adapter=initial))
     if state.disabled:
         return outputs
+    base = outputs  # DoRA rescales the base output, not other adapters'.
     for name in state.active:
-        update = layer.lora_update(inputs, training=training, adapter=state[name])
+        adapter = state[name]
+        if adapter.magnitude is not None:
+            update = dora.update(layer, adapter, inputs, base, training)
+        else:
+            update = layer.lora_update(inputs, training=training, adapter=adapter)
         outputs = ops.add(outputs, update)
     return outputs
 
@@ -224,6 +241,14 @@ def batch_plan(layer, names, rows) -> BatchPlan:
     """Stack `layer`'s adapters `names` for rows `rows` (slots, see `BatchPlan`)."""
     split = layer.split
     adapters = [layer.adapters[n] for n in names if n in layer.adapters]
+    dora_names = [a.name for a in adapters if a.magnitude is not None]
+    if dora_names:
+        raise ValueError(
+            f"Layer '{layer.name}' holds DoRA adapters {dora_names}; "
+            "adapter_batch mixes plain LoRA adapters only (DoRA rescales "
+            "the whole output per adapter). Run each DoRA adapter's rows "
+            "in their own batch, with `set_adapter`."
+        )
     max_rank = max([a.rank for a in adapters] or [1])
     a_slots = [ops.zeros((split.fan_in, max_rank), "float32")]
     b_slots = [ops.zeros((max_rank, split.fan_out), "float32")]

@@ -24,6 +24,12 @@ rank `sum(ranks)`: A stacks their A's, B is block-diagonal (zero rows for a
 role without LoRA). Going back, every row block of a fused B takes the
 whole (shared) A. Both directions are exact: the same function, not an
 approximation.
+
+DoRA adapters (`use_dora`) add `...lora_magnitude_vector`, shaped
+(fan_out,): each role's magnitude, in the Hugging Face output order. A
+fused module's roles without DoRA in Keras export their kernel's column
+norms, which makes PEFT's rescaling of their columns exactly one; on import
+every role of a fused module is wrapped, so each keeps its magnitudes.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from keras_lora.interop.peft_format import PeftModule
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.layer import LoraLayer
 from keras_lora.multi import check_adapter_name, names_in
+from keras_lora.quantized import dequantized_kernel
 from keras_lora.surgery import LayerIndex, walk_layers
 
 # Every PEFT key starts with this (PeftModel's `base_model.model`).
@@ -147,7 +154,8 @@ def export_peft(
             holds several adapters and `adapter_name` is missing or names
             none of them, has one on a layer the family has no PEFT module for, or its
             factors need what one PEFT config cannot say: roles of one
-            fused module with different scales, or different dropout rates.
+            fused module with different scales, different dropout rates,
+            or DoRA on some layers and plain LoRA on others.
 
     Example (a tiny GPT-2 and back):
 
@@ -187,8 +195,11 @@ def export_peft(
     name = _adapter_to_export(model, wrapped, adapter_name)
     adapters = [layer.adapters[name] for layer in wrapped if name in layer.adapters]
     use_rslora = all(adapter.use_rslora for adapter in adapters)
+    use_dora = _common_dora(wrapped, name)
     modules = {
-        (block, module): _fused_module(found, block, module, records, use_rslora)
+        (block, module): _fused_module(
+            found, block, module, records, use_rslora, use_dora
+        )
         for (block, module), records in _group_by_module(found, name).items()
     }
     names = {key: _module_name(family, *key) for key in modules}
@@ -204,6 +215,7 @@ def export_peft(
         fan_in_fan_out=family.fan_in_fan_out,
         task_type=family.hf_task_types.get(hf_model),
         base_model_name_or_path=base_model_name_or_path,
+        use_dora=use_dora,
     )
     prefix = _KEY_ROOT + family.hf_model_prefixes[hf_model]
     return peft_format.write_adapter(
@@ -227,7 +239,8 @@ def import_peft(
     fused module of rank r (several roles in one Hugging Face module) becomes
     one layer
     of rank r per role, all sharing its A and taking their rows of its B.
-    `rank_pattern`, `alpha_pattern`, `use_rslora` and `lora_dropout` carry
+    `rank_pattern`, `alpha_pattern`, `use_rslora`, `lora_dropout` and
+    `use_dora` (each role takes its part of the module's magnitude) carry
     over. The model must hold the base weights the adapter was trained on
     (keras-hub's `from_preset` reads a Hugging Face checkpoint directory).
     Into a model that holds other adapters, it is added beside them,
@@ -255,7 +268,7 @@ def import_peft(
             `adapter_model.bin` exists), the model is of no known family or
             already holds an adapter `adapter_name` (the message lists its
             adapters), or the adapter cannot be mapped
-            exactly: not LoRA, DoRA, `bias` other than "none", base-weight
+            exactly: not LoRA, `bias` other than "none", base-weight
             rewriting initialisations (PiSSA, OLoRA, LoftQ, ...), other
             options that change the forward pass, an adapter recorded for
             another architecture, keys for other modules, missing factors,
@@ -283,6 +296,8 @@ def import_peft(
         use_rslora=bool(config.get("use_rslora", False)),
         seed=seed,
     )
+    if config.get("use_dora"):
+        common["use_dora"] = True
     settings = {
         id(found.layer(block, role)): dict(common, rank=fused.rank, alpha=fused.alpha)
         for (block, module), fused in modules.items()
@@ -310,6 +325,10 @@ def import_peft(
             row = rows.stop
             adapter.lora_a.assign(layout.a_from_hf(fused.lora_a))
             adapter.lora_b.assign(layout.b_from_hf(fused.lora_b[rows]))
+            if fused.magnitude is not None:
+                adapter.magnitude.assign(
+                    _magnitude_from_hf(layout, fused.magnitude[rows])
+                )
     return model
 
 
@@ -392,7 +411,7 @@ def _group_by_module(found: _Located, name: str) -> dict:
     return dict(sorted(modules.items()))
 
 
-def _fused_module(found, block, module, layers, use_rslora) -> PeftModule:
+def _fused_module(found, block, module, layers, use_rslora, use_dora) -> PeftModule:
     """The PEFT factors and alpha of one module from its Keras LoraLayers.
 
     `layers` maps the module's wrapped roles to the exported adapter's
@@ -420,16 +439,63 @@ def _fused_module(found, block, module, layers, use_rslora) -> PeftModule:
     layouts = [found.hf_layout(block, role) for role in roles]
     lora_a = np.zeros((rank, layouts[0].fan_in), "float32")
     lora_b = np.zeros((sum(x.fan_out for x in layouts), rank), "float32")
+    magnitude = np.zeros(lora_b.shape[:1], "float32") if use_dora else None
     row = col = 0
     for role, layout in zip(roles, layouts, strict=True):
-        if role in plain:
+        adapter = layers.get(role)
+        rows = slice(row, row + layout.fan_out)
+        if adapter is not None:
             a, b, role_rank, _ = plain[role]
             cols = slice(col, col + role_rank)
             lora_a[cols] = layout.a_to_hf(a)
-            lora_b[row : row + layout.fan_out, cols] = layout.b_to_hf(b)
+            lora_b[rows, cols] = layout.b_to_hf(b)
             col = cols.stop
-        row += layout.fan_out
-    return PeftModule(rank=rank, alpha=alpha, lora_a=lora_a, lora_b=lora_b)
+        if use_dora and adapter is not None:
+            magnitude[rows] = _magnitude_to_hf(layout, _to_numpy(adapter.magnitude))
+        elif use_dora:
+            # No LoRA on this role: its B rows are zero, and magnitudes
+            # equal to its column norms leave its outputs as they are.
+            base = found.layer(block, role)
+            base = getattr(base, "original_layer", base)  # Another adapter's.
+            kernel = layout.kernel_to_hf(_to_numpy(dequantized_kernel(base)))
+            magnitude[rows] = np.linalg.norm(kernel, axis=1)
+        row = rows.stop
+    return PeftModule(rank, alpha, lora_a, lora_b, magnitude)
+
+
+def _magnitude_to_hf(layout: HfLayout, magnitude: np.ndarray) -> np.ndarray:
+    """A Keras magnitude (`out_shape`) -> PEFT's (fan_out,): as a B of rank 1."""
+    return layout.b_to_hf(magnitude[None])[:, 0]
+
+
+def _magnitude_from_hf(layout: HfLayout, magnitude: np.ndarray) -> np.ndarray:
+    """PEFT's magnitude (fan_out,) -> Keras's, shaped `out_shape`."""
+    return layout.b_from_hf(magnitude[:, None])[0]
+
+
+def _common_dora(wrapped, name: str) -> bool:
+    """PEFT's one `use_dora` flag for adapter `name`, or `ValueError` if
+    the layers differ."""
+    dora = {
+        layer.name: layer.adapters[name].magnitude is not None
+        for layer in wrapped
+        if name in layer.adapters
+    }
+    flags = set(dora.values())
+    if len(flags) > 1:
+        dora = sorted(layer for layer, flag in dora.items() if flag)
+        raise ValueError(
+            "PEFT has one `use_dora` per adapter, but only some LoraLayers "
+            f"use DoRA ({dora[:4]}). Inject every layer with the same "
+            "`use_dora` to export."
+        )
+    return flags.pop()
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A variable's value (or a tensor) as a float32 NumPy array."""
+    value = getattr(value, "value", value)
+    return np.asarray(keras.ops.convert_to_numpy(value), "float32")
 
 
 def _common_dropout(adapters) -> float:
@@ -467,7 +533,8 @@ def _key_pattern(family: Family) -> re.Pattern:
     modules = "|".join(re.escape(m) for m in family.hf_modules)
     return re.compile(
         re.escape(_KEY_ROOT) + rf"(?P<prefix>{prefixes}){block}\."
-        rf"(?P<module>{modules})\.lora_(?P<factor>[AB])\.weight"
+        rf"(?P<module>{modules})\.(?:lora_(?P<factor>[AB])\.weight"
+        r"|(?P<magnitude>lora_magnitude_vector)(?:\.weight)?)"
     )
 
 
@@ -483,7 +550,7 @@ def _key_help(family: Family) -> str:
     modules = ", ".join(family.hf_modules)
     return (
         f"{_KEY_ROOT}{prefix}{family.hf_block.format(block='{i}')}."
-        f"{{{modules}}}.lora_{{A,B}}.weight"
+        f"{{{modules}}}.{{lora_A.weight, lora_B.weight, lora_magnitude_vector}}"
     )
 
 
@@ -501,7 +568,8 @@ def _read_modules(found: _Located, config, tensors) -> dict:
                 f"{family.label}: '{key}'. Supported: {_key_help(family)}."
             )
         prefixes.add(match["prefix"])
-        factors[int(match["block"]), match["module"]][match["factor"]] = value
+        factor = "M" if match["magnitude"] else match["factor"]
+        factors[int(match["block"]), match["module"]][factor] = value
     if not factors:
         raise ValueError("The adapter has no LoRA weights.")
     if len(prefixes) > 1:

@@ -5,6 +5,8 @@ A PEFT adapter directory holds `adapter_config.json` (a `LoraConfig`) and
 (rank, fan_in), and `lora_B.weight`, shaped (fan_out, rank). Each module's
 update is scaled by `lora_alpha / r` (or `lora_alpha / sqrt(r)` with
 `use_rslora`); `rank_pattern` and `alpha_pattern` carry per-module values.
+With `use_dora`, each module also has `lora_magnitude_vector`, shaped
+(fan_out,): DoRA's magnitude per output feature.
 
 This module reads and writes those files and refuses every config option
 that changes what the adapter computes beyond plain LoRA factors. Which
@@ -83,6 +85,7 @@ class PeftModule:
     alpha: float
     lora_a: np.ndarray  # (rank, fan_in)
     lora_b: np.ndarray  # (fan_out, rank); a fused module's roles stack here.
+    magnitude: np.ndarray | None = None  # (fan_out,), with DoRA only.
 
 
 # --- reading ----------------------------------------------------------------
@@ -118,11 +121,10 @@ def check_config(config: dict, base_model: str = "the base model") -> None:
             f"The adapter is of type {peft_type!r}; only PEFT LoRA adapters "
             "(peft_type 'LORA') can be imported."
         )
-    if config.get("use_dora"):
+    if not isinstance(config.get("use_dora", False), bool):
         raise ValueError(
-            "The adapter uses DoRA (`use_dora=True`), which rescales each "
-            "weight column by a learned magnitude; keras_lora's LoraLayer "
-            "is plain LoRA and cannot represent it exactly."
+            f"Invalid `use_dora={config['use_dora']!r}` in the adapter config; "
+            "it must be true or false."
         )
     if config.get("bias", "none") != "none":
         raise ValueError(
@@ -215,16 +217,35 @@ def peft_module(
         config: the adapter config.
         name: the module's full name, as PEFT matches patterns against
             it (model prefix, block, module: no "base_model.model.").
-        factors: `{"A": lora_A, "B": lora_B}` as read.
+        factors: `{"A": lora_A, "B": lora_B}` as read, and `"M"`:
+            `lora_magnitude_vector` with DoRA (`use_dora` in `config`).
         fan_in: the input features of the model's module.
         fan_out: its output features (of all roles, for a fused module).
 
     Returns:
         The module, with float32 factors.
     """
-    if set(factors) != {"A", "B"}:
-        missing = "lora_B" if "A" in factors else "lora_A"
-        raise ValueError(f"Module '{name}' has no {missing} weight.")
+    use_dora = bool(config.get("use_dora", False))
+    for key, label in (("A", "lora_A"), ("B", "lora_B")):
+        if key not in factors:
+            raise ValueError(f"Module '{name}' has no {label} weight.")
+    if use_dora != ("M" in factors):
+        raise ValueError(
+            f"Module '{name}' "
+            + (
+                "has no lora_magnitude_vector, but the config sets "
+                "`use_dora=True`: the DoRA adapter is incomplete."
+                if use_dora
+                else "has a lora_magnitude_vector (DoRA), but the config "
+                "does not set `use_dora=True`: the adapter is inconsistent."
+            )
+        )
+    magnitude = factors.get("M")
+    if magnitude is not None and magnitude.shape != (fan_out,):
+        raise ValueError(
+            f"Shape mismatch for '{name}': lora_magnitude_vector "
+            f"{magnitude.shape}, but this model's module needs {(fan_out,)}."
+        )
     rank, alpha = module_rank_alpha(config, name)
     lora_a, lora_b = factors["A"], factors["B"]
     if lora_a.shape != (rank, fan_in) or lora_b.shape != (fan_out, rank):
@@ -233,7 +254,7 @@ def peft_module(
             f"lora_B {lora_b.shape}, but rank {rank} on this model needs "
             f"lora_A {(rank, fan_in)} and lora_B {(fan_out, rank)}."
         )
-    for factor in (lora_a, lora_b):
+    for factor in (lora_a, lora_b) + ((magnitude,) if use_dora else ()):
         # bfloat16 (from ml_dtypes) is not a NumPy floating subtype.
         if not (
             np.issubdtype(factor.dtype, np.floating) or factor.dtype.name == "bfloat16"
@@ -247,6 +268,7 @@ def peft_module(
         alpha=alpha,
         lora_a=lora_a.astype("float32"),
         lora_b=lora_b.astype("float32"),
+        magnitude=None if magnitude is None else magnitude.astype("float32"),
     )
 
 
@@ -297,6 +319,7 @@ def lora_config(
     fan_in_fan_out: bool,
     task_type: str | None,
     base_model_name_or_path: str | None,
+    use_dora: bool = False,
 ) -> dict:
     """A LoraConfig dict: the most common rank and alpha, patterns for the rest.
 
@@ -309,6 +332,7 @@ def lora_config(
         fan_in_fan_out: whether the base weights are stored (in, out).
         task_type: PEFT's task type, or None (a base model).
         base_model_name_or_path: recorded for reference.
+        use_dora: whether the modules carry DoRA magnitudes.
     """
     counts = collections.Counter
     rank = counts(m.rank for m in modules.values()).most_common(1)[0][0]
@@ -335,7 +359,7 @@ def lora_config(
         "target_modules": target_modules,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
-        "use_dora": False,
+        "use_dora": use_dora,
         "init_lora_weights": True,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -362,6 +386,11 @@ def write_adapter(path: str, config: dict, modules: dict[str, PeftModule]) -> st
     for key, module in modules.items():
         tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(module.lora_a)
         tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(module.lora_b)
+        if module.magnitude is not None:
+            # PEFT's key: `get_peft_model_state_dict` drops ".weight" here.
+            tensors[f"{key}.lora_magnitude_vector"] = np.ascontiguousarray(
+                module.magnitude
+            )
     os.makedirs(path, exist_ok=True)
     atomic_write(
         os.path.join(path, WEIGHTS_NAME),
