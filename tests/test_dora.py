@@ -259,6 +259,19 @@ def test_refuses_quantized_base():
     _unchanged(model, before)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_refuses_kernel_rewriting_init(init):
+    model = small_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="DoRA with init="):
+        inject_lora(model, rank=2, targets=("q", "d"), use_dora=True, init=init)
+    assert lora_layers(model) == []
+    _unchanged(model, before)
+    with pytest.raises(ValueError, match="DoRA with init="):
+        LoraLayer(model.get_layer("d"), rank=2, use_dora=True, init=init)
+    _unchanged(model, before)
+
+
 def test_refuses_to_run_over_a_base_quantized_later():
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
     inject_lora(model, rank=2, targets="d", use_dora=True)
