@@ -7,9 +7,10 @@ gives the base model's outputs; `delete_adapter` removes one;
 `adapter_batch` serves a batch whose rows use different adapters in one
 pass. Each layer's state lives in `keras_lora.multi`.
 
-Switching changes Python state that traced steps (`predict`, `fit`,
-keras-hub's `generate`) baked in, so every switch drops the traced steps
-and Keras traces them again on the next call.
+Switching assigns variables that the layers read (`keras_lora.multi`), so
+the traced inference steps (`predict`, keras-hub's `generate`) stay in
+use: no retrace per switch nor per set of names (`keras_lora.traces`).
+Training steps are dropped when the trainable set changes.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def set_adapter(model: keras.layers.Layer, names: str | Sequence[str]) -> None:
 
     Every other adapter's factors are frozen, so `fit` trains exactly the
     active one(s). A model whose optimizer was built already must be
-    compiled again (with a warning), as after `inject_lora`.
+    compiled again (with a warning), as after `inject_lora`. The traced
+    `predict` / `generate` steps are kept: the layers read the active set
+    from their `adapter_gates` variables (created by the first switch,
+    which alone makes Keras trace again).
 
     Args:
         model: a model with named adapters.

@@ -311,3 +311,8 @@ def test_benchmark_mixed_mode_tiny(tmp_path):
         "| who | ratio | value | target | verdict |"
         in (tmp_path / "results.md").read_text()
     )
+    # --render rewrites the mixed report from results.json.
+    (tmp_path / "results.md").unlink()
+    proc = run_benchmark(["--render", str(tmp_path / "results.json")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed / one active adapter" in (tmp_path / "results.md").read_text()

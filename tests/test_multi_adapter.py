@@ -417,3 +417,17 @@ def test_gpt2_generate_is_traced_once_for_switches_and_mixed_batches():
         np.testing.assert_array_equal(mixed[i], alone[name][i])
     for i, name in enumerate(["default", "b", "default"]):
         np.testing.assert_array_equal(mixed_2[i], alone[name][i])
+
+
+def test_a_switched_model_saves_and_loads_as_keras_file(tmp_path):
+    # The switch variables (gates) stay out of the file: a LoraLayer
+    # rebuilt from its config has none.
+    model = small_mlp()
+    inject_lora(model, rank=2, targets="up", seed=1)
+    randomize(model, "default", 1)
+    with disable_lora(model):
+        np.testing.assert_array_equal(to_numpy(model(X)), to_numpy(small_mlp()(X)))
+    assert "small_mlp/up/adapter_gates" in snapshot(model)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(to_numpy(loaded(X)), to_numpy(model(X)), atol=1e-6)

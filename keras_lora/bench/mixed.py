@@ -129,14 +129,24 @@ def compare_mixed(config: MixedConfig) -> dict:
         status = "ok" if result.get("status") == "ok" else result.get("error")
         print(f"{time.perf_counter() - started:6.1f} s  {status}", flush=True)
         results.append(result)
-    data = {"config": settings, "results": results, "ratios": ratios(results)}
+    return write_outputs(settings, results, out)
+
+
+def write_outputs(config: dict, results: list[dict], out: str) -> dict:
+    """Ratios, `results.json` and `results.md` in `out`; prints the table."""
+    data = {"config": config, "results": results, "ratios": ratios(results)}
     atomic_write(
         os.path.join(out, "results.json"), json.dumps(data, indent=2).encode("utf-8")
     )
-    text = markdown(settings, results, data["ratios"])
+    text = markdown(config, results, data["ratios"])
     atomic_write(os.path.join(out, "results.md"), text.encode("utf-8"))
     print("\n" + text)
     return data
+
+
+def render(data: dict, out: str) -> dict:
+    """Rewrite the ratios and table of an earlier mixed `results.json`."""
+    return write_outputs(data["config"], data["results"], out)
 
 
 def ratios(results: list[dict]) -> list[dict]:
