@@ -59,7 +59,9 @@ def add_compare(sub) -> None:
         default=3,
         help="untimed steps first (compilation).",
     )
-    parser.add_argument("--rank", type=positive_int, default=4, help="LoRA rank.")
+    parser.add_argument(
+        "--rank", type=positive_int, help="LoRA rank (4; --mode mixed: 8)."
+    )
     parser.add_argument(
         "--alpha", type=positive_float, default=32.0, help="LoRA alpha (alpha / rank)."
     )
@@ -187,6 +189,7 @@ def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         return 0 if engine.succeeded(engine.render(args.render)) else 1
     if args.mode == "mixed":
         return compare_mixed(args, argv)
+    args.rank = args.rank or 4
     config = engine.CompareConfig(
         out=args.out,
         backends=tuple(split_list(args.backend)),
@@ -225,7 +228,7 @@ def compare_mixed(args: argparse.Namespace, argv: list[str] | None = None) -> in
         peft="peft" in runs,
         arch="tiny" if args.tiny else args.arch,
         adapters=args.adapters,
-        rank=args.rank,
+        rank=args.rank or 8,
         alpha=args.alpha,
         targets=tuple(split_list(args.targets)),
         batch=args.batch,
