@@ -34,6 +34,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from keras_lora import multi
 from keras_lora.files import atomic_write
 from keras_lora.initialization import plain_factors
 from keras_lora.injection import add_named_adapter, wrap_layers
@@ -512,6 +513,8 @@ def _base_model_info(model, wrapped: list[LoraLayer]) -> dict:
     """Class and architecture fingerprint of the model without LoRA
     (`wrapped`: all its LoRA layers)."""
     lora_ids = {id(v) for layer in wrapped for v in layer.added_variables()}
+    # The adapters' switches are no part of the base either.
+    lora_ids |= {id(v) for layer in wrapped for v in multi.control_variables(layer)}
     base_weights = [v for v in model.weights if id(v) not in lora_ids]
     # Quantized kernels count at their float shapes: an adapter trained over
     # a quantized base loads into the float base, and back.

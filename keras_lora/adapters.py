@@ -7,9 +7,10 @@ gives the base model's outputs; `delete_adapter` removes one;
 `adapter_batch` serves a batch whose rows use different adapters in one
 pass. Each layer's state lives in `keras_lora.multi`.
 
-Switching changes Python state that traced steps (`predict`, `fit`,
-keras-hub's `generate`) baked in, so every switch drops the traced steps
-and Keras traces them again on the next call.
+Switching assigns variables that the layers read (`keras_lora.multi`), so
+the traced inference steps (`predict`, keras-hub's `generate`) stay in
+use: no retrace per switch nor per set of names (`keras_lora.traces`).
+Training steps are dropped when the trainable set changes.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import keras
-import numpy as np
-from keras import ops
+import numpy as np  # noqa: F401 (the examples use it)
 
-from keras_lora import multi
+from keras_lora import multi, traces
 from keras_lora.initialization import restore_kernel
 from keras_lora.injection import (
+    _refresh_compile_state as refresh_compile_state,
+)
+from keras_lora.injection import (
+    freeze_non_lora,
     refresh_after_adapter_change,
 )
 from keras_lora.layer import LoraLayer
@@ -32,6 +36,8 @@ from keras_lora.surgery import (
     LayerIndex,
     drop_compiled_functions,
 )
+from keras_lora.surgery import _containers as containers
+from keras_lora.surgery import _refresh_torch_params as refresh_torch_params
 
 
 def adapter_names(model: keras.layers.Layer) -> list[str]:
@@ -61,7 +67,10 @@ def set_adapter(model: keras.layers.Layer, names: str | Sequence[str]) -> None:
 
     Every other adapter's factors are frozen, so `fit` trains exactly the
     active one(s). A model whose optimizer was built already must be
-    compiled again (with a warning), as after `inject_lora`.
+    compiled again (with a warning), as after `inject_lora`. The traced
+    `predict` / `generate` steps are kept: the layers read the active set
+    from their `adapter_gates` variables (created by the first switch,
+    which alone makes Keras trace again).
 
     Args:
         model: a model with named adapters.
@@ -83,9 +92,22 @@ def set_adapter(model: keras.layers.Layer, names: str | Sequence[str]) -> None:
     """
     layers = LayerIndex(model).lora_layers()
     names = check_names(model, layers, names)
+    created = _ensure_controls(layers)
+    trainable_before = model.trainable_variables
     for layer in layers:
         layer.adapters.active = tuple(n for n in names if n in layer.adapters)
-    refresh_after_adapter_change(model)
+    if created:  # The first switch: new variables, traced steps must go.
+        traces.forget(model)
+        refresh_after_adapter_change(model)
+        return
+    # The call reads the active set from the gates just assigned: traced
+    # inference steps stay valid. Only training follows the new flags.
+    freeze_non_lora(model)
+    if [id(v) for v in model.trainable_variables] != list(map(id, trainable_before)):
+        traces.pin_trainable(model, trainable_before)
+        traces.drop_training_steps(model)
+        if getattr(model, "compiled", False):
+            refresh_compile_state(model)
 
 
 @contextlib.contextmanager
@@ -102,6 +124,9 @@ def disable_lora(model: keras.layers.Layer) -> Iterator[keras.layers.Layer]:
     True
     """
     layers = _lora_layers_or_raise(model)
+    if _ensure_controls(layers):
+        _after_new_controls(model)
+    # The gates go to zero: the traced steps serve the base model as well.
     with _adapter_state(model, layers, "disabled", [True] * len(layers)):
         yield model
 
@@ -171,13 +196,15 @@ def adapter_batch(
 ) -> Iterator[keras.layers.Layer]:
     """A context inside which row `i` of each batch uses adapter `names[i]`.
 
-    `None` is the base model. Every wrapped layer stacks its adapters'
-    factors once, on entering (ranks zero-padded to the largest, each
-    scale folded into B, slot 0 all zeros for the base), and each call
-    gathers every row's factors and runs two batched matmuls: one pass
-    whatever the number of distinct adapters, no loop over them. The rows'
-    choice is an int32 tensor. Meant for inference: adapter dropout is not
-    applied, and factors changed inside the context are not seen.
+    `None` is the base model. Each call concatenates every wrapped
+    layer's factors along the rank, in a fixed order, and weights each
+    rank column per row by that row's one-hot choice (and its adapter's
+    scale) between two matmuls: one pass whatever the number of distinct
+    adapters, no loop over them. The rows' choice is an int32 variable per
+    layer, assigned on entering: a later `adapter_batch` with other names
+    but the same number of rows reuses the traced `predict` / `generate`
+    steps (a new size traces once more). Meant for inference: adapter
+    dropout is not applied.
 
     Args:
         model: a model with named adapters.
@@ -213,15 +240,28 @@ def adapter_batch(
             f"Unknown adapter(s) {sorted(set(map(str, unknown)))} in `names`; "
             f"model '{model.name}' has adapters {list(known)}."
         )
-    # Slots follow the model's adapters, not this batch's: the stacked
-    # shapes stay the same whichever rows use which adapter.
-    slot = {n: i + 1 for i, n in enumerate(known)}
-    rows = ops.convert_to_tensor(
-        np.array([0 if n is None else slot[n] for n in names], "int32")
-    )
-    plans = [multi.batch_plan(layer, list(known), rows) for layer in layers]
-    with _adapter_state(model, layers, "batch", plans):
-        yield model
+    for layer in layers:
+        multi.check_batchable(layer)
+    if _ensure_controls(layers):
+        _after_new_controls(model)
+    if any([multi.ensure_controls(layer, len(names)) for layer in layers]):
+        # First mixed batch of this size: new rows variables. Plain steps
+        # do not read them (JAX traces them once more, for the new state);
+        # mixed steps traced for another size read the old ones.
+        if keras.backend.backend() == "torch":
+            refresh_torch_params(containers(model))
+        traces.forget(model, lambda mode: mode != "plain")
+    for layer in layers:
+        multi.write_rows(layer, names)
+    # The mixed call is Python state a trace bakes in: each mode keeps its
+    # own traced steps, so later batches (other names, same size) reuse them.
+    mixed = ("mixed", len(names))
+    traces.switch_mode(model, "plain", mixed)
+    try:
+        with _adapter_state(model, layers, "batching", [True] * len(layers)):
+            yield model
+    finally:
+        traces.switch_mode(model, mixed, "plain")
 
 
 def _lora_layers_or_raise(model) -> list[LoraLayer]:
@@ -266,15 +306,26 @@ def check_names(model, layers, names) -> tuple:
 @contextlib.contextmanager
 def _adapter_state(model, layers, attribute: str, values: list) -> Iterator[None]:
     """Set `layer.adapters.<attribute>` per layer for the context, then put
-    the old values back. Traced steps baked the state in: drop them on entry
-    and on exit."""
+    the old values back."""
     before = [getattr(layer.adapters, attribute) for layer in layers]
     for layer, value in zip(layers, values, strict=True):
         setattr(layer.adapters, attribute, value)
-    drop_compiled_functions(model)
     try:
         yield
     finally:
         for layer, value in zip(layers, before, strict=True):
             setattr(layer.adapters, attribute, value)
-        drop_compiled_functions(model)
+
+
+def _ensure_controls(layers) -> bool:
+    """Every layer's gates; whether any variable was created."""
+    return any([multi.ensure_controls(layer) for layer in layers])
+
+
+def _after_new_controls(model) -> None:
+    """Control variables were created: torch parameter lists follow, and
+    steps traced without them go (a mode switch is free from then on)."""
+    if keras.backend.backend() == "torch":
+        refresh_torch_params(containers(model))
+    traces.forget(model)
+    drop_compiled_functions(model)

@@ -2,19 +2,23 @@
 
 A `LoraLayer` holds its adapters in an `AdapterState`: the first one is the
 layer's own `lora_a`/`lora_b` (paths ".../query/lora_a"), later ones add
-factors named ".../query/lora_a_<name>". While the first adapter is the only
-active one, `LoraLayer.call` takes its plain path (reshape and two matmuls);
-every other case (several active adapters, LoRA disabled, a mixed batch)
-runs `apply` here. The public functions are in `keras_lora.adapters`.
+factors named ".../query/lora_a_<name>". While the layer has one adapter
+and was never switched, `LoraLayer.call` takes its plain path (reshape and
+two matmuls); every other case (several adapters, LoRA disabled, a mixed
+batch) runs `apply` here, which reads the choice of adapters from
+variables so that switching never traces the model again. The public
+functions are in `keras_lora.adapters`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_lora import dora
@@ -68,33 +72,28 @@ class Adapter:
         return (self.lora_a, self.lora_b)
 
 
-@dataclass
-class BatchPlan:
-    """Stacked factors of one layer for a mixed batch.
+class AdapterState:
+    """The adapters of one layer, which are active, and the call mode.
 
-    Slot 0 is the base model (zero factors); slot k+1 is `names[k]`. Ranks
-    are zero-padded to the largest, and each adapter's scale is folded into
-    its B, so padding adds exact zeros.
+    Until a layer's adapters are first switched (`set_adapter`,
+    `disable_lora`, `adapter_batch`, or a second adapter), the active set
+    is Python state and the first adapter alone takes the layer's plain
+    path. From then on the layer holds `gates`, a non-trainable float32
+    variable with one entry per adapter (1: active, 0: not), and the call
+    reads it: switching assigns the variable, so traced steps stay valid
+    and nothing is traced again. A mixed batch reads `rows`, an int32
+    variable with each row's adapter (its index in the layer plus one, 0:
+    the base), assigned on entering `adapter_batch`.
     """
 
-    rows: object  # int32 (batch,): each row's slot.
-    lora_a: object  # (slots, fan_in, max_rank)
-    lora_b: object  # (slots, max_rank, fan_out)
-
-
-@dataclass
-class AdapterState:
-    """The adapters of one layer, which are active, and the call mode."""
-
-    first: Adapter
-    by_name: dict = field(default_factory=dict)
-    active: tuple = ()
-    disabled: bool = False
-    batch: BatchPlan | None = None
-
-    def __post_init__(self):
-        self.by_name = {self.first.name: self.first}
-        self.active = (self.first.name,)
+    def __init__(self, first: Adapter):
+        self.first = first
+        self.by_name = {first.name: first}
+        self.gates = None  # keras.Variable (adapters,) once switched.
+        self.rows = None  # keras.Variable (batch,) once a batch was mixed.
+        self.batching = False
+        self._active = (first.name,)
+        self._disabled = False
 
     def __getitem__(self, name: str) -> Adapter:
         return self.by_name[name]
@@ -107,13 +106,117 @@ class AdapterState:
         return tuple(self.by_name)
 
     @property
+    def active(self) -> tuple:
+        return self._active
+
+    @active.setter
+    def active(self, names) -> None:
+        self._active = tuple(names)
+        self.write_gates()
+
+    @property
+    def disabled(self) -> bool:
+        return self._disabled
+
+    @disabled.setter
+    def disabled(self, value) -> None:
+        self._disabled = bool(value)
+        self.write_gates()
+
+    @property
     def plain(self) -> bool:
         """Whether the call is the first adapter's alone (the fast path)."""
         return (
-            not self.disabled
-            and self.batch is None
-            and self.active == (self.first.name,)
+            self.gates is None
+            and not self._disabled
+            and self._active == (self.first.name,)
         )
+
+    def write_gates(self) -> None:
+        """Give `gates` the active set (zeros while disabled)."""
+        if self.gates is None:
+            return
+        on = () if self._disabled else self._active
+        values = [1.0 if n in on else 0.0 for n in self.by_name]
+        self.gates.assign(np.array(values, "float32"))
+
+
+def ensure_controls(layer, batch: int | None = None) -> bool:
+    """Give `layer` its `gates` (and, for `batch` rows, `rows`) variables.
+
+    Returns whether a variable was created or replaced: the model's
+    variables changed, so traced steps must go (once).
+    """
+    state = layer.adapters
+    created = False
+    if state.gates is None or state.gates.shape[0] != len(state.by_name):
+        _replace_control(layer, "gates", (len(state.by_name),), "float32")
+        state.write_gates()
+        created = True
+    if batch is not None and (state.rows is None or state.rows.shape[0] != batch):
+        _replace_control(layer, "rows", (batch,), "int32")
+        created = True
+    return created
+
+
+def _replace_control(layer, attribute: str, shape: tuple, dtype: str) -> None:
+    state = layer.adapters
+    old = getattr(state, attribute)
+    if old is not None:
+        layer._untrack_variable(old)
+    locked = layer._tracker.locked
+    layer._tracker.unlock()
+    try:
+        variable = layer.add_weight(
+            name=f"adapter_{attribute}",
+            shape=shape,
+            initializer="zeros",
+            dtype=dtype,
+            trainable=False,
+        )
+    finally:
+        if locked:
+            layer._tracker.lock()
+    setattr(state, attribute, variable)
+    # Model files hold the factors only, as a layer never switched does (a
+    # `LoraLayer` rebuilt from its config has no control variables).
+    layer.save_own_variables = functools.partial(_save_factors, layer)
+    layer.load_own_variables = functools.partial(_load_factors, layer)
+
+
+def control_variables(layer) -> list:
+    """`layer`'s gates and rows variables (not part of any adapter nor of
+    the base model), those that exist."""
+    return [v for v in (layer.adapters.gates, layer.adapters.rows) if v is not None]
+
+
+def _factors(layer) -> list:
+    controls = {id(v) for v in control_variables(layer)}
+    own = layer._trainable_variables + layer._non_trainable_variables
+    return [v for v in own if id(v) not in controls]
+
+
+def _save_factors(layer, store) -> None:
+    for i, variable in enumerate(_factors(layer)):
+        store[f"{i}"] = variable
+
+
+def _load_factors(layer, store) -> None:
+    factors = _factors(layer)
+    if len(store.keys()) != len(factors):
+        raise ValueError(
+            f"Layer '{layer.name}' holds {len(factors)} variables, but the file "
+            f"has {len(store.keys())} for it. Load into a model built the same "
+            "way (the same adapters)."
+        )
+    for i, variable in enumerate(factors):
+        variable.assign(store[f"{i}"])
+
+
+def write_rows(layer, names) -> None:
+    """Each row's adapter for `layer`: its index here plus one (0: base)."""
+    index = {n: i + 1 for i, n in enumerate(layer.adapters.by_name)}
+    layer.adapters.rows.assign(np.array([index.get(n, 0) for n in names], "int32"))
 
 
 def check_beside(layer, init: str) -> None:
@@ -184,6 +287,8 @@ def add_adapter(
         bool(use_rslora), seed, scale, dropout_layer, init, magnitude=magnitude,
     )  # fmt: skip
     layer.adapters.by_name[name] = adapter
+    # Several adapters: the active set becomes state the call reads.
+    ensure_controls(layer)
     return adapter
 
 
@@ -197,6 +302,8 @@ def remove_adapter(layer, name: str) -> None:
     adapter = state.by_name.pop(name)
     for variable in adapter.variables:
         layer._untrack_variable(variable)
+    if state.gates is not None:
+        ensure_controls(layer)  # One gate fewer.
     state.active = tuple(n for n in state.active if n != name)
     if state.first.name == name:
         first = state.by_name[next(iter(state.by_name))]
@@ -217,8 +324,44 @@ def remove_adapter(layer, name: str) -> None:
 def apply(layer, inputs, outputs, training=None):
     """`outputs` plus the update of every active adapter (or per row)."""
     state = layer.adapters
-    if state.batch is not None:
-        return ops.add(outputs, batched_update(layer, inputs, state.batch))
+    if state.gates is None:  # Never switched: the Python active set.
+        return _apply_active(layer, inputs, outputs, training)
+    adapters = list(state.by_name.values())
+    if state.batching:
+        # (batch, adapters): row i's one-hot choice (slot 0, the base, drops).
+        weights = ops.one_hot(state.rows, len(adapters) + 1, dtype="float32")
+        weights = weights[:, 1:]
+    else:
+        weights = state.gates
+    initial = state.first.initial
+    if initial is not None:
+        # A PiSSA/OLoRA kernel is the residual (its adapter is the layer's
+        # only one): where that adapter is off, add the initial update back.
+        off = ops.subtract(1.0, weights[..., :1])
+        outputs = ops.add(outputs, gated_update(layer, inputs, [initial], off))
+    base = outputs  # DoRA rescales the base output, not other adapters'.
+    plain = [i for i, a in enumerate(adapters) if a.magnitude is None]
+    for i, adapter in enumerate(adapters):
+        if adapter.magnitude is not None:  # Refused in a mixed batch.
+            update = dora.update(layer, adapter, inputs, base, training)
+            outputs = ops.add(outputs, update * ops.cast(weights[i], update.dtype))
+    if not plain:
+        return outputs
+    if training and any(adapters[i].dropout_layer is not None for i in plain):
+        # Each adapter drops its own input: one path per adapter.
+        for i in plain:
+            update = layer.lora_update(inputs, training=training, adapter=adapters[i])
+            outputs = ops.add(outputs, update * ops.cast(weights[i], update.dtype))
+        return outputs
+    if len(plain) < len(adapters):
+        weights = ops.take(weights, ops.convert_to_tensor(plain, "int32"), axis=-1)
+    plain_adapters = [adapters[i] for i in plain]
+    return ops.add(outputs, gated_update(layer, inputs, plain_adapters, weights))
+
+
+def _apply_active(layer, inputs, outputs, training):
+    """`apply` for a layer never switched: its active set is Python state."""
+    state = layer.adapters
     initial = state.first.initial
     if initial is not None and (state.disabled or state.first.name not in state.active):
         # A PiSSA/OLoRA kernel is the residual: the base model adds back
@@ -237,11 +380,11 @@ def apply(layer, inputs, outputs, training=None):
     return outputs
 
 
-def batch_plan(layer, names, rows) -> BatchPlan:
-    """Stack `layer`'s adapters `names` for rows `rows` (slots, see `BatchPlan`)."""
-    split = layer.split
-    adapters = [layer.adapters[n] for n in names if n in layer.adapters]
-    dora_names = [a.name for a in adapters if a.magnitude is not None]
+def check_batchable(layer) -> None:
+    """Raise `ValueError` if `layer` holds a DoRA adapter (no mixed batch)."""
+    dora_names = [
+        a.name for a in layer.adapters.by_name.values() if a.magnitude is not None
+    ]
     if dora_names:
         raise ValueError(
             f"Layer '{layer.name}' holds DoRA adapters {dora_names}; "
@@ -249,51 +392,61 @@ def batch_plan(layer, names, rows) -> BatchPlan:
             "the whole output per adapter). Run each DoRA adapter's rows "
             "in their own batch, with `set_adapter`."
         )
-    max_rank = max([a.rank for a in adapters] or [1])
-    a_slots = [ops.zeros((split.fan_in, max_rank), "float32")]
-    b_slots = [ops.zeros((max_rank, split.fan_out), "float32")]
-    initial = layer.adapters.first.initial
-    if initial is not None:
-        # The base of a PiSSA/OLoRA kernel (the residual) is the residual
-        # plus the initial update (same rank as the adapter's, the only
-        # one on this layer).
-        a_slots = [ops.reshape(initial.lora_a.value, (split.fan_in, max_rank))]
-        b = ops.reshape(initial.lora_b.value, (max_rank, split.fan_out))
-        b_slots = [b * initial.scale]
-    for name in names:
-        if name not in layer.adapters:  # Not on this layer: the base.
-            a_slots.append(a_slots[0])
-            b_slots.append(b_slots[0])
-            continue
-        adapter = layer.adapters[name]
-        pad = max_rank - adapter.rank
-        a = ops.reshape(adapter.lora_a.value, (split.fan_in, adapter.rank))
-        b = ops.reshape(adapter.lora_b.value, (adapter.rank, split.fan_out))
-        a_slots.append(ops.pad(a, ((0, 0), (0, pad))))
-        b_slots.append(ops.pad(b * adapter.scale, ((0, pad), (0, 0))))
-    return BatchPlan(rows, ops.stack(a_slots), ops.stack(b_slots))
 
 
-def batched_update(layer, inputs, plan: BatchPlan):
-    """Each row's own adapter update, in one pass: gather and batched matmuls."""
+def gated_update(layer, inputs, adapters, weights):
+    """The adapters' updates weighted by `weights`, in one pass.
+
+    The factors concatenate along the rank in a fixed order (A: fan_in x
+    sum of ranks, B: sum of ranks x fan_out); each rank column is scaled
+    by its adapter's `scale * weight` between the two matmuls. `weights`
+    is `(adapters,)` (the gates: which adapters are active) or `(batch,
+    adapters)` (a mixed batch: each row's one-hot choice). No loop over
+    adapters runs in the graph and no Python state picks the adapters, so
+    a trace serves every choice. Inactive adapters cost their share of
+    rank: small beside the wrapped kernel.
+    """
     split = layer.split
-    rows, batch = plan.rows.shape[0], inputs.shape[0]
-    if batch is not None and batch != rows:
-        raise ValueError(
-            f"adapter_batch was given {rows} adapter names, but layer "
-            f"'{layer.name}' got a batch of {batch} rows. Pass one name (or "
-            "None) per row."
-        )
+    dtype = layer.compute_dtype
+    per_row = len(weights.shape) == 2
     x = inputs
     input_perm, num_batch_axes, output_perm = split.call_plan(len(x.shape))
     if input_perm:
         x = ops.transpose(x, input_perm)
     batch_shape = tuple(ops.shape(x)[:num_batch_axes])
-    x = ops.reshape(x, (batch_shape[0], -1, split.fan_in))
-    dtype = layer.compute_dtype
-    lora_a = ops.cast(ops.take(plan.lora_a, plan.rows, axis=0), dtype)
-    lora_b = ops.cast(ops.take(plan.lora_b, plan.rows, axis=0), dtype)
-    x = ops.matmul(ops.matmul(x, lora_a), lora_b)  # (batch, tokens, fan_out)
+    if per_row:
+        rows, batch = weights.shape[0], x.shape[0]
+        if batch is not None and rows is not None and batch != rows:
+            raise ValueError(
+                f"adapter_batch was given {rows} adapter names, but layer "
+                f"'{layer.name}' got a batch of {batch} rows. Pass one name "
+                "(or None) per row."
+            )
+        x = ops.reshape(x, (batch_shape[0], -1, split.fan_in))
+    else:
+        x = ops.reshape(x, (-1, split.fan_in))
+    lora_a = ops.concatenate(
+        [
+            ops.reshape(ops.cast(a.lora_a, dtype), (split.fan_in, a.rank))
+            for a in adapters
+        ],
+        axis=1,
+    )
+    lora_b = ops.concatenate(
+        [
+            ops.reshape(ops.cast(a.lora_b, dtype), (a.rank, split.fan_out))
+            for a in adapters
+        ],
+        axis=0,
+    )
+    owner = np.repeat(np.arange(len(adapters)), [a.rank for a in adapters])
+    scales = np.repeat([a.scale for a in adapters], [a.rank for a in adapters])
+    columns = ops.take(weights, ops.convert_to_tensor(owner, "int32"), axis=-1)
+    columns = ops.multiply(columns, ops.convert_to_tensor(scales, "float32"))
+    columns = ops.cast(columns, dtype)
+    if per_row:
+        columns = ops.expand_dims(columns, 1)  # (batch, 1, rank): per row.
+    x = ops.matmul(ops.matmul(x, lora_a) * columns, lora_b)
     x = ops.reshape(x, batch_shape + split.out_shape)
     if output_perm:
         x = ops.transpose(x, output_perm)

@@ -257,3 +257,62 @@ def test_memory_ratios_against_targets():
     table = "\n".join(report.table_rows(results))
     assert "| keras-lora (int8, remat) |" in table
     assert "| keras-lora |" in table
+
+
+def test_benchmark_mixed_mode_tiny(tmp_path):
+    """`compare --mode mixed`: 3 adapters, every row its own, this backend
+    (and PEFT's `adapter_names=` on torch)."""
+    backend = keras.backend.backend()
+    args = [
+        "--mode",
+        "mixed",
+        "--tiny",
+        "--backend",
+        backend,
+        "--runs",
+        "peft" if backend == "torch" else "lora",
+        "--adapters",
+        "3",
+        "--rank",
+        "2",
+        "--batch",
+        "3",
+        "--seq",
+        "8",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--generate-repeats",
+        "1",
+        "--switches",
+        "1",
+    ]
+    proc = run_benchmark(args, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["mode"] == "mixed"
+    runs = {r["run"]: r for r in data["results"]}
+    expected = ["mixed-keras"] + (["mixed-peft"] if backend == "torch" else [])
+    assert sorted(runs) == sorted(expected)
+    for run, result in runs.items():
+        assert result["status"] == "ok", (run, result.get("error"))
+        assert result["rows"] == ["adapter_0", "adapter_1", "adapter_2"]
+        for task in ("forward", "generate"):
+            for variant in ("lone", "single", "mixed"):
+                assert result[f"{task}_{variant}_s"] > 0, (run, task, variant)
+        assert result["generate_after_switch_s"] > 0
+        # Each row of the mixed batch is its adapter's output alone.
+        assert result["mixed_vs_single_max_abs_diff"] < 1e-4, (run, result)
+    assert runs["mixed-keras"]["backend"] == backend
+    ratios = {(row["who"], row["ratio"]) for row in data["ratios"]}
+    assert (f"keras-lora {backend}", "generate: mixed / one active adapter") in ratios
+    assert (
+        "| who | ratio | value | target | verdict |"
+        in (tmp_path / "results.md").read_text()
+    )
+    # --render rewrites the mixed report from results.json.
+    (tmp_path / "results.md").unlink()
+    proc = run_benchmark(["--render", str(tmp_path / "results.json")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed / one active adapter" in (tmp_path / "results.md").read_text()

@@ -169,7 +169,16 @@ def test_bad_names_are_value_errors_and_change_nothing():
             model(X)
     assert adapter_names(model) == ["default", "b"]
     assert active_adapters(model) == ["default"]
-    assert snapshot(model).keys() == before.keys()
+    after = snapshot(model)
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value)
+    # The one addition: the control variables of the mixed batch ("up",
+    # holding two adapters, had its gates already).
+    assert sorted(set(after) - set(before)) == [
+        "small_mlp/down/adapter_gates",
+        "small_mlp/down/adapter_rows",
+        "small_mlp/up/adapter_rows",
+    ]
     np.testing.assert_array_equal(to_numpy(model(X)), out_a)
 
 
@@ -376,3 +385,128 @@ def test_layout_map_lays_out_every_adapter_like_the_first():
             assert layout is not None, path
             assert list(layout.axes) == expected_axes(first, ndim), path
     assert later == 2 * 2  # "b" on the query of each of the two blocks.
+
+
+def count_calls(layer) -> list:
+    """Count the Python runs of `layer.call`: under JAX and TensorFlow one
+    per trace of a compiled step; torch runs steps eagerly (one per call)."""
+    runs = []
+    call = layer.call
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return call(*args, **kwargs)
+
+    layer.call = counted
+    return runs
+
+
+TRACES = keras.backend.backend() != "torch"
+
+
+def test_mixed_batches_and_switches_reuse_the_traced_predict():
+    model, base, out_a, out_b = two_adapters()
+    set_adapter(model, "default")  # The first switch creates the gates.
+    runs = count_calls(lora_layers(model)[0])
+    np.testing.assert_allclose(model.predict(X, verbose=0), out_a, atol=1e-5)
+    traced = len(runs)
+    assert traced == 1 or not TRACES
+    step = model.predict_function
+    # Switching assigns variables: the same traced step serves "b".
+    set_adapter(model, "b")
+    np.testing.assert_allclose(model.predict(X, verbose=0), out_b, atol=1e-5)
+    with disable_lora(model):
+        np.testing.assert_array_equal(model.predict(X, verbose=0), base)
+    set_adapter(model, "default")
+    np.testing.assert_allclose(model.predict(X, verbose=0), out_a, atol=1e-5)
+    assert len(runs) == (traced if TRACES else 4)
+    if keras.backend.backend() != "jax":  # (JAX wraps it: see traces.py.)
+        assert model.predict_function is step
+    # Mixed batches: one trace for the mode, then other names reuse it.
+    expected = {"default": out_a, "b": out_b, None: base}
+    for names in (
+        ["b", None, "default", "b", "default", None],
+        ["default", "b", None, None, "b", "b"],
+        ["b"] * 6,
+    ):
+        with adapter_batch(model, names):
+            mixed = model.predict(X, verbose=0)
+        for i, name in enumerate(names):
+            np.testing.assert_allclose(mixed[i], expected[name][i], atol=1e-5)
+    assert len(runs) == (traced + 1 if TRACES else 7)
+    # Back outside: the plain step is kept. JAX traces it once more: the
+    # first mixed batch of this size added rows variables to its state.
+    np.testing.assert_allclose(model.predict(X, verbose=0), out_a, atol=1e-5)
+    traced += keras.backend.backend() == "jax"
+    assert len(runs) == (traced + 1 if TRACES else 8)
+    # From then on each mode keeps its step.
+    with adapter_batch(model, [None] * 3 + ["default"] * 3):
+        mixed = model.predict(X, verbose=0)
+    np.testing.assert_allclose(mixed[:3], base[:3], atol=1e-5)
+    np.testing.assert_allclose(mixed[3:], out_a[3:], atol=1e-5)
+    set_adapter(model, "b")
+    np.testing.assert_allclose(model.predict(X, verbose=0), out_b, atol=1e-5)
+    assert len(runs) == (traced + 1 if TRACES else 10)
+    # Another size: the mixed step is traced for it, the plain one kept.
+    with adapter_batch(model, ["b", "default", None]):
+        mixed = model.predict(X[:3], verbose=0)
+    np.testing.assert_allclose(mixed[0], out_b[0], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], out_a[1], atol=1e-5)
+    np.testing.assert_allclose(mixed[2], base[2], atol=1e-5)
+
+
+def test_gpt2_generate_is_traced_once_for_switches_and_mixed_batches():
+    lm = tiny_gpt2_lm()
+    lm.compile(sampler="greedy")
+    inject_lora(lm, rank=2, seed=1)
+    inject_lora(lm, rank=4, adapter_name="b")
+    rng = np.random.default_rng(0)
+    for layer in lora_layers(lm):
+        for name in layer.adapters.names:
+            b = layer.adapters[name].lora_b
+            b.assign(rng.normal(0, 2.0, b.shape).astype("float32"))
+    prompts = {
+        "token_ids": rng.integers(0, 64, (3, 10)).astype("int32"),
+        "padding_mask": np.array([[1] * 4 + [0] * 6] * 3, "int32"),
+    }
+    runs = count_calls(lora_layers(lm)[0])
+
+    def generate():
+        return to_numpy(lm.generate(prompts, stop_token_ids=None)["token_ids"])
+
+    alone = {"default": generate()}
+    traced = len(runs)  # keras-hub traces the call for the prompt and a step.
+    step = lm.generate_function
+    set_adapter(lm, "b")
+    alone["b"] = generate()
+    assert not np.array_equal(alone["default"], alone["b"])
+    assert len(runs) == traced or not TRACES
+    if keras.backend.backend() != "jax":
+        assert lm.generate_function is step
+    set_adapter(lm, "default")
+    np.testing.assert_array_equal(generate(), alone["default"])
+    assert len(runs) == traced or not TRACES
+    with adapter_batch(lm, ["b", "default", "b"]):
+        mixed = generate()
+    after_first_mix = len(runs)
+    with adapter_batch(lm, ["default", "b", "default"]):
+        mixed_2 = generate()
+    assert len(runs) == after_first_mix or not TRACES
+    for i, name in enumerate(["b", "default", "b"]):
+        np.testing.assert_array_equal(mixed[i], alone[name][i])
+    for i, name in enumerate(["default", "b", "default"]):
+        np.testing.assert_array_equal(mixed_2[i], alone[name][i])
+
+
+def test_a_switched_model_saves_and_loads_as_keras_file(tmp_path):
+    # The switch variables (gates) stay out of the file: a LoraLayer
+    # rebuilt from its config has none.
+    model = small_mlp()
+    inject_lora(model, rank=2, targets="up", seed=1)
+    randomize(model, "default", 1)
+    with disable_lora(model):
+        np.testing.assert_array_equal(to_numpy(model(X)), to_numpy(small_mlp()(X)))
+    assert "small_mlp/up/adapter_gates" in snapshot(model)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(to_numpy(loaded(X)), to_numpy(model(X)), atol=1e-6)

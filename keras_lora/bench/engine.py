@@ -405,8 +405,12 @@ def render(results_json: str) -> dict:
             raise ValueError(f"{results_json} is not JSON: {error}") from error
     if not isinstance(data, dict) or "config" not in data or "results" not in data:
         raise ValueError(f"{results_json} is not a results.json of compare")
-    every_round = data.get("all_rounds") or data["results"]
     out = os.path.dirname(os.path.abspath(results_json))
+    if data["config"].get("mode") == "mixed":
+        from keras_lora.bench import mixed
+
+        return mixed.render(data, out)
+    every_round = data.get("all_rounds") or data["results"]
     return write_outputs(data["config"], every_round, out)
 
 

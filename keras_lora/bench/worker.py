@@ -17,6 +17,9 @@ Runs:
     peft     Hugging Face PEFT LoRA on a transformers GPT2LMHeadModel of the
              same size (torch; `keras_lora` imports Keras, which this run
              leaves unused).
+    mixed-keras, mixed-peft
+             the mixed-batch benchmark (`keras_lora.bench.mixed`): many
+             adapters, every row of a batch its own, on Keras or PEFT.
 
 The Keras runs are `keras_run.py`, the PEFT run `peft_run.py`; each is
 imported only by the process that runs it.
@@ -42,6 +45,14 @@ def main(spec_path: str) -> int:
             from keras_lora.bench.peft_run import peft_run
 
             result = peft_run(spec)
+        elif spec["run"] == "mixed-keras":
+            from keras_lora.bench.mixed_keras import mixed_keras_run
+
+            result = mixed_keras_run(spec)
+        elif spec["run"] == "mixed-peft":
+            from keras_lora.bench.mixed_peft import mixed_peft_run
+
+            result = mixed_peft_run(spec)
         else:
             from keras_lora.bench.keras_run import keras_run
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import shlex
 
-from keras_lora.bench import engine
+from keras_lora.bench import engine, mixed
 from keras_lora.cli.arguments import (
     non_negative_int,
     positive_float,
@@ -59,7 +59,9 @@ def add_compare(sub) -> None:
         default=3,
         help="untimed steps first (compilation).",
     )
-    parser.add_argument("--rank", type=positive_int, default=4, help="LoRA rank.")
+    parser.add_argument(
+        "--rank", type=positive_int, help="LoRA rank (4; --mode mixed: 8)."
+    )
     parser.add_argument(
         "--alpha", type=positive_float, default=32.0, help="LoRA alpha (alpha / rank)."
     )
@@ -138,6 +140,39 @@ def add_compare(sub) -> None:
         "'larger_than' fail on keras-hub GPT-2). The LoRA run is repeated "
         "for every combination of --base-dtype, --quantize and --remat.",
     )
+    parser.add_argument(
+        "--mode",
+        choices=("train", "mixed"),
+        default="train",
+        help="train: the fine-tuning comparison; mixed: serve a batch whose "
+        "rows use different adapters (adapter_batch vs one adapter vs PEFT "
+        "adapter_names=), forward and generate (uses --backend, --arch/"
+        "--tiny, --batch, --seq, --rank, --alpha, --targets, --seed, "
+        "--timeout, --out and the flags below; --runs peft adds PEFT, the "
+        "default).",
+    )
+    mixed = parser.add_argument_group("--mode mixed")
+    mixed.add_argument(
+        "--adapters", type=positive_int, default=8, help="adapters in the model."
+    )
+    mixed.add_argument(
+        "--new-tokens", type=positive_int, default=32, help="tokens generated."
+    )
+    mixed.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help="timed forward passes per variant (generate: --generate-repeats).",
+    )
+    mixed.add_argument(
+        "--generate-repeats",
+        type=positive_int,
+        default=3,
+        help="timed generate calls per variant.",
+    )
+    mixed.add_argument(
+        "--switches", type=positive_int, default=3, help="set_adapter switches timed."
+    )
     parser.add_argument("--out", default=os.path.join("runs", "compare"))
     parser.add_argument(
         "--render",
@@ -152,6 +187,9 @@ def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """`keras-lora compare`: exit 1 when a run failed."""
     if args.render:
         return 0 if engine.succeeded(engine.render(args.render)) else 1
+    if args.mode == "mixed":
+        return compare_mixed(args, argv)
+    args.rank = args.rank or 4
     config = engine.CompareConfig(
         out=args.out,
         backends=tuple(split_list(args.backend)),
@@ -179,3 +217,28 @@ def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         command=shlex.join(["keras-lora", *(argv or ["compare"])]),
     )
     return 0 if engine.succeeded(engine.compare(config)) else 1
+
+
+def compare_mixed(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """`keras-lora compare --mode mixed`: exit 1 when a run failed."""
+    runs = split_list(args.runs)
+    config = mixed.MixedConfig(
+        out=args.out,
+        backends=tuple(dict.fromkeys(split_list(args.backend))),
+        peft="peft" in runs,
+        arch="tiny" if args.tiny else args.arch,
+        adapters=args.adapters,
+        rank=args.rank or 8,
+        alpha=args.alpha,
+        targets=tuple(split_list(args.targets)),
+        batch=args.batch,
+        seq=args.seq,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        generate_repeats=args.generate_repeats,
+        switches=args.switches,
+        seed=args.seed,
+        timeout=args.timeout,
+        command=shlex.join(["keras-lora", *(argv or ["compare"])]),
+    )
+    return 0 if engine.succeeded(mixed.compare_mixed(config)) else 1
