@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_BACKEND = "jax"
 # What these tests check is the install, not a backend: the children run
 # once per suite, in the JAX pass (tests/conftest.py).
-pytestmark = pytest.mark.worker_backend("jax")
+pytestmark = pytest.mark.worker_backend(DEMO_BACKEND)
 # The demo's smallest settings: 2 fine-tuning steps, one timed step per run.
 SMALL_DEMO = [
     "--steps", "2", "--compare-steps", "1", "--warmup", "1", "--eval-batches",

@@ -391,8 +391,8 @@ def write_outputs(config: dict, every_round: list[dict], out: str) -> dict:
     return data
 
 
-def render(results_json: str) -> dict:
-    """Rewrite the table, ratios and charts of an earlier results.json.
+def read_results(results_json: str) -> tuple[dict, str]:
+    """An earlier results.json of `compare` (either mode) and its directory.
 
     Raises:
         FileNotFoundError: when `results_json` does not exist.
@@ -405,11 +405,13 @@ def render(results_json: str) -> dict:
             raise ValueError(f"{results_json} is not JSON: {error}") from error
     if not isinstance(data, dict) or "config" not in data or "results" not in data:
         raise ValueError(f"{results_json} is not a results.json of compare")
-    out = os.path.dirname(os.path.abspath(results_json))
-    if data["config"].get("mode") == "mixed":
-        from keras_lora.bench import mixed
+    return data, os.path.dirname(os.path.abspath(results_json))
 
-        return mixed.render(data, out)
+
+def render(data: dict, out: str) -> dict:
+    """Rewrite the table, ratios and charts of an earlier training
+    comparison (`read_results`) in `out`. (A mixed-batch result renders
+    with `keras_lora.bench.mixed.render`.)"""
     every_round = data.get("all_rounds") or data["results"]
     return write_outputs(data["config"], every_round, out)
 

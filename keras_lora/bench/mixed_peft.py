@@ -4,8 +4,9 @@ The same architecture (random weights), adapters, batch and prompt as
 `keras_lora.bench.mixed_keras`, timed the same way: `single` is one active
 adapter (`set_adapter`), `mixed` passes `adapter_names=` (PEFT groups the
 rows by adapter and loops over the groups in Python), `lone` is a model
-holding one adapter. GPT-2's fused `attn.c_attn` is adapted whole (query,
-key and value) where keras-lora adapts query and value only.
+holding one adapter. transformers fuses GPT-2's query|key|value into one
+module, which PEFT adapts whole where keras-lora adapts query and value
+only.
 """
 
 from __future__ import annotations

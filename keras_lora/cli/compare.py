@@ -186,7 +186,10 @@ def add_compare(sub) -> None:
 def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """`keras-lora compare`: exit 1 when a run failed."""
     if args.render:
-        return 0 if engine.succeeded(engine.render(args.render)) else 1
+        data, out = engine.read_results(args.render)
+        if data["config"].get("mode") == "mixed":
+            return 0 if engine.succeeded(mixed.render(data, out)) else 1
+        return 0 if engine.succeeded(engine.render(data, out)) else 1
     if args.mode == "mixed":
         return compare_mixed(args, argv)
     args.rank = args.rank or 4
