@@ -22,6 +22,7 @@ import platform
 import time
 
 from keras_lora.bench import engine
+from keras_lora.families import GPT2
 from keras_lora.files import atomic_write
 from keras_lora.recipes.models import architecture
 
@@ -55,7 +56,7 @@ class MixedConfig:
     adapters: int = 8
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("query", "value")
+    targets: tuple[str, ...] = GPT2.default_targets
     batch: int = 8
     seq: int = 128
     new_tokens: int = 32
