@@ -52,7 +52,7 @@ def run_benchmark(args, out_dir, command=COMMAND):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
 
 

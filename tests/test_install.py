@@ -63,7 +63,7 @@ def site(tmp_path_factory) -> str:
     return str(site)
 
 
-def run_installed(site: str, args: list[str], cwd, timeout: float = 300):
+def run_installed(site: str, args: list[str], cwd, timeout: float = 600):
     """Run the installed `keras-lora` script from `cwd`, `site` on the path."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PYTHONPATH=site, TF_CPP_MIN_LOG_LEVEL="3")

@@ -50,7 +50,7 @@ def run_notebook(name: str, parameters: dict, workdir: str):
     # with no display needed.
     client = nbclient.NotebookClient(
         nb,
-        timeout=300,
+        timeout=600,
         kernel_name="python3",
         resources={"metadata": {"path": workdir}},
     )
