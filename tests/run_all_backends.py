@@ -2,7 +2,7 @@
 
 A backend is fixed when Keras is first imported, so one pytest process runs
 per backend. The three run at the same time (most of a test is Python and
-single-threaded compilation, so on a 2-core machine this takes about 60%
+single-threaded compilation, so on a 2-core machine this takes about 65%
 of the serial time); `--serial` runs them one after another. Each
 backend's output is printed whole when it ends.
 
