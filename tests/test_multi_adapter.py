@@ -254,7 +254,9 @@ def test_gpt2_mixed_batch_and_switch_match_single_adapters():
         np.testing.assert_allclose(mixed[i], expected[i], atol=1e-5)
 
 
-def test_gpt2_generate_in_a_mixed_batch_matches_each_adapter():
+def _gpt2_with_two_adapters():
+    """A tiny greedy GPT-2 with adapters "default" (rank 2) and "b" (rank
+    4), both with random B, and three left-padded prompts."""
     lm = tiny_gpt2_lm()
     lm.compile(sampler="greedy")
     inject_lora(lm, rank=2, seed=1)
@@ -268,6 +270,11 @@ def test_gpt2_generate_in_a_mixed_batch_matches_each_adapter():
         "token_ids": rng.integers(0, 64, (3, 10)).astype("int32"),
         "padding_mask": np.array([[1] * 4 + [0] * 6] * 3, "int32"),
     }
+    return lm, prompts
+
+
+def test_gpt2_generate_in_a_mixed_batch_matches_each_adapter():
+    lm, prompts = _gpt2_with_two_adapters()
 
     def generate():
         return to_numpy(lm.generate(prompts, stop_token_ids=None)["token_ids"])
@@ -456,19 +463,7 @@ def test_mixed_batches_and_switches_reuse_the_traced_predict():
 
 
 def test_gpt2_generate_is_traced_once_for_switches_and_mixed_batches():
-    lm = tiny_gpt2_lm()
-    lm.compile(sampler="greedy")
-    inject_lora(lm, rank=2, seed=1)
-    inject_lora(lm, rank=4, adapter_name="b")
-    rng = np.random.default_rng(0)
-    for layer in lora_layers(lm):
-        for name in layer.adapters.names:
-            b = layer.adapters[name].lora_b
-            b.assign(rng.normal(0, 2.0, b.shape).astype("float32"))
-    prompts = {
-        "token_ids": rng.integers(0, 64, (3, 10)).astype("int32"),
-        "padding_mask": np.array([[1] * 4 + [0] * 6] * 3, "int32"),
-    }
+    lm, prompts = _gpt2_with_two_adapters()
     runs = count_calls(lora_layers(lm)[0])
 
     def generate():

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from keras_lora.bench.mixed_keras import alternate
-from keras_lora.bench.peft_run import peft_target_modules
+from keras_lora.bench.peft_run import gpt2_config, peft_target_modules
 
 
 def mixed_peft_run(spec: dict) -> dict:
@@ -27,14 +27,7 @@ def mixed_peft_run(spec: dict) -> dict:
 
     torch.manual_seed(spec["seed"])
     arch = spec["arch"]
-    config = transformers.GPT2Config(
-        vocab_size=arch["vocabulary_size"],
-        n_positions=arch["max_sequence_length"],
-        n_embd=arch["hidden_dim"],
-        n_layer=arch["num_layers"],
-        n_head=arch["num_heads"],
-        n_inner=arch["intermediate_dim"],
-    )
+    config = gpt2_config(arch)
     lora = peft.LoraConfig(
         r=spec["rank"],
         lora_alpha=spec["alpha"],

@@ -24,14 +24,7 @@ def peft_run(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     arch = spec["arch"]
-    config = transformers.GPT2Config(
-        vocab_size=arch["vocabulary_size"],
-        n_positions=arch["max_sequence_length"],
-        n_embd=arch["hidden_dim"],
-        n_layer=arch["num_layers"],
-        n_head=arch["num_heads"],
-        n_inner=arch["intermediate_dim"],
-    )
+    config = gpt2_config(arch)
     t0 = time.perf_counter()
     model = transformers.GPT2LMHeadModel(config)  # Random weights.
     modules = peft_target_modules(spec["targets"])
@@ -135,6 +128,20 @@ def peft_run(spec: dict) -> dict:
     }
     result.update(step_stats(step_times, cpu_times, spec))
     return result
+
+
+def gpt2_config(arch: dict):
+    """The transformers `GPT2Config` of a benchmark architecture row."""
+    import transformers
+
+    return transformers.GPT2Config(
+        vocab_size=arch["vocabulary_size"],
+        n_positions=arch["max_sequence_length"],
+        n_embd=arch["hidden_dim"],
+        n_layer=arch["num_layers"],
+        n_head=arch["num_heads"],
+        n_inner=arch["intermediate_dim"],
+    )
 
 
 def peft_target_modules(roles) -> list[str]:
