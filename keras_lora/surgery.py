@@ -183,6 +183,12 @@ def replace_layers(
         # takes over the old one's nodes so graph configs still serialise.
         for node in old._inbound_nodes:
             node.operation = new
+            # The tensors a node made name their operation too; a model's
+            # outputs are serialised through them.
+            for tensor in node.outputs:
+                history = getattr(tensor, "_keras_history", None)
+                if history is not None and history.operation is old:
+                    tensor._keras_history = history._replace(operation=new)
         new._inbound_nodes = old._inbound_nodes
         new._outbound_nodes = old._outbound_nodes
         old._inbound_nodes = []

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_lora import LoraLayer, inject_lora, lora_layers
+from keras_lora import LoraLayer, inject_lora, lora_layers, merge_lora
 from keras_lora.surgery import (
     LayerIndex,
     drop_compiled_functions,
@@ -159,6 +159,28 @@ def test_functional_model():
     # The graph calls the wrappers: a non-zero B changes the output.
     lora_layers(model)[1].lora_b.assign(np.ones((2, 12), "float32"))
     assert not np.allclose(to_numpy(model(x)), before)
+
+
+def test_functional_model_with_wrapped_output_layer_saves(tmp_path):
+    # The model's outputs name the layer that made them: the swap must
+    # rewrite that too, or `save` cannot find the output node.
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(5, name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(hidden))
+    inject_lora(model, rank=2, targets=("head",))
+    randomize_lora_b(model)
+    x = np.random.default_rng(1).normal(size=(2, 6)).astype("float32")
+    model.save(tmp_path / "wrapped.keras")
+    restored = keras.saving.load_model(tmp_path / "wrapped.keras")
+    np.testing.assert_array_equal(to_numpy(restored(x)), to_numpy(model(x)))
+    assert [layer.name for layer in lora_layers(restored)] == ["head"]
+    # And back: the merged model's output is a plain Dense again.
+    expected = to_numpy(model(x))
+    merge_lora(model)
+    model.save(tmp_path / "merged.keras")
+    merged = keras.saving.load_model(tmp_path / "merged.keras")
+    assert type(merged.get_layer("head")) is keras.layers.Dense
+    np.testing.assert_allclose(to_numpy(merged(x)), expected, rtol=1e-5, atol=1e-6)
 
 
 class Subclassed(keras.Model):
