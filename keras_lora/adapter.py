@@ -35,6 +35,7 @@ import safetensors
 import safetensors.numpy
 
 from keras_lora import multi
+from keras_lora.embedding import base_weight, check_embedding
 from keras_lora.files import atomic_write
 from keras_lora.initialization import plain_factors
 from keras_lora.injection import add_named_adapter, wrap_layers
@@ -167,9 +168,9 @@ def save_adapter(
                 "use_dora": layer.magnitude is not None,
                 "lora_a_shape": list(plain[layer_path][0].shape),
                 "lora_b_shape": list(plain[layer_path][1].shape),
-                "kernel_shape": list(originals[layer_path].kernel.shape),
+                "kernel_shape": list(base_weight(originals[layer_path]).shape),
                 "kernel_dtype": keras.backend.standardize_dtype(
-                    originals[layer_path].kernel.dtype
+                    base_weight(originals[layer_path]).dtype
                 ),
             }
             for layer_path, layer in wrapped.items()
@@ -246,11 +247,11 @@ def load_adapter(
                     f"model '{model.name}' does not have. Load it into the "
                     "base model it was trained on."
                 )
-            check_wrappable(layer)
-            if list(layer.kernel.shape) != entry["kernel_shape"]:
+            _check_wrappable(layer, entry)
+            if list(base_weight(layer).shape) != entry["kernel_shape"]:
                 raise ValueError(
                     f"Layer '{layer_path}' has kernel shape "
-                    f"{tuple(layer.kernel.shape)}, but the adapter was trained "
+                    f"{tuple(base_weight(layer).shape)}, but the adapter was trained "
                     f"on {tuple(entry['kernel_shape'])}."
                 )
         wrap_layers(
@@ -291,11 +292,11 @@ def _add_beside(model, path, name, saved, all_lora, layers, index) -> None:
                 "base model it was trained on."
             )
         if layer is None:
-            check_wrappable(target)
-        if list(target.kernel.shape) != entry["kernel_shape"]:
+            _check_wrappable(target, entry)
+        if list(base_weight(target).shape) != entry["kernel_shape"]:
             raise ValueError(
                 f"Layer '{layer_path}' has kernel shape "
-                f"{tuple(target.kernel.shape)}, but the adapter was trained "
+                f"{tuple(base_weight(target).shape)}, but the adapter was trained "
                 f"on {tuple(entry['kernel_shape'])}."
             )
         settings[id(layer if layer is not None else target)] = {
@@ -473,6 +474,15 @@ def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> Non
             )
 
 
+def _check_wrappable(layer, entry: dict) -> None:
+    """Raise `ValueError` unless a file's entry can wrap `layer` (an
+    embedding becomes a `LoraEmbedding`)."""
+    if isinstance(layer, keras.layers.Embedding):
+        check_embedding(layer, {"use_dora": _use_dora(entry)})
+    else:
+        check_wrappable(layer)
+
+
 def _use_dora(entry: dict) -> bool:
     """A saved layer's DoRA flag (files from before DoRA have none)."""
     value = entry.get("use_dora", False)
@@ -496,7 +506,9 @@ def _kernel_layers(model, index: LayerIndex) -> dict[str, keras.layers.Layer]:
     """Unwrapped layers with a kernel, by key; keys must be unique."""
     layers = {}
     for layer in index.layers():
-        if isinstance(layer, LoraLayer) or not hasattr(layer, "kernel"):
+        if isinstance(layer, LoraLayer) or not (
+            hasattr(layer, "kernel") or isinstance(layer, keras.layers.Embedding)
+        ):
             continue
         key = _layer_key(layer)
         if key in layers:
