@@ -333,6 +333,12 @@ class LoraEmbedding(LoraLayer):
             return tuple(input_shape[:-1]) + (self.split.fan_in,)
         return tuple(input_shape) + (self.split.fan_out,)
 
+    def compute_output_spec(self, inputs, reverse=False, training=None):
+        # As ReversibleEmbedding: Keras cannot route `reverse` to
+        # `compute_output_shape` itself.
+        shape = self.compute_output_shape(tuple(inputs.shape), reverse)
+        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
     def merged_table(self, adapter_names) -> object:
         """The table plus the named adapters' updates, float32."""
         table = ops.convert_to_tensor(self.original_layer.embeddings)
