@@ -10,6 +10,7 @@ import pytest
 from keras import ops
 
 from keras_lora import (
+    AdapterCheckpoint,
     LoraEmbedding,
     LoraPlusOptimizer,
     adapter_batch,
@@ -23,6 +24,7 @@ from keras_lora import (
 )
 from tests.helpers import (
     constant_token_task,
+    dtype_policy,
     learnable_lm,
     snapshot,
     tiny_gpt2_lm,
@@ -132,14 +134,23 @@ def test_plain_embedding_in_a_functional_model(tmp_path):
     ids = rng.integers(0, 20, (16, 5)).astype("int32")
     y = rng.normal(0, 1, (16, 3)).astype("float32")
     base = to_numpy(model(ids))
+    twin = keras.models.clone_model(model)
+    twin.set_weights(model.get_weights())
     inject_lora(model, rank=2, alpha=4.0, targets="emb")
     np.testing.assert_array_equal(to_numpy(model(ids)), base)
     model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
     first = float(model.evaluate(ids, y, verbose=0))
-    model.fit(ids, y, batch_size=16, epochs=10, verbose=0)
+    checkpoint = AdapterCheckpoint(tmp_path / "checkpoints", every_n_steps=5)
+    model.fit(ids, y, batch_size=16, epochs=10, callbacks=[checkpoint], verbose=0)
     assert float(model.evaluate(ids, y, verbose=0)) < first
     trained = to_numpy(model(ids))
     assert np.max(np.abs(trained - base)) > 1e-3
+    # The last checkpoint holds the trained factors, exactly.
+    load_adapter(twin, checkpoint.latest)
+    for ours, theirs in zip(lora_layers(model), lora_layers(twin), strict=True):
+        np.testing.assert_array_equal(to_numpy(ours.lora_a), to_numpy(theirs.lora_a))
+        np.testing.assert_array_equal(to_numpy(ours.lora_b), to_numpy(theirs.lora_b))
+    np.testing.assert_allclose(to_numpy(twin(ids)), trained, rtol=0, atol=1e-6)
 
     path = str(tmp_path / "model.keras")
     model.save(path)
@@ -302,3 +313,21 @@ def test_embeddings_are_not_all_linear_but_are_listed_as_candidates():
     assert not any(isinstance(x, LoraEmbedding) for x in lora_layers(lm))
     with pytest.raises(ValueError, match="token_embedding"):
         inject_lora(tiny_gpt2_lm(), targets="no_such_layer")
+
+
+def test_mixed_precision_keeps_float32_factors_and_trains():
+    with dtype_policy("mixed_bfloat16"):
+        lm = tiny_gpt2_lm()
+        inject_lora(lm, rank=2, targets="token_embedding")
+    emb = lm.backbone.token_embedding
+    assert emb.lora_a.dtype == "float32" and emb.lora_b.dtype == "float32"
+    set_factors(emb, scale=0.05)
+    x, y, w = constant_token_task()
+    lm.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    before = to_numpy(emb.lora_a).copy()
+    lm.fit(x, y, sample_weight=w, batch_size=8, epochs=1, verbose=0)
+    assert np.all(np.isfinite(logits(lm, x)))
+    assert np.max(np.abs(to_numpy(emb.lora_a) - before)) > 0

@@ -580,10 +580,18 @@ def _key_help(family: Family) -> str:
     elif "" in family.hf_model_prefixes.values():
         prefix = f"[{prefix}]"
     modules = ", ".join(family.hf_modules)
-    return (
+    text = (
         f"{_KEY_ROOT}{prefix}{family.hf_block.format(block='{i}')}."
         f"{{{modules}}}.{{lora_A.weight, lora_B.weight, lora_magnitude_vector}}"
     )
+    if family.hf_embedding:
+        text += (
+            f"; {_KEY_ROOT}{prefix}{family.hf_embedding}."
+            "{lora_embedding_A, lora_embedding_B} (with a tied head, also "
+            f"{_KEY_ROOT}{{{', '.join(sorted(set(family.hf_output_heads.values())))}}}"
+            ".{lora_A.weight, lora_B.weight})"
+        )
+    return text
 
 
 def _read_modules(found: _Located, config, tensors, allow_empty=False) -> dict:
