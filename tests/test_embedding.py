@@ -14,6 +14,7 @@ from keras_lora import (
     LoraEmbedding,
     LoraPlusOptimizer,
     adapter_batch,
+    add_weighted_adapter,
     disable_lora,
     inject_lora,
     load_adapter,
@@ -231,6 +232,12 @@ def test_named_adapters_switch_disable_and_mix_rows():
         mixed = logits(lm, batch)
     np.testing.assert_allclose(mixed[0], default[0], rtol=0, atol=1e-5)
     np.testing.assert_allclose(mixed[1], base[1], rtol=0, atol=1e-5)
+    set_adapter(lm, ["default", "b"])
+    both = logits(lm, batch)
+    add_weighted_adapter(lm, ["default", "b"], [1.0, 1.0], "mix")
+    assert emb.adapters["mix"].rank == 5
+    set_adapter(lm, "mix")
+    np.testing.assert_allclose(logits(lm, batch), both, rtol=0, atol=1e-4)
     merge_lora(lm, adapter_names="b")
     np.testing.assert_allclose(logits(lm, batch), only_b, rtol=0, atol=1e-5)
 
