@@ -126,11 +126,12 @@ def save_adapter(
         for key, layer in _lora_by_path(index).items()
         if name in layer.adapters
     }
-    originals = {
-        key: layer.original_layer
+    lora = {
+        key: layer
         for key, layer in _lora_by_path(index).items()
         if name in layer.adapters
     }
+    originals = {key: layer.original_layer for key, layer in lora.items()}
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(
             f"Cannot save an adapter to '{path}': it is a file. An adapter is "
@@ -172,6 +173,7 @@ def save_adapter(
                 "kernel_dtype": keras.backend.standardize_dtype(
                     base_weight(originals[layer_path]).dtype
                 ),
+                **_head_entry(lora[layer_path]),
             }
             for layer_path, layer in wrapped.items()
         ],
@@ -264,6 +266,7 @@ def load_adapter(
                     "use_rslora": entry["use_rslora"],
                     "use_dora": _use_dora(entry),
                     "adapter_name": name,
+                    **({"adapt_head": False} if _lookup_only(entry) else {}),
                 }
                 for layer_path, entry in saved.items()
             },
@@ -293,6 +296,14 @@ def _add_beside(model, path, name, saved, all_lora, layers, index) -> None:
             )
         if layer is None:
             _check_wrappable(target, entry)
+        lookup_only = _lookup_only(entry)
+        if layer is not None and lookup_only == getattr(layer, "adapt_head", True):
+            raise ValueError(
+                f"The adapter at '{path}' sets adapt_head={not lookup_only} "
+                f"for embedding '{layer_path}', unlike the LoraEmbedding "
+                "there (one setting per layer). Load it into a fresh base "
+                "model."
+            )
         if list(base_weight(target).shape) != entry["kernel_shape"]:
             raise ValueError(
                 f"Layer '{layer_path}' has kernel shape "
@@ -305,6 +316,7 @@ def _add_beside(model, path, name, saved, all_lora, layers, index) -> None:
             "dropout": entry["dropout"],
             "use_rslora": entry["use_rslora"],
             "use_dora": _use_dora(entry),
+            **({"adapt_head": False} if layer is None and lookup_only else {}),
         }
     add_named_adapter(model, settings, name, index=index)
 
@@ -481,6 +493,22 @@ def _check_wrappable(layer, entry: dict) -> None:
         check_embedding(layer, {"use_dora": _use_dora(entry)})
     else:
         check_wrappable(layer)
+
+
+def _head_entry(layer) -> dict:
+    """`{"adapt_head": False}` for a lookup-only tied embedding, else {}."""
+    return {"adapt_head": False} if not getattr(layer, "adapt_head", True) else {}
+
+
+def _lookup_only(entry: dict) -> bool:
+    """Whether a saved embedding adapts its lookup only (`adapt_head`)."""
+    value = entry.get("adapt_head", True)
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"Layer '{entry['path']}' has `adapt_head={value!r}` in the adapter "
+            "config; it must be true or false. The adapter is damaged."
+        )
+    return not value
 
 
 def _use_dora(entry: dict) -> bool:

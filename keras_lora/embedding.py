@@ -16,6 +16,11 @@ added. An untied `ReversibleEmbedding` (Llama: a separate
 Whether a layer is reversible is read from the layer itself (a `reverse`
 argument of its `call` and a `tie_weights` attribute): no keras-hub import.
 
+PEFT itself adapts only the lookup of an embedding whose head is not
+targeted too, tied or not; `adapt_head=False` computes that model (what
+`import_peft` builds from such an adapter). Its merge is refused: the tied
+head would move with the table.
+
 A starts at zero and B standard normal, PEFT's choice for embeddings (for
 `init="kaiming"` and `"gaussian"` alike): a fresh adapter is an exact
 no-op. PEFT applies no dropout on an embedding's LoRA path; neither does
@@ -161,6 +166,10 @@ class LoraEmbedding(LoraLayer):
         init: `"kaiming"` or `"gaussian"` (the same start for embeddings);
             PiSSA/OLoRA are refused.
         use_dora: must be False (refused).
+        adapt_head: for a tied head, whether the update also goes through
+            it (default). False adapts the lookup only, as PEFT does with
+            an adapter that does not target the tied head; `merge_lora`
+            then refuses (the head would move with the table).
         **kwargs: base `Layer` arguments; `name` defaults to the wrapped
             layer's name.
 
@@ -187,6 +196,7 @@ class LoraEmbedding(LoraLayer):
         adapter_name: str = "default",
         init: str = "kaiming",
         use_dora: bool = False,
+        adapt_head: bool = True,
         **kwargs,
     ):
         check_embedding(
@@ -209,6 +219,7 @@ class LoraEmbedding(LoraLayer):
         self.split = table_split(original_layer)
         self.reversible = is_reversible(original_layer)
         self.tied = is_tied(original_layer)
+        self.adapt_head = bool(adapt_head)
         self.supports_masking = original_layer.supports_masking
         original_layer.trainable = False
         self.dropout_layer = None
@@ -265,7 +276,7 @@ class LoraEmbedding(LoraLayer):
                 f"Embedding '{self.name}' is a {type(layer).__name__}, which "
                 "has no reverse (output head) call."
             )
-        terms = self._terms() if self.tied else []
+        terms = self._terms() if self.tied and self.adapt_head else []
         if not terms:
             return layer(inputs, reverse=True)
         cap = getattr(layer, "logit_soft_cap", None)
@@ -339,6 +350,19 @@ class LoraEmbedding(LoraLayer):
         shape = self.compute_output_shape(tuple(inputs.shape), reverse)
         return keras.KerasTensor(shape, dtype=self.compute_dtype)
 
+    def check_mergeable(self) -> None:
+        """Raise `ValueError` if the table cannot take the update exactly."""
+        self.check_float()
+        if self.tied and not self.adapt_head:
+            raise ValueError(
+                f"Embedding '{self.name}' adapts its lookup only "
+                "(adapt_head=False, as PEFT computes an adapter that does not "
+                "target the tied output head), but the head reads the same "
+                "table: merging would move the head too and change the "
+                "model. Keep it unmerged, or re-train with the head adapted "
+                "(the default)."
+            )
+
     def merged_table(self, adapter_names) -> object:
         """The table plus the named adapters' updates, float32."""
         table = ops.convert_to_tensor(self.original_layer.embeddings)
@@ -361,6 +385,7 @@ class LoraEmbedding(LoraLayer):
             seed=self.seed,
             adapter_name=self.adapter_name,
             init=self.init,
+            adapt_head=self.adapt_head,
         )
         state = self.adapters
         later = [a for a in state.by_name.values() if a is not state.first]

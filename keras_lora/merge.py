@@ -110,7 +110,7 @@ def merge_lora(
     quantized_layers = []
     for layer in wrapped:
         if isinstance(layer, LoraEmbedding):
-            layer.check_float()  # A table quantized after wrapping: refused.
+            layer.check_mergeable()  # Quantized later, or lookup-only tied.
         check_quantization_mode(layer.original_layer)
         mode = quantization_mode(layer.original_layer)
         if mode is not None:

@@ -14,7 +14,14 @@ torch = pytest.importorskip("torch")
 import peft  # noqa: E402
 import safetensors.numpy  # noqa: E402
 
-from keras_lora import LoraEmbedding, inject_lora, lora_layers  # noqa: E402
+from keras_lora import (  # noqa: E402
+    LoraEmbedding,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+)
 from keras_lora.families import LLAMA  # noqa: E402
 from keras_lora.interop import export_peft, import_peft  # noqa: E402
 from tests import peft_helpers  # noqa: E402
@@ -106,20 +113,45 @@ def test_gpt2_import_of_a_tied_peft_adapter(gpt2_dir, tmp_path):
     assert_same_and_adapted(peft_helpers.keras_outputs(lm, ids), expected, base)
 
 
-def test_gpt2_lookup_only_peft_adapter_is_refused(gpt2_dir, tmp_path):
-    # PEFT without the head targeted adapts the lookup only: the tied
-    # Keras head would differ, so the import is refused, model unchanged.
+def test_gpt2_lookup_only_peft_adapter(gpt2_dir, tmp_path):
+    # PEFT without the head targeted adapts the lookup only, tied head or
+    # not: the import computes the same (`adapt_head=False`), exports it
+    # back the same way, and refuses to merge (the head would move).
+    ids = peft_helpers.token_ids()
     model = peft.get_peft_model(
         peft_helpers.hf_lm(gpt2_dir), peft.LoraConfig(target_modules=["wte"])
-    )
+    ).eval()
     randomize_peft_embedding(model.base_model.model.transformer.wte)
-    model.save_pretrained(tmp_path)
-    lm = peft_helpers.keras_lm(gpt2_dir)
+    expected = peft_helpers.torch_outputs(model, ids)
+    model.save_pretrained(tmp_path / "peft")
+    base = peft_helpers.torch_outputs(peft_helpers.hf_lm(gpt2_dir), ids)
+
+    lm = import_peft(peft_helpers.keras_lm(gpt2_dir), tmp_path / "peft")
+    emb = lm.backbone.token_embedding
+    assert emb.tied and not emb.adapt_head
+    assert_same_and_adapted(peft_helpers.keras_outputs(lm, ids), expected, base)
+
     before = snapshot(lm)
-    with pytest.raises(ValueError, match="lookup"):
-        import_peft(lm, tmp_path)
-    assert not lora_layers(lm)
-    assert snapshot(lm).keys() == before.keys()
+    with pytest.raises(ValueError, match="adapt_head=False"):
+        merge_lora(lm)
+    assert isinstance(lm.backbone.token_embedding, LoraEmbedding)
+    assert all(np.array_equal(v, snapshot(lm)[k]) for k, v in before.items())
+
+    other = peft_helpers.keras_lm(gpt2_dir)
+    load_adapter(other, save_adapter(lm, tmp_path / "keras"))
+    assert not other.backbone.token_embedding.adapt_head
+    np.testing.assert_allclose(
+        peft_helpers.keras_outputs(other, ids), expected, rtol=0, atol=ATOL
+    )
+
+    export_peft(lm, tmp_path / "back")
+    with open(os.path.join(tmp_path / "back", "adapter_config.json")) as f:
+        assert json.load(f)["target_modules"] == ["wte"]
+    back = peft.PeftModel.from_pretrained(
+        peft_helpers.hf_lm(gpt2_dir), tmp_path / "back"
+    )
+    actual = peft_helpers.torch_outputs(back.eval(), ids)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=ATOL)
 
 
 def test_llama_export_matches_peft(llama, tmp_path):

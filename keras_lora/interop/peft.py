@@ -35,7 +35,9 @@ embedding unless its output head is targeted too: a tied embedding
 and `ensure_weight_tying: true`, so PEFT ties the head's adapter to the
 embedding's and computes the same logits. On import, head factors must be
 exactly that tie; an adapter of a tied embedding without them (PEFT
-adapting the lookup only) is refused, since the Keras head would move too.
+adapting the lookup only) becomes a lookup-only `LoraEmbedding`
+(`adapt_head=False`), which computes what PEFT computes (and refuses to
+merge: the tied head would move with the table).
 
 DoRA adapters (`use_dora`) add `...lora_magnitude_vector`, shaped
 (fan_out,): each role's magnitude, in the Hugging Face output order. A
@@ -310,7 +312,8 @@ def import_peft(
     peft_format.check_config(config, base_model=f"the original {family.label}")
     _check_base_class(family, config)
     tensors = peft_format.read_tensors(path)
-    embedding = _read_embedding(found, config, tensors)  # Takes its keys.
+    read = _read_embedding(found, config, tensors)  # Takes its keys.
+    embedding, lookup_only = read if read is not None else (None, False)
     modules = _read_modules(found, config, tensors, embedding is not None)
     common = dict(
         dropout=float(config.get("lora_dropout") or 0.0),
@@ -325,8 +328,20 @@ def import_peft(
         for role in family.hf_modules[module]
     }
     if embedding is not None:
-        settings[id(found.layers[family.embedding])] = dict(
-            common, rank=embedding.rank, alpha=embedding.alpha
+        layer = found.layers[family.embedding]
+        extra = {}
+        if isinstance(layer, LoraEmbedding):
+            if layer.adapt_head == lookup_only:
+                raise ValueError(
+                    f"The adapter {'leaves' if lookup_only else 'adapts'} the "
+                    "tied output head, unlike the embedding's adapters in the "
+                    f"model (adapt_head={layer.adapt_head}, one setting per "
+                    "layer). Import it into a fresh base model."
+                )
+        elif lookup_only:
+            extra["adapt_head"] = False
+        settings[id(layer)] = dict(
+            common, rank=embedding.rank, alpha=embedding.alpha, **extra
         )
     if found.lora:
         # Beside the adapters there: wrapped layers get more factors.
@@ -681,16 +696,17 @@ def _export_embedding(found: _Located, name: str, hf_model: str, use_rslora):
     table = peft_format.PeftModule(rank, alpha, a.T, b.T, embedding=True)
     out = [(family.hf_embedding, prefix + family.hf_embedding, table)]
     head = family.hf_output_heads.get(hf_model)
-    if head and layer.tied:
+    if head and layer.tied and layer.adapt_head:
         # PEFT's tied head: lora_A = embedding B, lora_B = embedding A
         # (`LoraModel._create_and_replace` with `target_modules_to_tie`).
         out.append((head, _KEY_ROOT + head, peft_format.PeftModule(rank, alpha, b, a)))
     return out
 
 
-def _read_embedding(found: _Located, config, tensors) -> PeftModule | None:
+def _read_embedding(found: _Located, config, tensors) -> tuple | None:
     """Take the embedding's (and a tied head's) keys out of `tensors` and
-    check them; the embedding's module, or None without such keys."""
+    check them: `(module, lookup_only)`, or None without such keys.
+    `lookup_only`: a tied embedding whose head PEFT leaves as it is."""
     family = found.family
     prefixes = "|".join(
         re.escape(p)
@@ -766,17 +782,11 @@ def _read_embedding(found: _Located, config, tensors) -> PeftModule | None:
                 "untied head's embedding lookup only. Import it without the "
                 "head keys, or into a model with tied embeddings."
             )
-        return table
+        return table, False
     if not head_keys and has_head:
-        raise ValueError(
-            f"The adapter adapts '{module_name}' only, so PEFT applies it to "
-            "the input lookup and the tied output head keeps the base "
-            "weights; in keras_lora a tied embedding's update goes through "
-            "the head too (as merging it would), so the logits would differ. "
-            "Train it in PEFT with the head targeted too (target_modules="
-            f"[..., '{family.hf_embedding}', '{_and(heads)}'], "
-            "ensure_weight_tying=True), or import it into the backbone."
-        )
+        # PEFT applies it to the lookup only; the tied head keeps the base
+        # table. The LoraEmbedding computes the same (`adapt_head=False`).
+        return table, True
     if head_keys:
         head = head_keys[next(iter(head_keys))][0]
         module = peft_format.peft_module(
@@ -799,7 +809,7 @@ def _read_embedding(found: _Located, config, tensors) -> PeftModule | None:
                 "lora_embedding_Aᵀ, same rank and alpha); a tied embedding "
                 "holds one update for both."
             )
-    return table
+    return table, False
 
 
 def _check_saved_bases(family: Family, original, bases: dict) -> None:
