@@ -92,9 +92,11 @@ def inject_lora(
 
     Raises:
         ValueError: for a bad setting (an unknown `init`, PiSSA/OLoRA
-            on a quantized kernel or beside another adapter), a target that
-            matches nothing or cannot be wrapped, or an `adapter_name` the
-            model already holds. The model is unchanged then.
+            on a quantized kernel or beside another adapter; DoRA,
+            PiSSA/OLoRA or a quantized table for an embedding), a target
+            that matches nothing or cannot be wrapped, or an
+            `adapter_name` the model already holds. The model is unchanged
+            then.
 
     Example:
 
