@@ -12,6 +12,7 @@ from keras_lora.adapters import (
 from keras_lora.callbacks import GPUMemoryCallback
 from keras_lora.checkpoint import AdapterCheckpoint
 from keras_lora.distribution import distribute_lora
+from keras_lora.embedding import LoraEmbedding
 from keras_lora.families.gpt2 import gpt2_layout_map
 from keras_lora.injection import (
     freeze_non_lora,
@@ -33,6 +34,7 @@ from keras_lora.weighted import add_weighted_adapter
 __all__ = [
     "AdapterCheckpoint",
     "GPUMemoryCallback",
+    "LoraEmbedding",
     "LoraLayer",
     "LoraPlusOptimizer",
     "active_adapters",

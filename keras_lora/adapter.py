@@ -35,6 +35,7 @@ import safetensors
 import safetensors.numpy
 
 from keras_lora import multi
+from keras_lora.embedding import base_weight, check_embedding
 from keras_lora.files import atomic_write
 from keras_lora.initialization import plain_factors
 from keras_lora.injection import add_named_adapter, wrap_layers
@@ -125,11 +126,12 @@ def save_adapter(
         for key, layer in _lora_by_path(index).items()
         if name in layer.adapters
     }
-    originals = {
-        key: layer.original_layer
+    lora = {
+        key: layer
         for key, layer in _lora_by_path(index).items()
         if name in layer.adapters
     }
+    originals = {key: layer.original_layer for key, layer in lora.items()}
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(
             f"Cannot save an adapter to '{path}': it is a file. An adapter is "
@@ -167,10 +169,11 @@ def save_adapter(
                 "use_dora": layer.magnitude is not None,
                 "lora_a_shape": list(plain[layer_path][0].shape),
                 "lora_b_shape": list(plain[layer_path][1].shape),
-                "kernel_shape": list(originals[layer_path].kernel.shape),
+                "kernel_shape": list(base_weight(originals[layer_path]).shape),
                 "kernel_dtype": keras.backend.standardize_dtype(
-                    originals[layer_path].kernel.dtype
+                    base_weight(originals[layer_path]).dtype
                 ),
+                **_head_entry(lora[layer_path]),
             }
             for layer_path, layer in wrapped.items()
         ],
@@ -246,11 +249,11 @@ def load_adapter(
                     f"model '{model.name}' does not have. Load it into the "
                     "base model it was trained on."
                 )
-            check_wrappable(layer)
-            if list(layer.kernel.shape) != entry["kernel_shape"]:
+            _check_wrappable(layer, entry)
+            if list(base_weight(layer).shape) != entry["kernel_shape"]:
                 raise ValueError(
                     f"Layer '{layer_path}' has kernel shape "
-                    f"{tuple(layer.kernel.shape)}, but the adapter was trained "
+                    f"{tuple(base_weight(layer).shape)}, but the adapter was trained "
                     f"on {tuple(entry['kernel_shape'])}."
                 )
         wrap_layers(
@@ -263,6 +266,7 @@ def load_adapter(
                     "use_rslora": entry["use_rslora"],
                     "use_dora": _use_dora(entry),
                     "adapter_name": name,
+                    **({"adapt_head": False} if _lookup_only(entry) else {}),
                 }
                 for layer_path, entry in saved.items()
             },
@@ -291,11 +295,19 @@ def _add_beside(model, path, name, saved, all_lora, layers, index) -> None:
                 "base model it was trained on."
             )
         if layer is None:
-            check_wrappable(target)
-        if list(target.kernel.shape) != entry["kernel_shape"]:
+            _check_wrappable(target, entry)
+        lookup_only = _lookup_only(entry)
+        if layer is not None and lookup_only == getattr(layer, "adapt_head", True):
+            raise ValueError(
+                f"The adapter at '{path}' sets adapt_head={not lookup_only} "
+                f"for embedding '{layer_path}', unlike the LoraEmbedding "
+                "there (one setting per layer). Load it into a fresh base "
+                "model."
+            )
+        if list(base_weight(target).shape) != entry["kernel_shape"]:
             raise ValueError(
                 f"Layer '{layer_path}' has kernel shape "
-                f"{tuple(target.kernel.shape)}, but the adapter was trained "
+                f"{tuple(base_weight(target).shape)}, but the adapter was trained "
                 f"on {tuple(entry['kernel_shape'])}."
             )
         settings[id(layer if layer is not None else target)] = {
@@ -304,6 +316,7 @@ def _add_beside(model, path, name, saved, all_lora, layers, index) -> None:
             "dropout": entry["dropout"],
             "use_rslora": entry["use_rslora"],
             "use_dora": _use_dora(entry),
+            **({"adapt_head": False} if layer is None and lookup_only else {}),
         }
     add_named_adapter(model, settings, name, index=index)
 
@@ -473,6 +486,31 @@ def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> Non
             )
 
 
+def _check_wrappable(layer, entry: dict) -> None:
+    """Raise `ValueError` unless a file's entry can wrap `layer` (an
+    embedding becomes a `LoraEmbedding`)."""
+    if isinstance(layer, keras.layers.Embedding):
+        check_embedding(layer, {"use_dora": _use_dora(entry)})
+    else:
+        check_wrappable(layer)
+
+
+def _head_entry(layer) -> dict:
+    """`{"adapt_head": False}` for a lookup-only tied embedding, else {}."""
+    return {"adapt_head": False} if not getattr(layer, "adapt_head", True) else {}
+
+
+def _lookup_only(entry: dict) -> bool:
+    """Whether a saved embedding adapts its lookup only (`adapt_head`)."""
+    value = entry.get("adapt_head", True)
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"Layer '{entry['path']}' has `adapt_head={value!r}` in the adapter "
+            "config; it must be true or false. The adapter is damaged."
+        )
+    return not value
+
+
 def _use_dora(entry: dict) -> bool:
     """A saved layer's DoRA flag (files from before DoRA have none)."""
     value = entry.get("use_dora", False)
@@ -496,7 +534,9 @@ def _kernel_layers(model, index: LayerIndex) -> dict[str, keras.layers.Layer]:
     """Unwrapped layers with a kernel, by key; keys must be unique."""
     layers = {}
     for layer in index.layers():
-        if isinstance(layer, LoraLayer) or not hasattr(layer, "kernel"):
+        if isinstance(layer, LoraLayer) or not (
+            hasattr(layer, "kernel") or isinstance(layer, keras.layers.Embedding)
+        ):
             continue
         key = _layer_key(layer)
         if key in layers:

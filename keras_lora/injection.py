@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import keras
 
 from keras_lora import dora, multi
+from keras_lora.embedding import LoraEmbedding, check_embedding, wrapper_for
 from keras_lora.initialization import check_init, check_layer_init
 from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
@@ -59,7 +60,11 @@ def inject_lora(
             one target. `"all-linear"` (PEFT's shortcut) targets every
             Dense and EinsumDense that LoRA can factor, except the layers
             whose outputs are the model's outputs (a classifier or output
-            head); embeddings are not Dense layers, so never targets.
+            head); embeddings are never in it (as in PEFT), but can be
+            named: `targets=("query", "value", "token_embedding")` wraps
+            the embedding in a `LoraEmbedding` (see
+            `keras_lora.embedding`: the lookup and a tied output head get
+            the low-rank update).
         dropout: dropout rate on the LoRA path's input, in [0, 1).
         use_rslora: scale by `alpha / sqrt(rank)` instead.
         seed: seed for the factors' initialisation and dropout.
@@ -87,9 +92,11 @@ def inject_lora(
 
     Raises:
         ValueError: for a bad setting (an unknown `init`, PiSSA/OLoRA
-            on a quantized kernel or beside another adapter), a target that
-            matches nothing or cannot be wrapped, or an `adapter_name` the
-            model already holds. The model is unchanged then.
+            on a quantized kernel or beside another adapter; DoRA,
+            PiSSA/OLoRA or a quantized table for an embedding), a target
+            that matches nothing or cannot be wrapped, or an
+            `adapter_name` the model already holds. The model is unchanged
+            then.
 
     Example:
 
@@ -174,6 +181,9 @@ def wrap_layers(
                 f"wrap_layers: {key!r} is not the id of a layer under model "
                 f"'{model.name}'. Key `settings` by `id(layer)` of its layers."
             )
+        if isinstance(layers[key], keras.layers.Embedding):
+            check_embedding(layers[key], kwargs)  # See `keras_lora.embedding`.
+            continue
         check_wrappable(layers[key])
         check_hyperparameters(
             kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
@@ -190,7 +200,7 @@ def wrap_layers(
                 layers[key], split_kernel(layers[key]), kwargs.get("init", "kaiming")
             )
     index.swap(
-        {key: LoraLayer(layers[key], **kwargs) for key, kwargs in settings.items()}
+        {key: wrapper_for(layers[key], **kwargs) for key, kwargs in settings.items()}
     )
     freeze_non_lora(model, index=index)
     # Before or after this call the model may be quantized to int8: its
@@ -261,11 +271,14 @@ def target_layers(
         candidates = dict.fromkeys(
             layer.name
             for _, layer in paths
-            if isinstance(layer, LoraLayer) or hasattr(layer, "kernel")
+            if isinstance(layer, LoraLayer)
+            or hasattr(layer, "kernel")
+            or isinstance(layer, keras.layers.Embedding)
         )
         raise ValueError(
             f"No layer matched targets {tuple(missing)!r}; layers with "
-            f"kernels: {', '.join(candidates) or 'none'}. Use a layer name, "
+            f"kernels or embedding tables: {', '.join(candidates) or 'none'}. "
+            "Use a layer name, "
             "a path suffix, or a regex over the full path (see "
             "keras_lora.layer_paths(model))."
         )
@@ -305,6 +318,8 @@ def all_linear_layers(
             heads.add(id(history.operation))
     layers = []
     for _, layer in (index or LayerIndex(model)).items():
+        if isinstance(layer, LoraEmbedding):  # Not linear, as in PEFT.
+            continue
         if isinstance(layer, LoraLayer):  # Linear, and wrapped already.
             layers.append(layer)
             continue
@@ -509,6 +524,8 @@ def add_named_adapter(
             kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
         )
         layer = by_id[key]
+        if isinstance(layer, LoraEmbedding):
+            check_embedding(layer.original_layer, kwargs)
         if kwargs.get("use_dora") and isinstance(layer, LoraLayer):
             dora.check_base(
                 layer.original_layer, layer.split, kwargs.get("init", "kaiming")

@@ -9,6 +9,7 @@ from keras import ops
 
 from keras_lora import dora
 from keras_lora.adapters import check_names
+from keras_lora.embedding import LoraEmbedding
 from keras_lora.injection import lora_layers
 from keras_lora.quantized import (
     REQUANTIZABLE_MODES,
@@ -27,6 +28,10 @@ def merge_lora(
     adapter_names: str | Sequence[str] | None = None,
 ) -> keras.layers.Layer:
     """Add `scale * A·B` into each wrapped kernel and unwrap the layers.
+
+    An embedding's table takes `scale * A·B` the same way (see
+    `keras_lora.embedding`); a tied output head reads that table, so it
+    follows.
 
     A DoRA adapter's kernel becomes `m / ||W + s·A·B|| * (W + s·A·B)` per
     output feature, exactly what its unmerged layer computes.
@@ -104,6 +109,8 @@ def merge_lora(
         }
     quantized_layers = []
     for layer in wrapped:
+        if isinstance(layer, LoraEmbedding):
+            layer.check_mergeable()  # Quantized later, or lookup-only tied.
         check_quantization_mode(layer.original_layer)
         mode = quantization_mode(layer.original_layer)
         if mode is not None:
@@ -121,6 +128,10 @@ def merge_lora(
     plans = []
     for layer in wrapped:
         original = layer.original_layer
+        if isinstance(layer, LoraEmbedding):
+            # The table takes the update; a tied head reads the same table.
+            plans.append((layer, None, layer.merged_table(chosen[id(layer)])))
+            continue
         mode = quantization_mode(original)
         base = merged = dequantized_kernel(original)
         for name in chosen[id(layer)]:
@@ -141,7 +152,10 @@ def merge_lora(
         if mode is not None and quantized == "float":
             replacements[id(layer)] = float_twin(original, merged)
             continue
-        if mode in REQUANTIZABLE_MODES:
+        if isinstance(layer, LoraEmbedding):
+            table = original.embeddings
+            table.assign(ops.cast(merged, table.dtype))
+        elif mode in REQUANTIZABLE_MODES:
             requantize(original, merged)
         else:
             kernel = original.kernel

@@ -253,16 +253,23 @@ def add_adapter(
         raise ValueError(f"Layer '{layer.name}': {_ALONE}")
     if use_dora:
         dora.check_base(layer.original_layer, split)
+    # A layer may start its factors its own way (an embedding: PEFT's A
+    # zeros, B normal; see `keras_lora.embedding`).
+    initializers = getattr(layer, "factor_initializers", None)
+    if initializers is not None:
+        a_init, b_init = initializers(seed)
+    else:
+        a_init, b_init = a_initializer(init, split.fan_in, rank, seed), "zeros"
     lora_a = layer.add_weight(
         name=f"lora_a_{name}",
         shape=split.in_shape + (rank,),
-        initializer=a_initializer(init, split.fan_in, rank, seed),
+        initializer=a_init,
         dtype="float32",
     )
     lora_b = layer.add_weight(
         name=f"lora_b_{name}",
         shape=(rank,) + split.out_shape,
-        initializer="zeros",
+        initializer=b_init,
         dtype="float32",
     )
     dropout_layer = None

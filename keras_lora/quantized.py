@@ -82,13 +82,15 @@ def float_policy(policy: keras.DTypePolicy) -> keras.DTypePolicy:
 
 
 def kernel_path(layer: keras.layers.Layer) -> str:
-    """Path of the layer's stored kernel variable ("block/query/kernel").
+    """Path of the layer's stored kernel variable ("block/query/kernel"), or
+    of an embedding's table ("token_embedding/embeddings").
 
     A quantized layer's `kernel` property may be a computed tensor (int4
     unpacks it), so the path comes from the stored variable named "kernel".
     """
+    name = "embeddings" if isinstance(layer, keras.layers.Embedding) else "kernel"
     for variable in layer.weights:
-        if variable.name == "kernel":
+        if variable.name == name:
             return variable.path
     return layer.kernel.path
 

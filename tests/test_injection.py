@@ -164,7 +164,8 @@ BAD_INPUTS = {
         r"No layer matched targets \('qkv',\).*query, key, value",
     ),
     "empty_targets": (dict(targets=()), "non-empty"),
-    "unsupported_type": (dict(targets=("token_embedding",)), "ReversibleEmbedding"),
+    # Token embeddings are supported (`LoraEmbedding`); position ones not.
+    "unsupported_type": (dict(targets=("position_embedding",)), "PositionEmbedding"),
     "container": (dict(targets=("self_attention",)), "CachedMultiHeadAttention"),
 }
 

@@ -379,15 +379,17 @@ BAD_ADAPTERS = {
         lambda a: _edit_tensors(
             a,
             lambda t: t.update(
-                {"base_model.model.lm_head.lora_A.weight": np.zeros((2, 16), "f4")}
+                {"base_model.model.transformer.wpe.lora_A.weight": np.zeros((2, 16))}
             ),
         ),
         re.escape(
             "does not map onto keras-hub GPT-2: "
-            "'base_model.model.lm_head.lora_A.weight'. Supported: "
+            "'base_model.model.transformer.wpe.lora_A.weight'. Supported: "
             "base_model.model.[transformer.]h.{i}.{attn.c_attn, attn.c_proj, "
             "mlp.c_fc, mlp.c_proj}.{lora_A.weight, lora_B.weight, "
-            "lora_magnitude_vector}."
+            "lora_magnitude_vector}; base_model.model.[transformer.]wte."
+            "{lora_embedding_A, lora_embedding_B} (with a tied head, also "
+            "base_model.model.{lm_head}.{lora_A.weight, lora_B.weight})."
         ),
     ),
     "mixed_prefixes": (

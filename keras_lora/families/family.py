@@ -182,6 +182,14 @@ class Family:
             exporter needs to write the model faithfully (it writes a
             Gemma 2 as a Gemma: `{"use_post_ffw_norm": False, ...}`);
             `export_hf_model` refuses other values.
+        embedding: the token embedding's path below the backbone (what
+            `inject_lora(..., targets=...)` names to adapt it).
+        hf_embedding: the Hugging Face module of the token embedding below
+            the model prefix ("wte"); "" if PEFT exchange of embedding LoRA
+            is not supported for the family.
+        hf_output_heads: transformers class -> its output head module at
+            the model's root ("lm_head"), which a tied embedding's update
+            also goes through (exported as PEFT's tied head).
     """
 
     name: str
@@ -197,6 +205,9 @@ class Family:
     hf_task_types: dict[str, str] = dataclasses.field(default_factory=dict)
     sharding: Sharding | None = None
     hf_export_requires: dict[str, object] = dataclasses.field(default_factory=dict)
+    embedding: str = "token_embedding"
+    hf_embedding: str = ""
+    hf_output_heads: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def label(self) -> str:

@@ -80,6 +80,9 @@ GPT2 = Family(
     title="GPT-2",
     hf_class_prefix="GPT2",
     hf_task_types={"GPT2LMHeadModel": "CAUSAL_LM"},
+    # The token embedding (tied to the LM head on both sides).
+    hf_embedding="wte",
+    hf_output_heads={"GPT2LMHeadModel": "lm_head"},
     sharding=Sharding(
         embeddings={
             "token_embedding/embeddings": (None, HIDDEN),

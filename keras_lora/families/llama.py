@@ -18,5 +18,8 @@ LLAMA = Family(
     title="Llama",
     hf_class_prefix="Llama",
     hf_task_types={"LlamaForCausalLM": "CAUSAL_LM"},
+    # The token embedding; the LM head is tied to it only in tied configs.
+    hf_embedding="embed_tokens",
+    hf_output_heads={"LlamaForCausalLM": "lm_head"},
     sharding=decoder.SHARDING,
 )

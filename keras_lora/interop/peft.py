@@ -25,6 +25,20 @@ role without LoRA). Going back, every row block of a fused B takes the
 whole (shared) A. Both directions are exact: the same function, not an
 approximation.
 
+A token embedding wrapped by a `LoraEmbedding` (`Family.embedding`) is
+PEFT's `lora.Embedding` on `Family.hf_embedding`: keys
+`...{hf_embedding}.lora_embedding_A` (rank, vocabulary) = Aᵀ and
+`...lora_embedding_B` (dim, rank) = Bᵀ. PEFT adapts only the lookup of an
+embedding unless its output head is targeted too: a tied embedding
+(GPT-2) therefore also exports the head (`Family.hf_output_heads`,
+"lm_head") with the same factors transposed (`lora_A` = B, `lora_B` = A)
+and `ensure_weight_tying: true`, so PEFT ties the head's adapter to the
+embedding's and computes the same logits. On import, head factors must be
+exactly that tie; an adapter of a tied embedding without them (PEFT
+adapting the lookup only) becomes a lookup-only `LoraEmbedding`
+(`adapt_head=False`), which computes what PEFT computes (and refuses to
+merge: the tied head would move with the table).
+
 DoRA adapters (`use_dora`) add `...lora_magnitude_vector`, shaped
 (fan_out,): each role's magnitude, in the Hugging Face output order. A
 fused module's roles without DoRA in Keras export their kernel's column
@@ -43,6 +57,7 @@ import re
 import keras
 import numpy as np
 
+from keras_lora.embedding import LoraEmbedding, is_tied
 from keras_lora.families import FAMILIES, Family, family_of
 from keras_lora.initialization import plain_factors
 from keras_lora.injection import add_named_adapter, wrap_layers
@@ -101,7 +116,10 @@ class _Located:
 
         Looked up in its parent only: the index still holds the original.
         """
-        path = self.path(block, role)
+        return self.wrapper_at(self.path(block, role))
+
+    def wrapper_at(self, path: str) -> LoraLayer:
+        """The `LoraLayer` now wrapping the layer indexed at `path`."""
         original = self.layers[path]
         parent_path = path.rpartition("/")[0]
         parent = self.layers[parent_path] if parent_path else self.backbone
@@ -207,8 +225,16 @@ def export_peft(
     if set(modules) != {(b, m) for b in range(found.num_blocks) for m in targets}:
         # Not every block has the same modules: name each one.
         targets = list(names.values())
+    prefix = _KEY_ROOT + family.hf_model_prefixes[hf_model]
+    named = {names[key]: fused for key, fused in modules.items()}
+    keyed = {prefix + names[key]: fused for key, fused in modules.items()}
+    extra = _export_embedding(found, name, hf_model, use_rslora)
+    for module_name, key, module in extra:
+        named[module_name], keyed[key] = module, module
+        targets.append(module_name)
     config = peft_format.lora_config(
-        {names[key]: fused for key, fused in modules.items()},
+        named,
+        ensure_weight_tying=len(extra) > 1,  # The tied head is exported.
         target_modules=targets,
         use_rslora=use_rslora,
         dropout=_common_dropout(adapters),
@@ -217,12 +243,7 @@ def export_peft(
         base_model_name_or_path=base_model_name_or_path,
         use_dora=use_dora,
     )
-    prefix = _KEY_ROOT + family.hf_model_prefixes[hf_model]
-    return peft_format.write_adapter(
-        os.fspath(path),
-        config,
-        {prefix + names[key]: fused for key, fused in modules.items()},
-    )
+    return peft_format.write_adapter(os.fspath(path), config, keyed)
 
 
 def import_peft(
@@ -290,7 +311,10 @@ def import_peft(
     config = peft_format.read_config(path)
     peft_format.check_config(config, base_model=f"the original {family.label}")
     _check_base_class(family, config)
-    modules = _read_modules(found, config, peft_format.read_tensors(path))
+    tensors = peft_format.read_tensors(path)
+    read = _read_embedding(found, config, tensors)  # Takes its keys.
+    embedding, lookup_only = read if read is not None else (None, False)
+    modules = _read_modules(found, config, tensors, embedding is not None)
     common = dict(
         dropout=float(config.get("lora_dropout") or 0.0),
         use_rslora=bool(config.get("use_rslora", False)),
@@ -303,6 +327,22 @@ def import_peft(
         for (block, module), fused in modules.items()
         for role in family.hf_modules[module]
     }
+    if embedding is not None:
+        layer = found.layers[family.embedding]
+        extra = {}
+        if isinstance(layer, LoraEmbedding):
+            if layer.adapt_head == lookup_only:
+                raise ValueError(
+                    f"The adapter {'leaves' if lookup_only else 'adapts'} the "
+                    "tied output head, unlike the embedding's adapters in the "
+                    f"model (adapt_head={layer.adapt_head}, one setting per "
+                    "layer). Import it into a fresh base model."
+                )
+        elif lookup_only:
+            extra["adapt_head"] = False
+        settings[id(layer)] = dict(
+            common, rank=embedding.rank, alpha=embedding.alpha, **extra
+        )
     if found.lora:
         # Beside the adapters there: wrapped layers get more factors.
         add_named_adapter(model, settings, adapter_name, index=LayerIndex(model))
@@ -329,6 +369,13 @@ def import_peft(
                 adapter.magnitude.assign(
                     _magnitude_from_hf(layout, fused.magnitude[rows])
                 )
+    if embedding is not None:
+        layer = found.layers[family.embedding]
+        if not isinstance(layer, LoraLayer):
+            layer = found.wrapper_at(family.embedding)
+        adapter = layer.adapters[adapter_name]
+        adapter.lora_a.assign(np.ascontiguousarray(embedding.lora_a.T))
+        adapter.lora_b.assign(np.ascontiguousarray(embedding.lora_b.T))
     return model
 
 
@@ -397,8 +444,8 @@ def _group_by_module(found: _Located, name: str) -> dict:
     }
     modules = {}
     for path, layer in found.lora:
-        if name not in layer.adapters:
-            continue
+        if name not in layer.adapters or isinstance(layer, LoraEmbedding):
+            continue  # An embedding is exported on its own.
         if path not in where:
             raise ValueError(
                 f"LoraLayer '{layer.name}' wraps a layer that transformers' "
@@ -548,14 +595,23 @@ def _key_help(family: Family) -> str:
     elif "" in family.hf_model_prefixes.values():
         prefix = f"[{prefix}]"
     modules = ", ".join(family.hf_modules)
-    return (
+    text = (
         f"{_KEY_ROOT}{prefix}{family.hf_block.format(block='{i}')}."
         f"{{{modules}}}.{{lora_A.weight, lora_B.weight, lora_magnitude_vector}}"
     )
+    if family.hf_embedding:
+        text += (
+            f"; {_KEY_ROOT}{prefix}{family.hf_embedding}."
+            "{lora_embedding_A, lora_embedding_B} (with a tied head, also "
+            f"{_KEY_ROOT}{{{', '.join(sorted(set(family.hf_output_heads.values())))}}}"
+            ".{lora_A.weight, lora_B.weight})"
+        )
+    return text
 
 
-def _read_modules(found: _Located, config, tensors) -> dict:
-    """Validate every key and shape; return `(block, module) -> PeftModule`."""
+def _read_modules(found: _Located, config, tensors, allow_empty=False) -> dict:
+    """Validate every key and shape; return `(block, module) -> PeftModule`
+    (none needed with `allow_empty`: an adapter of the embedding alone)."""
     family = found.family
     pattern = _key_pattern(family)
     factors = collections.defaultdict(dict)
@@ -571,6 +627,8 @@ def _read_modules(found: _Located, config, tensors) -> dict:
         factor = "M" if match["magnitude"] else match["factor"]
         factors[int(match["block"]), match["module"]][factor] = value
     if not factors:
+        if allow_empty:
+            return {}
         raise ValueError("The adapter has no LoRA weights.")
     if len(prefixes) > 1:
         raise ValueError(
@@ -602,3 +660,178 @@ def _and(items) -> str:
     """ "a, b and c"."""
     items = list(items)
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _embedding_wrapper(found: _Located, name: str) -> LoraEmbedding | None:
+    """The `LoraEmbedding` holding adapter `name`, if any; `ValueError` for
+    one PEFT has no module for."""
+    family = found.family
+    for path, layer in found.lora:
+        if not isinstance(layer, LoraEmbedding) or name not in layer.adapters:
+            continue
+        if path != family.embedding or not family.hf_embedding:
+            raise ValueError(
+                f"Embedding '{layer.name}' has LoRA, but transformers' "
+                f"{family.label} has no PEFT embedding module keras_lora maps "
+                f"it onto (supported: the token embedding '{family.embedding}' "
+                "of families whose data names `hf_embedding`). Leave it out "
+                "of `targets` to export."
+            )
+        return layer
+    return None
+
+
+def _export_embedding(found: _Located, name: str, hf_model: str, use_rslora):
+    """`[(module name, key prefix, PeftModule)]` of the embedding's adapter
+    `name`: the embedding, and for a tied one the output head too."""
+    layer = _embedding_wrapper(found, name)
+    if layer is None:
+        return []
+    family = found.family
+    adapter = layer.adapters[name]
+    a, b = _to_numpy(adapter.lora_a), _to_numpy(adapter.lora_b)
+    rank = adapter.rank
+    alpha = peft_format.tidy(adapter.scale * (math.sqrt(rank) if use_rslora else rank))
+    prefix = _KEY_ROOT + family.hf_model_prefixes[hf_model]
+    table = peft_format.PeftModule(rank, alpha, a.T, b.T, embedding=True)
+    out = [(family.hf_embedding, prefix + family.hf_embedding, table)]
+    head = family.hf_output_heads.get(hf_model)
+    if head and layer.tied and layer.adapt_head:
+        # PEFT's tied head: lora_A = embedding B, lora_B = embedding A
+        # (`LoraModel._create_and_replace` with `target_modules_to_tie`).
+        out.append((head, _KEY_ROOT + head, peft_format.PeftModule(rank, alpha, b, a)))
+    return out
+
+
+def _read_embedding(found: _Located, config, tensors) -> tuple | None:
+    """Take the embedding's (and a tied head's) keys out of `tensors` and
+    check them: `(module, lookup_only)`, or None without such keys.
+    `lookup_only`: a tied embedding whose head PEFT leaves as it is."""
+    family = found.family
+    prefixes = "|".join(
+        re.escape(p)
+        for p in sorted(set(family.hf_model_prefixes.values()), key=len, reverse=True)
+    )
+    heads = sorted(set(family.hf_output_heads.values()))
+    table_keys, head_keys, bases = {}, {}, {}
+    for key in list(tensors):
+        # PEFT saves the base table (and head) beside an adapted embedding
+        # (`save_embedding_layers="auto"`), for resized vocabularies.
+        match = re.fullmatch(
+            re.escape(_KEY_ROOT) + rf"(?:(?:{prefixes})"
+            + re.escape(family.hf_embedding) + r"|(?P<head>"
+            + "|".join(map(re.escape, heads)) + r"))\.base_layer\.weight",
+            key,
+        )  # fmt: skip
+        if family.hf_embedding and match:
+            bases["head" if match["head"] else "table"] = (key, tensors.pop(key))
+            continue
+        if family.hf_embedding:
+            match = re.fullmatch(
+                re.escape(_KEY_ROOT) + rf"(?P<prefix>{prefixes})"
+                + re.escape(family.hf_embedding) + r"\.lora_embedding_(?P<f>[AB])",
+                key,
+            )  # fmt: skip
+            if match:
+                table_keys[match["f"]] = (match["prefix"], tensors.pop(key))
+                continue
+        for head in heads:
+            match = re.fullmatch(
+                re.escape(_KEY_ROOT + head) + r"\.lora_(?P<f>[AB])\.weight", key
+            )
+            if match:
+                head_keys[match["f"]] = (head, tensors.pop(key))
+    if not table_keys:
+        if head_keys or bases:
+            raise ValueError(
+                f"The adapter adapts the output head ({_and(heads)}) without "
+                "the token embedding; keras_lora maps a head adapter only as "
+                "the tie of an embedding adapter (PEFT's ensure_weight_tying)."
+            )
+        return None
+    if config.get("use_dora"):
+        raise ValueError(
+            "The adapter uses DoRA and adapts the token embedding; DoRA on "
+            "embeddings is not supported by keras_lora."
+        )
+    layer = found.layers.get(family.embedding)
+    original = getattr(layer, "original_layer", layer)
+    if not isinstance(original, keras.layers.Embedding):
+        raise ValueError(
+            f"The adapter adapts the token embedding, but the model has no "
+            f"embedding at '{family.embedding}'."
+        )
+    _check_saved_bases(family, original, bases)
+    prefix = table_keys[next(iter(table_keys))][0]
+    module_name = prefix + family.hf_embedding
+    table = peft_format.peft_module(
+        config,
+        module_name,
+        {f: value for f, (_, value) in table_keys.items()},
+        fan_in=int(original.input_dim),
+        fan_out=int(original.output_dim),
+    )
+    table.embedding = True
+    lm_classes = [c for c, p in family.hf_model_prefixes.items() if p == prefix]
+    has_head = any(c in family.hf_output_heads for c in lm_classes)
+    if not is_tied(original):
+        if head_keys:
+            raise ValueError(
+                f"The adapter adapts the output head, but the model's head is "
+                f"not tied to '{family.embedding}'; keras_lora adapts an "
+                "untied head's embedding lookup only. Import it without the "
+                "head keys, or into a model with tied embeddings."
+            )
+        return table, False
+    if not head_keys and has_head:
+        # PEFT applies it to the lookup only; the tied head keeps the base
+        # table. The LoraEmbedding computes the same (`adapt_head=False`).
+        return table, True
+    if head_keys:
+        head = head_keys[next(iter(head_keys))][0]
+        module = peft_format.peft_module(
+            config,
+            head,
+            {f: value for f, (_, value) in head_keys.items()},
+            fan_in=int(original.output_dim),
+            fan_out=int(original.input_dim),
+        )
+        tied = (
+            module.rank == table.rank
+            and math.isclose(module.alpha, table.alpha)
+            and np.array_equal(module.lora_a, table.lora_b.T)
+            and np.array_equal(module.lora_b, table.lora_a.T)
+        )
+        if not tied:
+            raise ValueError(
+                f"The adapter's '{head}' factors are not the tie of "
+                f"'{module_name}''s (lora_A = lora_embedding_Bᵀ, lora_B = "
+                "lora_embedding_Aᵀ, same rank and alpha); a tied embedding "
+                "holds one update for both."
+            )
+    return table, False
+
+
+def _check_saved_bases(family: Family, original, bases: dict) -> None:
+    """PEFT's saved copies of the base table / head must be the model's:
+    an adapter for another (resized) vocabulary is refused."""
+    table = _to_numpy(original.embeddings)
+    head = table
+    if (
+        not is_tied(original)
+        and getattr(original, "reverse_embeddings", None) is not None
+    ):
+        head = _to_numpy(original.reverse_embeddings).T
+    for kind, (key, value) in bases.items():
+        ours = table if kind == "table" else head
+        value = np.asarray(value, "float32")
+        if value.shape != ours.shape or np.max(np.abs(value - ours)) > 1e-5 * max(
+            1.0, float(np.max(np.abs(ours)))
+        ):
+            raise ValueError(
+                f"The adapter carries its own base weight '{key}' (shape "
+                f"{value.shape}), which is not this model's {family.label} "
+                f"{'embedding table' if kind == 'table' else 'output head'} "
+                f"(shape {ours.shape}): it was trained on other base weights "
+                "or a resized vocabulary. Import it into that base model."
+            )

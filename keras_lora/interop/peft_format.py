@@ -6,7 +6,9 @@ A PEFT adapter directory holds `adapter_config.json` (a `LoraConfig`) and
 update is scaled by `lora_alpha / r` (or `lora_alpha / sqrt(r)` with
 `use_rslora`); `rank_pattern` and `alpha_pattern` carry per-module values.
 With `use_dora`, each module also has `lora_magnitude_vector`, shaped
-(fan_out,): DoRA's magnitude per output feature.
+(fan_out,): DoRA's magnitude per output feature. An embedding's keys end in
+`lora_embedding_A` (rank, vocabulary) and `lora_embedding_B` (dim, rank),
+without ".weight", as `get_peft_model_state_dict` writes them.
 
 This module reads and writes those files and refuses every config option
 that changes what the adapter computes beyond plain LoRA factors. Which
@@ -86,6 +88,9 @@ class PeftModule:
     lora_a: np.ndarray  # (rank, fan_in)
     lora_b: np.ndarray  # (fan_out, rank); a fused module's roles stack here.
     magnitude: np.ndarray | None = None  # (fan_out,), with DoRA only.
+    # An embedding: keys `lora_embedding_A` / `lora_embedding_B` (PEFT's
+    # `lora.Embedding`), fan_in = vocabulary, fan_out = dim.
+    embedding: bool = False
 
 
 # --- reading ----------------------------------------------------------------
@@ -320,6 +325,7 @@ def lora_config(
     task_type: str | None,
     base_model_name_or_path: str | None,
     use_dora: bool = False,
+    ensure_weight_tying: bool = False,
 ) -> dict:
     """A LoraConfig dict: the most common rank and alpha, patterns for the rest.
 
@@ -333,6 +339,8 @@ def lora_config(
         task_type: PEFT's task type, or None (a base model).
         base_model_name_or_path: recorded for reference.
         use_dora: whether the modules carry DoRA magnitudes.
+        ensure_weight_tying: PEFT's flag that ties an output head's
+            adapter to the embedding's (set when both are exported).
     """
     counts = collections.Counter
     rank = counts(m.rank for m in modules.values()).most_common(1)[0][0]
@@ -364,6 +372,7 @@ def lora_config(
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
+        **({"ensure_weight_tying": True} if ensure_weight_tying else {}),
     }
 
 
@@ -384,6 +393,10 @@ def write_adapter(path: str, config: dict, modules: dict[str, PeftModule]) -> st
     """
     tensors = {}
     for key, module in modules.items():
+        if module.embedding:
+            tensors[f"{key}.lora_embedding_A"] = np.ascontiguousarray(module.lora_a)
+            tensors[f"{key}.lora_embedding_B"] = np.ascontiguousarray(module.lora_b)
+            continue
         tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(module.lora_a)
         tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(module.lora_b)
         if module.magnitude is not None:

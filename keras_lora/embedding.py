@@ -1,0 +1,425 @@
+"""`LoraEmbedding`: a frozen embedding table plus a trainable low-rank table.
+
+PEFT's `lora.Embedding`: the table `E` (vocabulary x dim) becomes
+`E + scale * A·B` with A (vocabulary, rank) and B (rank, dim), so a lookup
+adds `scale * take(A, ids) · B` (PEFT stores the transposes,
+`lora_embedding_A` (rank, vocabulary) and `lora_embedding_B` (dim, rank)).
+The vocabulary x dim update is never built in a call: only on `merge_lora`.
+
+A tied output head (a `ReversibleEmbedding` with `tie_weights=True`, as
+keras-hub's GPT-2 and Gemma: `call(h, reverse=True)` is `h · Eᵀ`) gets the
+same update, as the tied weights would: `scale * (h · Bᵀ) · Aᵀ`, two small
+matmuls. A `logit_soft_cap` (Gemma 2) is applied after the update is
+added. An untied `ReversibleEmbedding` (Llama: a separate
+`reverse_embeddings`) adapts the lookup only; its head is its own weight.
+
+Whether a layer is reversible is read from the layer itself (a `reverse`
+argument of its `call` and a `tie_weights` attribute): no keras-hub import.
+
+PEFT itself adapts only the lookup of an embedding whose head is not
+targeted too, tied or not; `adapt_head=False` computes that model (what
+`import_peft` builds from such an adapter). Its merge is refused: the tied
+head would move with the table.
+
+A starts at zero and B standard normal, PEFT's choice for embeddings (for
+`init="kaiming"` and `"gaussian"` alike): a fresh adapter is an exact
+no-op. PEFT applies no dropout on an embedding's LoRA path; neither does
+this layer (a `dropout` setting is kept, and ignored).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import keras
+from keras import ops
+
+from keras_lora import multi
+from keras_lora.initialization import check_init, rewrites_kernel
+from keras_lora.kernel_split import KernelSplit
+from keras_lora.layer import LoraLayer, check_hyperparameters
+from keras_lora.quantized import kernel_path, quantization_mode
+
+
+def is_reversible(layer: keras.layers.Layer) -> bool:
+    """Whether `layer` is an embedding that also projects back to the
+    vocabulary (`call(x, reverse=True)`), like `ReversibleEmbedding`."""
+    if not hasattr(layer, "tie_weights"):
+        return False
+    try:
+        return "reverse" in inspect.signature(layer.call).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def is_tied(layer: keras.layers.Layer) -> bool:
+    """Whether `layer`'s output head is its own table (tied weights)."""
+    return is_reversible(layer) and bool(layer.tie_weights)
+
+
+def check_embedding(layer: keras.layers.Layer, settings: dict | None = None) -> None:
+    """Raise `ValueError` unless `LoraEmbedding(layer, **settings)` can be built.
+
+    Checked before any layer changes (by `inject_lora`, `load_adapter`,
+    `import_peft`): the message names the fix.
+    """
+    settings = settings or {}
+    name = getattr(layer, "name", layer)
+    if isinstance(layer, LoraLayer):
+        raise ValueError(
+            f"Layer '{name}' is already wrapped by a LoRA layer. Call "
+            "`merge_lora(model)` first, or leave it out of `targets`."
+        )
+    if not isinstance(layer, keras.layers.Embedding):
+        raise ValueError(
+            f"Layer '{name}' is a {type(layer).__name__}, not a "
+            "keras.layers.Embedding; LoraEmbedding wraps embeddings only."
+        )
+    if not layer.built:
+        raise ValueError(
+            f"Embedding '{name}' is not built, so its table shape is unknown. "
+            "Build the model first (call it on a batch), then add LoRA."
+        )
+    if getattr(layer, "lora_enabled", False):
+        raise ValueError(
+            f"Embedding '{name}' has Keras's built-in LoRA enabled "
+            "(`enable_lora`). Build it without `enable_lora` to wrap it "
+            "with keras_lora."
+        )
+    mode = quantization_mode(layer)
+    if mode is not None:
+        raise ValueError(
+            f"Embedding '{name}' is quantized ({mode}); keras_lora adapts "
+            "float embedding tables only (a quantized table's lookup and tied "
+            "head are not what LoRA's update is exact against). Add LoRA to "
+            "the float model and quantize after `merge_lora`, or leave "
+            f"'{name}' out of `targets`."
+        )
+    get = settings.get
+    check_hyperparameters(get("rank", 4), get("alpha", 32.0), get("dropout", 0.0))
+    init = check_init(settings.get("init", "kaiming"))
+    if rewrites_kernel(init):
+        raise ValueError(
+            f"Embedding '{name}': init={init!r} (PiSSA/OLoRA) is not supported "
+            "on embeddings. Use init='kaiming' or 'gaussian' (an embedding's "
+            "factors start as PEFT's: A zeros, B normal), or leave "
+            f"'{name}' out of `targets`."
+        )
+    if settings.get("use_dora"):
+        raise ValueError(
+            f"Embedding '{name}': DoRA (use_dora=True) is not supported on "
+            "embeddings. Leave the embedding out of `targets` for DoRA, or "
+            "inject it in a separate `inject_lora` call without use_dora."
+        )
+
+
+def table_split(layer: keras.layers.Embedding) -> KernelSplit:
+    """The table as a LoRA matrix from the (one-hot) vocabulary to features:
+    A (vocabulary, rank), B (rank, dim), update `A·B` shaped like the table."""
+    return KernelSplit(
+        input_spec="...a",
+        output_spec="...b",
+        kernel_spec="ab",
+        in_axes="a",
+        out_axes="b",
+        in_shape=(int(layer.input_dim),),
+        out_shape=(int(layer.output_dim),),
+    )
+
+
+def factor_initializers(seed=None) -> tuple[keras.Initializer, keras.Initializer]:
+    """A's and B's initializers for an embedding: zeros and standard normal
+    (PEFT's `reset_lora_parameters` for `lora_embedding_A/B`)."""
+    return keras.initializers.Zeros(), keras.initializers.RandomNormal(
+        stddev=1.0, seed=seed
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class LoraEmbedding(LoraLayer):
+    """Wraps a built `keras.layers.Embedding` with a low-rank table update.
+
+    The lookup of ids gets `scale * take(A, ids) · B` added (`scale =
+    alpha / rank`, or `alpha / sqrt(rank)` with `use_rslora`): the table is
+    `E + scale * A·B`, as PEFT's `lora.Embedding`. For a tied
+    `ReversibleEmbedding` (GPT-2's `token_embedding`), `call(h,
+    reverse=True)` gets the same update through the head, `scale * (h ·
+    Bᵀ) · Aᵀ`, before any `logit_soft_cap`; an untied one (Llama) adapts
+    the lookup only. A starts at zero and B standard normal (PEFT's
+    choice): a fresh adapter is an exact no-op. Both factors are float32,
+    created here; the table is frozen. It is a `LoraLayer` for the rest of
+    keras_lora (`lora_layers`, adapter files, `merge_lora`, named adapters,
+    `set_adapter`, `disable_lora`, `adapter_batch`, `add_weighted_adapter`);
+    DoRA, PiSSA/OLoRA and quantized tables are refused.
+
+    Args:
+        original_layer: a built `keras.layers.Embedding` (or a subclass such
+            as `ReversibleEmbedding`).
+        rank: rank of the update, a positive integer.
+        alpha: scaling numerator; the update is scaled by `alpha / rank`.
+        dropout: kept for configs; PEFT applies no dropout on embeddings,
+            and neither does this layer.
+        use_rslora: scale by `alpha / sqrt(rank)`.
+        seed: seed for B's initialisation.
+        adapter_name: the first adapter's name.
+        init: `"kaiming"` or `"gaussian"` (the same start for embeddings);
+            PiSSA/OLoRA are refused.
+        use_dora: must be False (refused).
+        adapt_head: for a tied head, whether the update also goes through
+            it (default). False adapts the lookup only, as PEFT does with
+            an adapter that does not target the tied head; `merge_lora`
+            then refuses (the head would move with the table).
+        **kwargs: base `Layer` arguments; `name` defaults to the wrapped
+            layer's name.
+
+    Example:
+
+    >>> table = keras.layers.Embedding(10, 4)
+    >>> table.build((None,))
+    >>> lora = LoraEmbedding(table, rank=2, alpha=2.0)
+    >>> tuple(lora.lora_a.shape), tuple(lora.lora_b.shape)
+    ((10, 2), (2, 4))
+    >>> ids = keras.ops.convert_to_tensor([[1, 2, 3]])
+    >>> bool(ops.all(lora(ids) == table(ids)))  # A starts at zero.
+    True
+    """
+
+    def __init__(
+        self,
+        original_layer: keras.layers.Layer,
+        rank: int = 4,
+        alpha: float = 32.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        seed: int | None = None,
+        adapter_name: str = "default",
+        init: str = "kaiming",
+        use_dora: bool = False,
+        adapt_head: bool = True,
+        **kwargs,
+    ):
+        check_embedding(
+            original_layer,
+            dict(rank=rank, alpha=alpha, dropout=dropout, init=init, use_dora=use_dora),
+        )
+        multi.check_adapter_name(adapter_name)
+        kwargs.setdefault("name", original_layer.name)
+        kwargs.setdefault("dtype", original_layer.dtype_policy)
+        # Not `LoraLayer.__init__`: that one is for Dense/EinsumDense kernels.
+        keras.layers.Layer.__init__(self, **kwargs)
+        self.original_layer = original_layer
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.seed = seed
+        self.init = init
+        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.split = table_split(original_layer)
+        self.reversible = is_reversible(original_layer)
+        self.tied = is_tied(original_layer)
+        self.adapt_head = bool(adapt_head)
+        self.supports_masking = original_layer.supports_masking
+        original_layer.trainable = False
+        self.dropout_layer = None
+        # Factor paths follow the table's ("token_embedding/lora_a"), as a
+        # LoraLayer's follow its kernel's.
+        layer_path = kernel_path(original_layer).rpartition("/")[0]
+        self._parent_path = layer_path.rpartition("/")[0]
+        a_init, b_init = factor_initializers(seed)
+        self.lora_a = self.add_weight(
+            name="lora_a",
+            shape=self.split.in_shape + (self.rank,),
+            initializer=a_init,
+            dtype="float32",
+        )
+        self.lora_b = self.add_weight(
+            name="lora_b",
+            shape=(self.rank,) + self.split.out_shape,
+            initializer=b_init,
+            dtype="float32",
+        )
+        self.adapter_name = adapter_name
+        self.adapters = multi.AdapterState(
+            multi.Adapter(
+                adapter_name, self.lora_a, self.lora_b, self.rank, self.alpha,
+                self.dropout, self.use_rslora, seed, self.scale, None, init,
+            )
+        )  # fmt: skip
+        self.built = True
+
+    # Named adapters (`keras_lora.multi.add_adapter`) start like the first.
+    factor_initializers = staticmethod(factor_initializers)
+
+    def call(self, inputs, reverse=False, training=None):
+        self.check_float()
+        if reverse:
+            return self._reverse(inputs)
+        outputs = self.original_layer(inputs)
+        terms = self._terms()
+        if not terms:
+            return outputs
+        ids = ops.cast(inputs, "int32")
+        dtype = outputs.dtype
+        for adapter, weight in terms:
+            rows = ops.cast(ops.take(adapter.lora_a, ids, axis=0), dtype)
+            rows = rows * self._factor(adapter, weight, len(rows.shape), dtype)
+            update = ops.matmul(rows, ops.cast(adapter.lora_b, dtype))
+            outputs = ops.add(outputs, update)
+        return outputs
+
+    def _reverse(self, inputs):
+        layer = self.original_layer
+        if not self.reversible:
+            raise ValueError(
+                f"Embedding '{self.name}' is a {type(layer).__name__}, which "
+                "has no reverse (output head) call."
+            )
+        terms = self._terms() if self.tied and self.adapt_head else []
+        if not terms:
+            return layer(inputs, reverse=True)
+        cap = getattr(layer, "logit_soft_cap", None)
+        if cap is None:
+            logits = layer(inputs, reverse=True)
+        else:
+            # The cap goes on after the update: the head's own logits
+            # are computed here uncapped (ReversibleEmbedding's math).
+            kernel = ops.transpose(layer.embeddings)
+            x = inputs
+            if layer.reverse_dtype is not None:
+                x = ops.cast(x, layer.reverse_dtype)
+                kernel = ops.cast(kernel, layer.reverse_dtype)
+            logits = ops.matmul(x, ops.cast(kernel, x.dtype))
+        dtype = logits.dtype
+        x = ops.cast(inputs, dtype)
+        for adapter, weight in terms:
+            # (h · Bᵀ) · Aᵀ: tokens x rank in between, never vocab x dim.
+            low = ops.matmul(x, ops.transpose(ops.cast(adapter.lora_b, dtype)))
+            low = low * self._factor(adapter, weight, len(low.shape), dtype)
+            logits = ops.add(
+                logits, ops.matmul(low, ops.transpose(ops.cast(adapter.lora_a, dtype)))
+            )
+        if cap is not None:
+            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+        return logits
+
+    def _terms(self) -> list:
+        """`(adapter, weight)` for each adapter whose update applies now:
+        weight None (Python-active), a gate (scalar) or per-row weights."""
+        state = self.adapters
+        if state.plain:
+            return [(state.first, None)]
+        if state.gates is None:  # Never switched: the Python active set.
+            return [] if state.disabled else [(state[n], None) for n in state.active]
+        adapters = list(state.by_name.values())
+        if state.batching:
+            weights = ops.one_hot(state.rows, len(adapters) + 1, dtype="float32")
+            return [(a, weights[:, i + 1]) for i, a in enumerate(adapters)]
+        return [(a, state.gates[i]) for i, a in enumerate(adapters)]
+
+    @staticmethod
+    def _factor(adapter, weight, ndim: int, dtype):
+        """`scale`, times the gate or each row's weight (batch axis first)."""
+        if weight is None:
+            return ops.cast(adapter.scale, dtype)
+        if len(weight.shape) == 1:  # Per row: (batch,) -> (batch, 1, ...).
+            weight = ops.reshape(weight, (-1,) + (1,) * (ndim - 1))
+        return ops.cast(weight * adapter.scale, dtype)
+
+    def check_float(self) -> None:
+        mode = quantization_mode(self.original_layer)
+        if mode is not None:
+            raise ValueError(
+                f"Embedding '{self.name}' was quantized ({mode}) after LoRA "
+                "wrapped it; keras_lora adapts float tables only. Call "
+                "`merge_lora(model)` before quantizing."
+            )
+
+    def compute_mask(self, inputs, mask=None):
+        return self.original_layer.compute_mask(inputs, mask)
+
+    def compute_output_shape(self, input_shape, reverse=False):
+        if reverse:
+            return tuple(input_shape[:-1]) + (self.split.fan_in,)
+        return tuple(input_shape) + (self.split.fan_out,)
+
+    def compute_output_spec(self, inputs, reverse=False, training=None):
+        # As ReversibleEmbedding: Keras cannot route `reverse` to
+        # `compute_output_shape` itself.
+        shape = self.compute_output_shape(tuple(inputs.shape), reverse)
+        return keras.KerasTensor(shape, dtype=self.compute_dtype)
+
+    def check_mergeable(self) -> None:
+        """Raise `ValueError` if the table cannot take the update exactly."""
+        self.check_float()
+        if self.tied and not self.adapt_head:
+            raise ValueError(
+                f"Embedding '{self.name}' adapts its lookup only "
+                "(adapt_head=False, as PEFT computes an adapter that does not "
+                "target the tied output head), but the head reads the same "
+                "table: merging would move the head too and change the "
+                "model. Keep it unmerged, or re-train with the head adapted "
+                "(the default)."
+            )
+
+    def merged_table(self, adapter_names) -> object:
+        """The table plus the named adapters' updates, float32."""
+        table = ops.convert_to_tensor(self.original_layer.embeddings)
+        table = ops.cast(table, "float32")
+        for name in adapter_names:
+            table = ops.add(table, self.delta(name))
+        return table
+
+    def get_config(self):
+        config = keras.layers.Layer.get_config(self)
+        original = keras.saving.serialize_keras_object(self.original_layer)
+        original["config"]["trainable"] = True
+        config.update(
+            original_layer=original,
+            original_build_config=self.original_layer.get_build_config(),
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            use_rslora=self.use_rslora,
+            seed=self.seed,
+            adapter_name=self.adapter_name,
+            init=self.init,
+            adapt_head=self.adapt_head,
+        )
+        state = self.adapters
+        later = [a for a in state.by_name.values() if a is not state.first]
+        if later:
+            config["more_adapters"] = [
+                dict(
+                    name=a.name,
+                    rank=a.rank,
+                    alpha=a.alpha,
+                    dropout=a.dropout,
+                    use_rslora=a.use_rslora,
+                    seed=a.seed,
+                    init=a.init,
+                )
+                for a in later
+            ]
+        if later or state.active != (self.adapter_name,):
+            config["active_adapters"] = list(state.active)
+        return config
+
+    def unwrap(self) -> keras.layers.Layer:
+        """Return the wrapped embedding (frozen, as the rest of the base)."""
+        return self.original_layer
+
+
+def wrapper_for(layer: keras.layers.Layer, **settings) -> LoraLayer:
+    """`LoraEmbedding` for an embedding, `LoraLayer` for anything else."""
+    if isinstance(layer, keras.layers.Embedding):
+        return LoraEmbedding(layer, **settings)
+    return LoraLayer(layer, **settings)
+
+
+def base_weight(layer: keras.layers.Layer):
+    """The weight LoRA updates: a Dense/EinsumDense kernel or a table."""
+    if isinstance(layer, keras.layers.Embedding):
+        return layer.embeddings
+    return layer.kernel
