@@ -542,7 +542,7 @@ def markdown(result: dict) -> list[str]:
         "| run | learning rate | trainable params | held-out code loss "
         "(perplexity) before -> after | recovery of full's gain | docstrings "
         "loss before -> after (forgetting vs full) | step time | peak memory "
-        "(host RSS) | saved size |",
+        "(host RSS of the process, runtime included) | saved size |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, run in runs.items():
@@ -583,7 +583,10 @@ def markdown(result: dict) -> list[str]:
         "1) at each run's learning rate; losses are mean token cross-entropy on "
         f"{settings['eval_rows']} held-out rows of each domain",
         "- keras-hub enable_lora: the same projections and rank, scale 1 (it "
-        "takes no alpha); HF PEFT: the same weights exported with "
+        "takes no alpha); it factors the (hidden, heads, head_dim) query, key "
+        "and value kernels as (hidden, heads, rank) x (rank, head_dim) and "
+        "trains the wrapped layers' biases too, hence more parameters; HF "
+        "PEFT: the same weights exported with "
         "`export_hf_model`, loaded by transformers, PEFT LoRA of the same rank "
         "and alpha on the Hugging Face modules of those projections (GPT-2 "
         "fuses query, key and value into one `c_attn`, adapted whole), torch, "
