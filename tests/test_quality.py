@@ -64,19 +64,56 @@ def test_splits_never_overlap():
     assert set(data.HELDOUT_CODE_MODULES) < set(data.CODE_MODULES)
 
 
-def test_quality_part_end_to_end(tmp_path):
+TINY = dict(
+    steps=16,
+    batch=8,
+    seq=64,
+    eval_every=8,
+    eval_rows=8,
+    max_length=12,
+    prompts=("def f(self",),
+    lora_learning_rate=5e-3,
+    full_learning_rate=2e-3,
+)
+
+
+def test_quality_config_is_checked():
+    with pytest.raises(ValueError, match="sequence of targets"):
+        quality.QualityConfig(out="o", lora_targets="query")
+    with pytest.raises(ValueError, match="unknown quality run"):
+        quality.QualityConfig(out="o", runs=("qlora",))
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        quality.QualityConfig(out="o", steps=0)
+    config = quality.QualityConfig(out="o", runs=("peft",), lora_targets=["query"])
+    assert config.runs == ("lora", "full", "peft")
+    assert config.lora_targets == ("query",)
+    assert config.learning_rate("builtin") == config.builtin_learning_rate
+    with pytest.raises(ValueError, match="embedding_rank must be a positive"):
+        quality.QualityConfig(out="o", embedding_rank=0)
+    with pytest.raises(ValueError, match="embedding_alpha must be positive"):
+        quality.QualityConfig(out="o", embedding_alpha=-1.0)
+
+
+def test_separate_embedding_settings_go_through_wrap_layers():
+    # With an embedding rank set, the layers are wrapped one by one
+    # (`wrap_layers`); projections keep the LoRA rank and alpha.
+    lm = pretrain.load_pretrained(16, with_preprocessor=False)
+    x = {"token_ids": np.ones((1, 8), "int32"), "padding_mask": np.ones((1, 8), bool)}
+    before = keras.ops.convert_to_numpy(lm(x))
     config = quality.QualityConfig(
-        out=str(tmp_path),
-        steps=16,
-        batch=8,
-        seq=64,
-        eval_every=8,
-        eval_rows=8,
-        max_length=12,
-        prompts=("def f(self",),
-        lora_learning_rate=5e-3,
-        full_learning_rate=2e-3,
+        out="o", lora_targets=("query", "value"), embedding_rank=4, embedding_alpha=4.0
     )
+    quality._inject(lm, config)
+    # q and v of 4 blocks at rank 2: 4 x 2 x (128 + 128) x 2.
+    assert sum(int(np.prod(w.shape)) for w in lm.trainable_weights) == 4_096
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(lm(x)), before, atol=1e-5)
+
+
+def test_quality_part_end_to_end(tmp_path, monkeypatch):
+    # PEFT is judged once, in the torch pass (below); here it is "missing",
+    # which must skip it with the reason, not fail.
+    monkeypatch.setattr(quality, "missing_peft_modules", lambda: ["peft"])
+    config = quality.QualityConfig(out=str(tmp_path), **TINY)
     result = quality.quality(config)
     with open(tmp_path / "quality.json") as f:
         assert json.load(f) == json.loads(json.dumps(result))
@@ -87,18 +124,33 @@ def test_quality_part_end_to_end(tmp_path):
         "original_domain_before",
         "original_domain_after",
     }
-    lora, full = result["runs"]["lora"], result["runs"]["full"]
-    assert keys <= set(lora) and keys <= set(full)
+    runs = result["runs"]
+    assert list(runs) == ["lora", "full", "builtin"]
+    assert result["skipped"] == {"peft": "peft not installed"}
+    lora, full, builtin = runs["lora"], runs["full"], runs["builtin"]
+    for run in runs.values():
+        assert keys <= set(run)
+        assert run["peak_memory_bytes"] > 2**20 and run["step_seconds"] > 0
+        # Every run starts from the same base.
+        assert run["heldout_before"] == pytest.approx(lora["heldout_before"], abs=1e-4)
     # Rank 2 on all six projections of 4 blocks of hidden 128 (MLP 512):
     # 4 x (4 x 512 + 2 x 1280).
     assert lora["trainable_params"] == 18_432
     assert full["trainable_params"] == full["total_params"]
-    # Both runs start from the same base.
-    assert lora["heldout_before"] == pytest.approx(full["heldout_before"], abs=1e-4)
-    # The new domain is learned. The held-out evaluation is deterministic
-    # (fixed rows, no dropout), so the drop is the model's, not sampling.
-    assert lora["heldout_before"] - lora["heldout_after"] > 0.1
-    assert len(lora["heldout_curve"]) == 3
+    # keras-hub's enable_lora on the same layers factors q/k/v's
+    # (128, heads, head_dim) kernels as (128, heads, 2) x (2, 32) and makes
+    # the wrapped layers' biases trainable: 4 x (3 x 1088 + 512 + 2 x 1280
+    # + 1152 biases).
+    assert builtin["trainable_params"] == 29_952
+    # The new domain is learned: the held-out evaluation is deterministic
+    # (fixed rows, no dropout), so its only step-to-step movement is the
+    # model's; LoRA's drop is many times the largest rise between two
+    # evaluations, and every evaluation is below the start.
+    curve = [loss for _, loss in lora["heldout_curve"]]
+    assert len(curve) == 3
+    drop = curve[0] - curve[-1]
+    wobble = max([b - a for a, b in zip(curve[:-1], curve[1:], strict=True)] + [0.01])
+    assert drop > 0.1 and drop > 5 * wobble, curve
     assert (tmp_path / "quality_adapter").is_dir()
     with open(tmp_path / "quality_loss.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -107,4 +159,29 @@ def test_quality_part_end_to_end(tmp_path):
     assert "byte-level BPE" in page
     assert "standard-library docstrings" in page
     assert "standard-library source code" in page
-    assert len(result["generations"]["lora"]) == 1
+    assert "HF PEFT (torch) skipped: peft not installed" in page
+    assert "| keras-hub enable_lora | 0.02 | 29,952" in page
+    assert len(result["generations"]["builtin"]) == 1
+
+
+@pytest.mark.worker_backend("torch")
+def test_quality_peft_run_loads_the_same_weights(tmp_path):
+    pytest.importorskip("peft")
+    config = quality.QualityConfig(
+        out=str(tmp_path), runs=("peft",), **TINY | {"steps": 8, "eval_every": 4}
+    )
+    result = quality.quality(config)
+    lora, peft = result["runs"]["lora"], result["runs"]["peft"]
+    # transformers loaded the Hugging Face export of the shipped base: it
+    # scores the held-out rows as the Keras model does.
+    assert peft["heldout_before"] == pytest.approx(lora["heldout_before"], abs=1e-3)
+    assert peft["original_domain_before"] == pytest.approx(
+        lora["original_domain_before"], abs=1e-3
+    )
+    # GPT-2's fused c_attn is adapted whole: 4 x (2 x (128 + 384) + 512 +
+    # 2 x 1280).
+    assert peft["trainable_params"] == 16_384
+    assert peft["heldout_before"] - peft["heldout_after"] > 0.05
+    assert peft["peak_memory_bytes"] > 2**20 and peft["saved_bytes"] > 0
+    assert [len(g) > len("def f(self") for g in result["generations"]["peft"]] == [True]
+    assert result["generations"]["peft"][0].startswith("def f(self")

@@ -219,9 +219,14 @@ def test_configs_normalise_and_default_to_the_family():
     config = FinetuneConfig(out="o", arch="tiny", targets=["key"])
     assert config.targets == ("key",)
     assert FinetuneConfig(out="o", arch="tiny").targets == GPT2.default_targets
-    assert DemoConfig(arch="tiny").documents is not None
-    assert DemoConfig(arch="base").documents is None
-    with pytest.raises(ValueError, match="unknown comparison run"):
+    assert DemoConfig(runs=("full", "lora", "full")).runs == ("full", "lora")
+    # The quality part always runs LoRA and full fine-tuning, in that order.
+    assert DemoConfig(runs=("peft", "full")).quality_config().runs == (
+        "lora",
+        "full",
+        "peft",
+    )
+    with pytest.raises(ValueError, match="unknown run"):
         DemoConfig(runs=("qlora",))
     compare = engine.CompareConfig(
         out="o", backends=("jax", "jax"), runs=("lora", "full"), targets=("all",)

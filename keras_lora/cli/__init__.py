@@ -1,6 +1,6 @@
 """The `keras-lora` command: argparse only; the work is in recipes and bench.
 
-    keras-lora demo                          # the offline main job
+    keras-lora demo                          # the offline main job (quality + cost)
     keras-lora finetune --arch tiny --steps 20 --out runs/tiny
     keras-lora generate --preset runs/tiny/base_preset \\
         --adapter runs/tiny/adapter --prompt "The module"
@@ -13,8 +13,9 @@
 Models: a keras-hub preset name (downloads need network), a local Keras
 preset directory, a local Hugging Face GPT-2 directory (config.json +
 model.safetensors, plus vocab.json + merges.txt for the tokenizer), or, for
-`finetune` and `demo`, a random-weight architecture (`--arch tiny|base|...`)
-with a byte-level BPE tokenizer trained on the corpus. Every output says
+`finetune`, a random-weight architecture (`--arch tiny|base|...`) with a
+byte-level BPE tokenizer trained on the corpus (`demo` fine-tunes keras-lora's
+own small pretrained GPT-2 and times the `--arch` architecture). Every output says
 which weights, tokenizer and data were used.
 
 Errors (bad arguments, missing files, unreadable adapters) print one line on

@@ -148,68 +148,54 @@ def finetune(args: argparse.Namespace) -> int:
 def add_demo(sub) -> None:
     dm = sub.add_parser(
         "demo",
-        help="The offline main job: a short LoRA fine-tune, then full "
-        "fine-tuning vs LoRA (table, charts, report).",
+        help="The offline main job: keras-lora's small pretrained GPT-2 "
+        "fine-tuned on Python code with LoRA, fully, with keras-hub's "
+        "enable_lora and with PEFT (quality), then the cost table on the "
+        "GPT-2 base architecture; one report.",
         formatter_class=FMT,
     )
     defaults = demo_lib.DemoConfig()
     dm.add_argument("--out", default=defaults.out)
-    dm.add_argument("--arch", choices=ARCH_CHOICES, default=defaults.arch)
     dm.add_argument(
-        "--steps", type=positive_int, default=defaults.steps, help="fine-tuning steps."
+        "--arch",
+        choices=ARCH_CHOICES,
+        default=defaults.arch,
+        help="the cost table's random-weight architecture.",
     )
-    dm.add_argument(
-        "--compare-steps",
-        type=positive_int,
-        default=defaults.compare_steps,
-        help="timed training steps of each comparison run.",
-    )
-    dm.add_argument(
-        "--warmup",
-        type=positive_int,
-        default=defaults.warmup,
-        help="untimed steps before them (compilation).",
-    )
-    dm.add_argument(
-        "--eval-batches",
-        type=positive_int,
-        default=defaults.eval_batches,
-        help="held-out batches for each comparison run's quality.",
-    )
+    for name, what in (
+        ("compare-steps", "timed training steps of each cost run"),
+        ("warmup", "untimed steps before them (compilation)"),
+        ("eval-batches", "held-out batches for each cost run's loss"),
+        ("inference-runs", "timed forward passes of the cost table's LoRA run"),
+        ("batch", "rows per cost-table step"),
+        ("seq", "tokens per cost-table row"),
+    ):
+        dm.add_argument(
+            f"--{name}",
+            type=positive_int,
+            default=getattr(defaults, name.replace("-", "_")),
+            help=what + ".",
+        )
     dm.add_argument(
         "--runs",
         nargs="+",
         choices=demo_lib.COMPARE_RUNS,
         default=list(defaults.runs),
-        help="comparison runs (peft is skipped when torch, transformers or "
+        help="runs of both parts (peft is skipped when torch, transformers or "
         "peft is missing).",
     )
-    dm.add_argument("--batch", type=positive_int, default=defaults.batch)
-    dm.add_argument("--seq", type=positive_int, default=defaults.seq)
     dm.add_argument(
-        "--learning-rate", type=positive_float, default=defaults.learning_rate
-    )
-    dm.add_argument(
-        "--max-documents",
-        type=positive_int,
-        help="use at most this many documents of the corpus (default: all; "
-        f"{demo_lib.TINY_DOCUMENTS} for --arch tiny).",
-    )
-    dm.add_argument(
-        "--vocab-size", type=positive_int, help="vocabulary of the trained tokenizer."
+        "--learning-rate",
+        type=positive_float,
+        default=defaults.learning_rate,
+        help="the cost table's learning rate (the quality runs each have "
+        "their own, see recipes.quality.QualityConfig).",
     )
     dm.add_argument("--seed", type=int, default=defaults.seed)
     dm.add_argument(
-        "--verbose",
-        type=int,
-        choices=(0, 1, 2),
-        default=defaults.verbose,
-        help="fit verbosity.",
-    )
-    dm.add_argument(
         "--no-quality",
         action="store_true",
-        help="skip the quality part (LoRA vs full fine-tuning of keras-lora's "
+        help="skip the quality part (the fine-tunes of keras-lora's "
         "pretrained small GPT-2 on Python code).",
     )
     for name, what in (
@@ -229,24 +215,21 @@ def add_demo(sub) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """`keras-lora demo`: exit 1 when a comparison run failed."""
+    """`keras-lora demo`: exit 1 when a cost run failed."""
     from keras_lora.bench.engine import succeeded
 
     config = demo_lib.DemoConfig(
         out=args.out,
         arch=args.arch,
-        steps=args.steps,
         compare_steps=args.compare_steps,
         warmup=args.warmup,
         eval_batches=args.eval_batches,
+        inference_runs=args.inference_runs,
         runs=tuple(args.runs),
         batch=args.batch,
         seq=args.seq,
         learning_rate=args.learning_rate,
-        max_documents=args.max_documents,
-        vocab_size=args.vocab_size,
         seed=args.seed,
-        verbose=args.verbose,
         quality=not args.no_quality,
         quality_steps=args.quality_steps,
         quality_batch=args.quality_batch,

@@ -1,21 +1,17 @@
 """`keras-lora demo`: the offline main job, as one function.
 
-0. Quality (`recipes.quality`): keras-lora's own small pretrained GPT-2
+1. Quality (`recipes.quality`): keras-lora's own small pretrained GPT-2
    (shipped in the package, `recipes.pretrain`) fine-tuned on Python source
-   code with LoRA and with full fine-tuning: held-out losses before and
-   after on the new domain and on the original one (forgetting),
-   generations, `quality.json` and `quality_loss.png`.
-1. A short LoRA fine-tune (rank 4, alpha 32, query/value) of a GPT-2
-   architecture with random weights on the default corpus (Python
-   standard-library docstrings, byte-level BPE tokenizer trained on it):
-   writes the adapter, the random base preset, `run_report.json` and
-   `training_loss.png` (`recipes.finetune`).
-2. The comparison: full fine-tuning vs keras-lora vs keras-hub's
-   `enable_lora` (and Hugging Face PEFT on torch when it is installed), each
-   in its own process, on token windows of the same corpus, with held-out
-   batches for quality (`bench.engine.compare`): writes
-   `compare/results.{json,md}` and the memory, step-time and throughput
-   charts.
+   code with keras-lora's LoRA, full fine-tuning, keras-hub's `enable_lora`
+   and Hugging Face PEFT (torch, same weights through a Hugging Face
+   export): held-out losses before and after on the new domain and on the
+   original one (forgetting), generations, `quality.json` and
+   `quality_loss.png`.
+2. The cost table: the same four kinds of run on the GPT-2 base
+   architecture (random weights: time, memory and file sizes only matter
+   at that scale), each in its own process, on token windows of the code
+   corpus (`bench.engine.compare`): `compare/results.{json,md}` and the
+   memory, step-time and throughput charts.
 3. `report.md`: both on one page.
 
 Everything runs offline; the Keras runs use the current backend
@@ -30,21 +26,20 @@ import importlib.util
 import json
 import os
 import shlex
+import sys
 import time
 
 import keras
 
 from keras_lora.bench import engine
 from keras_lora.files import atomic_write
-from keras_lora.recipes import data, models
-from keras_lora.recipes.finetune import FinetuneConfig, finetune
-from keras_lora.recipes.quality import QualityConfig
-from keras_lora.recipes.training import first_and_last
+from keras_lora.recipes import data, models, pretrain
+from keras_lora.recipes.quality import RUNS, QualityConfig
 
-COMPARE_RUNS = ("full", "lora", "builtin", "peft")
-# The tiny model needs little text; reading and tokenizing all of the
-# default corpus would be most of its run time.
-TINY_DOCUMENTS = 400
+COMPARE_RUNS = RUNS
+# Roughly the characters of code per token of the shipped tokenizer, with a
+# margin: the cost table tokenizes only what it needs.
+CHARS_PER_TOKEN = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,21 +48,18 @@ class DemoConfig:
 
     Args:
         out: output directory.
-        arch: the random-weight architecture (`recipes.models`).
-        steps: fine-tuning steps.
-        compare_steps: timed training steps of each comparison run.
+        arch: the cost table's random-weight architecture (`recipes.models`).
+        compare_steps: timed training steps of each cost run.
         warmup: untimed steps before them (compilation).
-        eval_batches: held-out batches for each comparison run's quality.
-        runs: comparison runs (`COMPARE_RUNS`); peft is skipped when torch,
-            transformers or peft is missing.
-        batch, seq: texts per batch and tokens per text.
-        learning_rate: AdamW's learning rate.
-        max_documents: use at most this many documents of the corpus
-            (default: all, or `TINY_DOCUMENTS` for the tiny architecture).
-        vocab_size: vocabulary of the trained tokenizer.
+        eval_batches: held-out batches for each cost run's loss.
+        inference_runs: timed forward passes of the cost table's LoRA run
+            (base, merged, unmerged).
+        runs: runs of both parts (`COMPARE_RUNS`); peft is skipped, with the
+            reason printed, when torch, transformers or peft is missing.
+        batch, seq: rows per step and tokens per row of the cost table.
+        learning_rate: the cost table's AdamW learning rate.
         seed: seeds everything.
-        verbose: `fit` verbosity of the fine-tune.
-        quality: run the quality part first (`recipes.quality`).
+        quality: run the quality part (`recipes.quality`).
         quality_steps, quality_batch, quality_seq, quality_eval_rows,
         quality_max_length: its `QualityConfig` steps, batch, seq,
             eval_rows and max_length.
@@ -75,18 +67,15 @@ class DemoConfig:
 
     out: str = os.path.join("runs", "demo")
     arch: str = "base"
-    steps: int = 20
-    compare_steps: int = 4
-    warmup: int = 2
-    eval_batches: int = 4
+    compare_steps: int = 2
+    warmup: int = 1
+    eval_batches: int = 2
+    inference_runs: int = 3
     runs: tuple[str, ...] = COMPARE_RUNS
     batch: int = 8
     seq: int = 128
     learning_rate: float = 5e-5
-    max_documents: int | None = None
-    vocab_size: int | None = None
     seed: int = 0
-    verbose: int = 1
     quality: bool = True
     quality_steps: int = QualityConfig.steps
     quality_batch: int = QualityConfig.batch
@@ -96,17 +85,24 @@ class DemoConfig:
 
     def __post_init__(self):
         models.architecture(self.arch)
-        self.quality_config()  # Checks the quality settings.
         bad = [r for r in self.runs if r not in COMPARE_RUNS]
         if bad or not self.runs:
             raise ValueError(
-                f"unknown comparison run {bad or list(self.runs)}: choose from "
+                f"unknown run {bad or list(self.runs)}: choose from "
                 f"{', '.join(COMPARE_RUNS)}"
             )
-        for name in ("steps", "compare_steps", "warmup", "eval_batches", "batch"):
+        for name in (
+            "compare_steps",
+            "warmup",
+            "eval_batches",
+            "inference_runs",
+            "batch",
+            "seq",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         object.__setattr__(self, "runs", tuple(dict.fromkeys(self.runs)))
+        self.quality_config()  # Checks the quality settings.
 
     def quality_config(self) -> QualityConfig:
         """The quality part's settings."""
@@ -115,79 +111,60 @@ class DemoConfig:
             steps=self.quality_steps,
             batch=self.quality_batch,
             seq=self.quality_seq,
+            runs=self.runs,
             eval_rows=self.quality_eval_rows,
             max_length=self.quality_max_length,
             eval_every=max(1, self.quality_steps // 6),
             seed=self.seed,
         )
 
-    @property
-    def documents(self) -> int | None:
-        """The corpus size actually used."""
-        if self.max_documents is None and self.arch == "tiny":
-            return TINY_DOCUMENTS
-        return self.max_documents
-
 
 def demo(config: DemoConfig) -> dict:
-    """Fine-tune, compare, report.
+    """The quality part, the cost table, one report.
 
     Args:
         config: what to run.
 
     Returns:
-        `{"finetune": the fine-tune's report, "compare": the comparison's
-        results (results.json), "report": path of report.md}`. A comparison
-        run that failed is marked in the results (`engine.succeeded`).
+        `{"quality": quality.json's content (None with quality=False),
+        "compare": the cost table's results (results.json), "report": path
+        of report.md}`. A cost run that failed is marked in the results
+        (`engine.succeeded`).
 
     Raises:
-        ValueError: for too little corpus or no comparison run left.
+        ValueError: for too little corpus or no cost run left.
     """
     started = time.perf_counter()
     backend = keras.backend.backend()
-    runs = available_runs(config.runs)
     os.makedirs(config.out, exist_ok=True)
-    needed_rows = (config.warmup + config.compare_steps + config.eval_batches) * (
-        config.batch
-    )
 
     quality = None
     if config.quality:
         from keras_lora.recipes.quality import quality as run_quality
 
         print(
-            f"== 0/2 quality: LoRA vs full fine-tuning of keras-lora's pretrained "
-            f"small GPT-2 on Python code ({backend}) ==",
+            f"== 1/2 quality: keras-lora's pretrained small GPT-2 fine-tuned on "
+            f"Python code ({', '.join(config.quality_config().runs)}; {backend}) ==",
             flush=True,
         )
         quality = run_quality(config.quality_config())
         gc.collect()
         keras.backend.clear_session(free_memory=True)
+    quality_seconds = time.perf_counter() - started
 
-    print(f"== 1/2 LoRA fine-tune ({config.arch}, {backend}) ==", flush=True)
-    run = finetune(
-        FinetuneConfig(
-            out=config.out,
-            arch=config.arch,
-            steps=config.steps,
-            batch=config.batch,
-            seq=config.seq,
-            learning_rate=config.learning_rate,
-            seed=config.seed,
-            verbose=config.verbose,
-            max_documents=config.documents,
-            vocab_size=config.vocab_size,
-        )
-    )
-    gc.collect()  # The fine-tuned model is gone; give its memory back.
-    keras.backend.clear_session(free_memory=True)
-
+    runs = available_runs(config.runs)
     compare_dir = os.path.join(config.out, "compare")
     os.makedirs(compare_dir, exist_ok=True)
     tokens_path = os.path.join(compare_dir, "tokens.npy")
+    needed_rows = (config.warmup + config.compare_steps + config.eval_batches) * (
+        config.batch
+    )
     write_tokens(config, tokens_path, needed_rows)
 
-    print(f"\n== 2/2 full fine-tuning vs LoRA ({', '.join(runs)}) ==", flush=True)
+    print(
+        f"\n== 2/2 cost: {', '.join(runs)} on the {config.arch} architecture ==",
+        flush=True,
+    )
     compare_config = engine.CompareConfig(
         out=compare_dir,
         backends=(backend,),
@@ -196,6 +173,7 @@ def demo(config: DemoConfig) -> dict:
         steps=config.compare_steps,
         warmup=config.warmup,
         eval_batches=config.eval_batches,
+        inference_runs=config.inference_runs,
         tokens=tokens_path,
         batch=config.batch,
         seq=config.seq,
@@ -207,26 +185,30 @@ def demo(config: DemoConfig) -> dict:
     )
     results = engine.compare(compare_config)
 
-    report_path = write_report(config.out, compare_dir, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    report_path = write_report(config.out, compare_dir, seconds, quality_seconds)
     print(
-        f"\ndemo finished in {(time.perf_counter() - started) / 60:.1f} min: "
-        f"adapter {os.path.join(config.out, 'adapter')}; report {report_path}; "
-        f"plots {os.path.join(config.out, 'training_loss.png')}, "
+        f"\ndemo finished in {seconds / 60:.1f} min (quality part "
+        f"{quality_seconds / 60:.1f} min): report {report_path}; plots "
+        f"{os.path.join(config.out, 'quality_loss.png')}, "
         f"{os.path.join(compare_dir, 'peak_memory.png')}"
     )
-    return {
-        "quality": quality,
-        "finetune": run,
-        "compare": results,
-        "report": report_path,
-    }
+    return {"quality": quality, "compare": results, "report": report_path}
 
 
 def compare_command(config: engine.CompareConfig) -> str:
-    """The `keras-lora compare` line that repeats the demo's comparison."""
+    """The `keras-lora compare` line that repeats the demo's cost table."""
     argv = ["keras-lora", "compare", "--arch", config.arch, "--backend"]
     argv += [*config.backends, "--runs", *config.runs]
-    for name in ("steps", "warmup", "eval_batches", "tokens", "batch", "seq"):
+    for name in (
+        "steps",
+        "warmup",
+        "eval_batches",
+        "inference_runs",
+        "tokens",
+        "batch",
+        "seq",
+    ):
         argv += ["--" + name.replace("_", "-"), str(getattr(config, name))]
     argv += ["--learning-rate", str(config.learning_rate), "--seed", str(config.seed)]
     return shlex.join(argv + ["--out", config.out])
@@ -246,8 +228,15 @@ def available_runs(runs) -> list[str]:
     return runs
 
 
-def write_tokens(config: DemoConfig, path: str, needed_rows: int) -> None:
-    """The corpus as token windows, with the fine-tune's tokenizer.
+def write_tokens(config: DemoConfig, path: str, needed_rows: int) -> str:
+    """Token windows of the code corpus for the cost table.
+
+    Tokenized with the shipped base's tokenizer (4096 ids). An architecture
+    with a smaller vocabulary (`--arch tiny`, 1024) gets the ids folded into
+    it (modulo): its table measures cost, which no id changes.
+
+    Returns:
+        What the rows are, for the report.
 
     Raises:
         ValueError: when the corpus gives fewer than `needed_rows` windows;
@@ -256,10 +245,12 @@ def write_tokens(config: DemoConfig, path: str, needed_rows: int) -> None:
     import keras_hub
     import numpy as np
 
-    tokenizer = keras_hub.models.GPT2Tokenizer.from_preset(
-        os.path.join(config.out, "base_preset")
+    tokenizer = keras_hub.models.GPT2Tokenizer(
+        vocabulary=os.path.join(pretrain.ASSETS, "vocab.json"),
+        merges=os.path.join(pretrain.ASSETS, "merges.txt"),
     )
-    texts = data.default_corpus(max_documents=config.documents)
+    chars = needed_rows * (config.seq + 1) * CHARS_PER_TOKEN
+    texts, _ = data.python_code_split(max_chars=chars)
     rows = data.token_windows(
         texts, tokenizer, config.seq + 1, shuffle_seed=config.seed
     )
@@ -267,10 +258,13 @@ def write_tokens(config: DemoConfig, path: str, needed_rows: int) -> None:
         raise ValueError(
             f"the corpus gives {len(rows)} windows of {config.seq + 1} tokens; "
             f"the comparison needs {needed_rows} ((warmup + compare steps + "
-            "eval batches) x batch): lower those or drop --max-documents"
+            "eval batches) x batch): lower those"
         )
+    vocabulary = models.architecture(config.arch).vocabulary_size
+    rows = rows[:needed_rows] % vocabulary
     with open(path, "wb") as f:
-        np.save(f, rows[:needed_rows])
+        np.save(f, rows)
+    return data.code_description()
 
 
 def quality_section(out: str) -> list[str]:
@@ -284,68 +278,51 @@ def quality_section(out: str) -> list[str]:
         return markdown(json.load(f))
 
 
-def write_report(out: str, compare_dir: str, seconds: float) -> str:
-    """`report.md`: the fine-tune's summary and the comparison, one page.
+def write_report(
+    out: str, compare_dir: str, seconds: float, quality_seconds: float = 0.0
+) -> str:
+    """`report.md`: the quality part and the cost table, one page.
 
     Args:
-        out: the demo's directory (with `run_report.json`).
-        compare_dir: the comparison's directory (with `results.md`).
+        out: the demo's directory (with `quality.json` unless skipped).
+        compare_dir: the cost table's directory (with `results.md`).
         seconds: the demo's run time, for the page.
+        quality_seconds: the quality part's share of it.
 
     Returns:
         The path of `report.md`.
     """
-    with open(os.path.join(out, "run_report.json")) as f:
-        run = json.load(f)
+    import keras_hub
+
+    import keras_lora
+
     with open(os.path.join(compare_dir, "results.md")) as f:
         comparison = f.read().split("\n", 1)[1].strip()  # Drop its title.
-    losses = run["loss_per_step"]
-    head, tail = first_and_last(losses)
-    generations = [
-        f"- `{p}` -> before: {b!r}; after: {a!r}"
-        for p, b, a in zip(
-            run["prompts"],
-            run["generations_before"],
-            run["generations_after"],
-            strict=True,
-        )
-    ]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     lines = [
         "# keras-lora demo",
         "",
-        f"Backend {run['backend']}; keras {run['versions']['keras']}, keras-hub "
-        f"{run['versions']['keras_hub']}, keras-lora "
-        f"{run['versions']['keras_lora']}; {os.cpu_count()} CPU cores; "
-        f"{seconds / 60:.1f} min in all.",
+        f"Backend {keras.backend.backend()}; keras {keras.__version__}, keras-hub "
+        f"{keras_hub.__version__}, keras-lora {keras_lora.__version__}, Python "
+        f"{sys.version.split()[0]}; {os.cpu_count()} CPU cores"
+        + (f" (load average {load:.1f} at the end)" if load is not None else "")
+        + f"; {seconds / 60:.1f} min in all, quality part "
+        f"{quality_seconds / 60:.1f} min.",
         "",
         *quality_section(out),
-        "## Cost: LoRA fine-tune of a random-weight architecture",
+        "## Cost: full fine-tuning vs LoRA on the GPT-2 base architecture",
         "",
-        f"- weights: {run['weights']}",
-        f"- tokenizer: {run['tokenizer']}",
-        f"- data: {run['data']}",
-        f"- LoRA rank {run['lora']['rank']}, alpha {run['lora']['alpha']}, "
-        f"targets {', '.join(run['lora']['targets'])}: "
-        f"{run['parameters']['trainable']:,} trainable of "
-        f"{run['parameters']['total']:,} parameters",
-        f"- {run['steps']} steps of {run['batch']} x {run['sequence_length']} "
-        f"tokens in {run['fit_seconds']} s; loss (mean of first / last "
-        f"{len(tail)} steps) {sum(head) / len(head):.4f} -> "
-        f"{sum(tail) / len(tail):.4f}; peak memory {run['peak_memory_gb']} GB "
-        f"({run['memory_device']})",
-        "- files: `adapter/`, `base_preset/`, `run_report.json`, `training_loss.png`",
-        "",
-        "Greedy generations before and after (random base weights, so "
-        "neither reads as English):",
-        "",
-        *generations,
-        "",
-        "## Full fine-tuning vs LoRA",
+        "Time, memory and file sizes only matter at scale, so these runs use "
+        "the GPT-2 base architecture with RANDOM weights (nothing can be "
+        "downloaded here; its losses say nothing about quality, the section "
+        "above does), each in its own process, on token windows of the same "
+        "Python code corpus.",
         "",
         comparison,
         "",
-        "Charts: `compare/peak_memory.png`, `compare/step_time.png`, "
-        "`compare/tokens_per_s.png`.",
+        "![peak memory](compare/peak_memory.png)",
+        "",
+        "More charts: `compare/step_time.png`, `compare/tokens_per_s.png`.",
         "",
     ]
     path = os.path.join(out, "report.md")
