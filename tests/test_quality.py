@@ -101,7 +101,11 @@ def test_separate_embedding_settings_go_through_wrap_layers():
     x = {"token_ids": np.ones((1, 8), "int32"), "padding_mask": np.ones((1, 8), bool)}
     before = keras.ops.convert_to_numpy(lm(x))
     config = quality.QualityConfig(
-        out="o", lora_targets=("query", "value"), embedding_rank=4, embedding_alpha=4.0
+        out="o",
+        lora_targets=("query", "value"),
+        lora_rank=2,
+        embedding_rank=4,
+        embedding_alpha=4.0,
     )
     quality._inject(lm, config)
     # q and v of 4 blocks at rank 2: 4 x 2 x (128 + 128) x 2.
@@ -133,15 +137,16 @@ def test_quality_part_end_to_end(tmp_path, monkeypatch):
         assert run["peak_memory_bytes"] > 2**20 and run["step_seconds"] > 0
         # Every run starts from the same base.
         assert run["heldout_before"] == pytest.approx(lora["heldout_before"], abs=1e-4)
-    # Rank 2 on all six projections of 4 blocks of hidden 128 (MLP 512):
-    # 4 x (4 x 512 + 2 x 1280).
-    assert lora["trainable_params"] == 18_432
+    # Rank 1 on all six projections of 4 blocks of hidden 128 (MLP 512),
+    # 4 x (4 x 256 + 2 x 640), and the tied token embedding at rank 4,
+    # 4 x (4096 + 128).
+    assert lora["trainable_params"] == 9_216 + 16_896
     assert full["trainable_params"] == full["total_params"]
     # keras-hub's enable_lora on the same layers factors q/k/v's
-    # (128, heads, head_dim) kernels as (128, heads, 2) x (2, 32) and makes
-    # the wrapped layers' biases trainable: 4 x (3 x 1088 + 512 + 2 x 1280
-    # + 1152 biases).
-    assert builtin["trainable_params"] == 29_952
+    # (128, heads, head_dim) kernels as
+    # (128, heads, 1) x (1, 32) and makes the wrapped layers' biases
+    # trainable: 4 x (3 x 544 + 256 + 2 x 640 + 1152 biases).
+    assert builtin["trainable_params"] == 17_280
     # The new domain is learned: the held-out evaluation is deterministic
     # (fixed rows, no dropout), so its only step-to-step movement is the
     # model's; LoRA's drop is many times the largest rise between two
@@ -160,7 +165,7 @@ def test_quality_part_end_to_end(tmp_path, monkeypatch):
     assert "standard-library docstrings" in page
     assert "standard-library source code" in page
     assert "HF PEFT (torch) skipped: peft not installed" in page
-    assert "| keras-hub enable_lora | 0.02 | 29,952" in page
+    assert "| keras-hub enable_lora | 0.02 | 17,280" in page
     assert len(result["generations"]["builtin"]) == 1
 
 
@@ -178,9 +183,12 @@ def test_quality_peft_run_loads_the_same_weights(tmp_path):
     assert peft["original_domain_before"] == pytest.approx(
         lora["original_domain_before"], abs=1e-3
     )
-    # GPT-2's fused c_attn is adapted whole: 4 x (2 x (128 + 384) + 512 +
-    # 2 x 1280).
-    assert peft["trainable_params"] == 16_384
+    # GPT-2's fused c_attn is adapted whole at rank 1, 4 x ((128 + 384) +
+    # 256 + 2 x 640), plus wte at rank 4 (4 x (4096 + 128)); PEFT's tied
+    # lm_head adapter is a second pair of Parameters over wte's factors'
+    # storage, and torch counts it again.
+    assert peft["trainable_params"] == 8_192 + 2 * 16_896
+    assert "wte" in peft["lora"]["targets"] and "lm_head" in peft["lora"]["targets"]
     assert peft["heldout_before"] - peft["heldout_after"] > 0.05
     assert peft["peak_memory_bytes"] > 2**20 and peft["saved_bytes"] > 0
     assert [len(g) > len("def f(self") for g in result["generations"]["peft"]] == [True]

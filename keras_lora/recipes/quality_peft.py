@@ -58,6 +58,8 @@ def peft_quality_run(spec: dict) -> dict:
         spec: `hf_dir` (the exported base), `rows` (npz with `train`,
             `code_heldout`, `doc_heldout`), `prompt_ids`, `target_modules`,
             `rank`, `alpha`, `learning_rate`, `batch`, `steps`,
+            (for a tied token-embedding adapter) `tied_embedding_modules`,
+            `embedding_rank`, `embedding_alpha`,
             `eval_every`, `max_length`, `seed`.
 
     Returns:
@@ -72,6 +74,7 @@ def peft_quality_run(spec: dict) -> dict:
     rows = np.load(spec["rows"])
     train, code, doc = rows["train"], rows["code_heldout"], rows["doc_heldout"]
     model = transformers.GPT2LMHeadModel.from_pretrained(spec["hf_dir"])
+    tied = spec.get("tied_embedding_modules", [])
     total = sum(p.numel() for p in model.parameters())
     model = peft.get_peft_model(
         model,
@@ -79,7 +82,12 @@ def peft_quality_run(spec: dict) -> dict:
             r=spec["rank"],
             lora_alpha=spec["alpha"],
             lora_dropout=0.0,
-            target_modules=spec["target_modules"],
+            target_modules=[*spec["target_modules"], *tied],
+            # The embedding and its tied head at their own rank and alpha,
+            # one adapter shared by both (as keras-lora's tied head).
+            rank_pattern={m: spec["embedding_rank"] for m in tied},
+            alpha_pattern={m: spec["embedding_alpha"] for m in tied},
+            ensure_weight_tying=bool(tied),
             fan_in_fan_out=True,  # GPT-2's Conv1D keeps weights (in, out).
             bias="none",
         ),
@@ -143,7 +151,15 @@ def peft_quality_run(spec: dict) -> dict:
         "lora": {
             "rank": spec["rank"],
             "alpha": spec["alpha"],
-            "targets": list(spec["target_modules"]),
+            "targets": [*spec["target_modules"], *tied],
+            **(
+                {
+                    "embedding_rank": spec["embedding_rank"],
+                    "embedding_alpha": spec["embedding_alpha"],
+                }
+                if tied
+                else {}
+            ),
         },
         "torch_threads": torch.get_num_threads(),
         "generations_ids": generations,
