@@ -113,6 +113,7 @@ def keras_run(spec: dict) -> dict:
         # Device memory: nothing of this process was on the device before
         # the model was built, so all of its peak is the run's increment.
         result["training_increment_gb"] = memory.peak_usage
+    result.update(xla_memory(model, x, labels, spec))
     result.update(step_stats(timer.step_times, timer.cpu_times, spec))
     result.update(adapter_size(lm, spec, keras_lora))
     # Latency is measured against a float base built alike: only the plain
@@ -160,6 +161,43 @@ def training_model(lm, spec: dict):
     )
     model.compile(optimizer=optimizer)
     return model
+
+
+def xla_memory(model, x: dict, labels, spec: dict) -> dict:
+    """XLA's buffer assignment for one training step (JAX only; after the
+    timed run, so it cannot raise the measured peak).
+
+    `temp` is what the step allocates beyond its inputs and outputs
+    (activations, logits, gradients before the update); `arguments` the
+    state and batch it is given (weights, optimizer moments). Empty on
+    other backends or if Keras's step cannot be lowered this way.
+    """
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return {}
+    try:
+        import jax
+
+        batch = {k: v[: spec["batch"]] for k, v in x.items()}
+        state = model._get_jax_state(
+            trainable_variables=True,
+            non_trainable_variables=True,
+            optimizer_variables=True,
+            metrics_variables=True,
+            purge_model_variables=False,
+        )
+        step = jax.jit(model.train_step)
+        compiled = step.lower(state, (batch, labels[: spec["batch"]], None)).compile()
+        analysis = compiled.memory_analysis()
+        gb = 2**30
+        return {
+            "xla_temp_gb": round(analysis.temp_size_in_bytes / gb, 3),
+            "xla_arguments_gb": round(analysis.argument_size_in_bytes / gb, 3),
+            "xla_outputs_gb": round(analysis.output_size_in_bytes / gb, 3),
+        }
+    except Exception as error:  # A diagnostic: never fails the run.
+        return {"xla_memory_error": f"{type(error).__name__}: {error}"[:300]}
 
 
 def remat_scope(spec: dict, keras):
