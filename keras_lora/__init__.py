@@ -29,6 +29,7 @@ from keras_lora.layer import LoraLayer
 from keras_lora.lora_plus import LoraPlusOptimizer, lora_plus_optimizer
 from keras_lora.merge import merge_lora
 from keras_lora.quantized import initialize_quantized, quantized_dtype_policy
+from keras_lora.remat import remat_layers
 from keras_lora.version import __version__ as __version__
 from keras_lora.weighted import add_weighted_adapter
 
@@ -61,6 +62,7 @@ __all__ = [
     "print_trainable_parameters",
     "quantized_dtype_policy",
     "read_adapter_config",
+    "remat_layers",
     "save_adapter",
     "set_adapter",
     "target_layers",

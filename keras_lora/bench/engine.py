@@ -50,7 +50,8 @@ BASE_DTYPES = ("float32", "bfloat16")
 QUANTIZE_MODES = ("none", "int8", "int4")
 # keras-hub GPT-2 fails in Keras itself under RematScope "full" and
 # "larger_than" (tests/test_remat.py), so only "activations" is offered.
-REMAT_MODES = ("none", "activations")
+# "blocks" checkpoints each transformer block (`keras_lora.remat_layers`).
+REMAT_MODES = ("none", "activations", "blocks")
 # How a quantized LoRA base is built: "after" quantizes a float model
 # (`model.quantize`), "during" builds each layer quantized
 # (`keras_lora.families.quantized_dtype`), so no float copy exists.
@@ -308,7 +309,9 @@ def lora_variants(config: dict) -> list[dict]:
                         if build == "during":
                             parts[-1] += " built quantized"
                         if remat != "none":
-                            parts.append("remat")
+                            parts.append(
+                                "remat" if remat == "activations" else f"remat {remat}"
+                            )
                         if loss != "dense":
                             parts.append(f"{loss} CE")
                         variants.append(

@@ -58,6 +58,14 @@ def keras_run(spec: dict) -> dict:
             if spec.get("quantize", "none") != "none":
                 lm.quantize(spec["quantize"])
         prepare_run(lm, run, spec)
+    if spec.get("remat", "none") == "blocks":
+        from keras_lora.remat import remat_layers
+
+        blocks = [
+            lm.backbone.get_layer(GPT2.block.format(block=i))
+            for i in range(spec["arch"]["num_layers"])
+        ]
+        remat_layers(blocks)
     build_s = time.perf_counter() - t0
     trainable = sum(math.prod(v.shape) for v in lm.trainable_weights)
     frozen = sum(math.prod(v.shape) for v in lm.non_trainable_weights)
@@ -207,7 +215,8 @@ def remat_scope(spec: dict, keras):
     and injected inside it.
     """
     mode = spec.get("remat", "none")
-    return keras.RematScope(mode=None if mode == "none" else mode)
+    # "blocks" is applied after the build (`remat_layers`), not by a scope.
+    return keras.RematScope(mode=None if mode in ("none", "blocks") else mode)
 
 
 def keras_eval_loss(lm, spec: dict) -> float | None:
