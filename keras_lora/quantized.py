@@ -72,9 +72,15 @@ def float_policy(policy: keras.DTypePolicy) -> keras.DTypePolicy:
     A `LoraLayer` runs under it: under the quantized policy Keras would
     dispatch the wrapper to a quantized call it does not have.
 
+    A `DTypePolicyMap` (a model built quantized layer by layer, see
+    `quantized_dtype_policy`) gives its default policy, the float policy
+    its layers were quantized from.
+
     >>> float_policy(keras.dtype_policies.get("int8_from_mixed_bfloat16")).name
     'mixed_bfloat16'
     """
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        return float_policy(policy.default_policy)
     if getattr(policy, "quantization_mode", None) is None:
         return policy
     # Keras names quantized policies "{mode}_from_{source policy}".
@@ -277,3 +283,125 @@ def _reverse_int8(layer, inputs, kernel, scale):
         return ops.divide(logits, ops.multiply(inputs_scale, scale)), grad_fn
 
     return logits_with_inputs_gradient(inputs, kernel, scale)
+
+
+def quantized_dtype_policy(
+    mode: str, paths, source: str = "float32"
+) -> keras.dtype_policies.DTypePolicyMap:
+    """A dtype policy that builds the layers at `paths` quantized.
+
+    Give it as `dtype` to a model's constructor (e.g. a keras-hub backbone):
+    each layer whose path fully matches one of `paths` (regular expressions)
+    is built directly with `mode` kernels, every other layer under `source`.
+    No float copy of the model ever exists, unlike `model.quantize` on a
+    built model. The quantized kernels start as Keras builds them (zeros);
+    `initialize_quantized` fills them from their initializers.
+    `keras_lora.families.quantized_dtype(family, mode)` gives the paths of a
+    keras-hub family.
+
+    Args:
+        mode: "int8" or "int4".
+        paths: regular expressions of layer paths (`layer.path`) to
+            quantize; only Dense, EinsumDense and Embedding layers can be.
+        source: the float policy of the model and the LoRA path.
+
+    Returns:
+        A `keras.dtype_policies.DTypePolicyMap`.
+
+    Raises:
+        ValueError: for another mode, or no paths.
+
+    >>> policy = quantized_dtype_policy("int8", ["dense_.*"])
+    >>> layer = keras.layers.Dense(3, dtype=policy, name="dense_1")
+    >>> layer.build((None, 2))
+    >>> layer.quantization_mode, str(layer._kernel.dtype)
+    ('int8', 'int8')
+    """
+    if mode not in REQUANTIZABLE_MODES:
+        raise ValueError(
+            f"Cannot build a model quantized with mode '{mode}': choose "
+            f"{' or '.join(REQUANTIZABLE_MODES)} (float8 keeps float kernels, "
+            "so building it quantized saves nothing)."
+        )
+    paths = list(paths)
+    if not paths:
+        raise ValueError("quantized_dtype_policy needs at least one layer path.")
+    if mode == "int4":
+        # `model.quantize("int4")`'s default: per-block scales (the block
+        # size of a default `Int4QuantizationConfig`), which the policy
+        # name carries so the layer builds the same variables.
+        block = keras.quantizers.Int4QuantizationConfig().block_size
+        mode = f"int4/{-1 if block is None else block}"
+    quantized = keras.dtype_policies.get(f"{mode}_from_{source}")
+    return keras.dtype_policies.DTypePolicyMap(
+        default_policy=source, policy_map={path: quantized for path in paths}
+    )
+
+
+def initialize_quantized(model: keras.layers.Layer) -> int:
+    """Fill each int8/int4 layer of a model built quantized from its own
+    initializers, one layer at a time.
+
+    Each layer gets what `model.quantize` would give a freshly initialised
+    float model: a float twin of the layer (same config) draws its weights
+    from the layer's initializers, Keras's `quantize` rounds them, and the
+    quantized values are copied in; the twin is then dropped, so at most one
+    layer's float weights exist at once. The layer also gets the
+    quantization config and input quantizer `quantize` sets, so it computes
+    exactly as a model quantized after a float build (load other weights
+    into it afterwards if you have them).
+
+    Args:
+        model: a built model or layer.
+
+    Returns:
+        The number of layers filled.
+
+    Raises:
+        ValueError: if a layer is quantized in a mode other than int8/int4.
+    """
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=True)
+        if quantization_mode(layer) is not None and not layer._layers
+    ]
+    for layer in layers:
+        if quantization_mode(layer) not in REQUANTIZABLE_MODES:
+            check_quantization_mode(layer)
+            raise ValueError(
+                f"Layer '{layer.name}' is quantized with mode "
+                f"'{quantization_mode(layer)}'; initialize_quantized fills "
+                f"{' and '.join(REQUANTIZABLE_MODES)} layers only."
+            )
+    for layer in layers:
+        config = layer.get_config()
+        config["dtype"] = float_policy(layer.dtype_policy)
+        config.pop("quantization_config", None)
+        twin = type(layer).from_config(config)
+        twin.build_from_config(layer.get_build_config())
+        twin.quantize(quantization_mode(layer), config=_build_config(layer))
+        values = {v.name: v for v in twin.weights}
+        for variable in layer.weights:
+            variable.assign(values[variable.name].value)
+        # `quantize` also sets how the call treats its inputs: an int4
+        # ReversibleEmbedding built under the policy alone would quantize
+        # its inputs in the reverse call, one quantized by `quantize` not.
+        for name in ("quantization_config", "inputs_quantizer"):
+            if hasattr(twin, name):
+                setattr(layer, name, getattr(twin, name))
+        del twin, values
+    return len(layers)
+
+
+def _build_config(layer):
+    """The quantization config that gives the variables `layer` was built
+    with: its own, else for int4 the block size its policy names."""
+    if layer.quantization_config is not None or quantization_mode(layer) != "int4":
+        return layer.quantization_config
+    policy = layer.dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        policy = policy[layer.path]
+    block = getattr(policy, "block_size", None)
+    return keras.quantizers.Int4QuantizationConfig(
+        block_size=-1 if block is None else block
+    )

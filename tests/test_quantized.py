@@ -1,6 +1,7 @@
 """LoRA over Keras-quantized frozen kernels (int8, int4, float8)."""
 
 import keras
+import keras_hub
 import numpy as np
 import pytest
 from keras import ops
@@ -12,12 +13,20 @@ from keras_lora import (
     merge_lora,
     save_adapter,
 )
-from keras_lora.quantized import dequantized_kernel, install_straight_through_gradients
+from keras_lora.families import GPT2, quantized_dtype
+from keras_lora.quantized import (
+    dequantized_kernel,
+    initialize_quantized,
+    install_straight_through_gradients,
+    quantization_mode,
+    quantized_dtype_policy,
+)
 from tests.helpers import (
     constant_token_task,
     learnable_lm,
     mlp,
     randomize_lora_b,
+    tiny_gpt2_backbone,
     to_numpy,
 )
 
@@ -351,3 +360,88 @@ def learnable_lm_quantized(mode):
     lm = learnable_lm()
     lm.quantize(mode)
     return lm
+
+
+def _variables(model):
+    return {
+        v.path: (str(v.dtype), tuple(v.shape))
+        for layer in model._flatten_layers(include_self=True)
+        if quantization_mode(layer) and not layer._layers
+        for v in layer.weights
+    }
+
+
+@pytest.mark.parametrize("mode", ("int8", "int4"))
+def test_built_quantized_equals_quantize_after_build(mode):
+    """`quantized_dtype(GPT2, mode)` builds the layers `model.quantize`
+    quantizes, with the same variables; loaded with the same values, the
+    two models give the same logits and the same LoRA training step."""
+    keras.utils.set_random_seed(0)
+    # Dropout 0: each model's dropout layers draw their own masks.
+    after = learnable_lm(dropout=0.0)
+    after.quantize(mode)
+    built = keras_hub.models.GPT2CausalLM(
+        backbone=tiny_gpt2_backbone(dropout=0.0, dtype=quantized_dtype(GPT2, mode)),
+        preprocessor=None,
+    )
+    assert _variables(built.backbone) == _variables(after.backbone)
+    assert len(_variables(built.backbone)) > 0
+    # No float kernel was ever made for a quantized layer of `built`.
+    for layer in built.backbone._flatten_layers():
+        if quantization_mode(layer) and not layer._layers:
+            kernel = next(
+                v for v in layer.weights if v.name in ("kernel", "embeddings")
+            )
+            assert kernel.dtype == "int8"
+    # 6 projections x 2 blocks + the token embedding.
+    assert initialize_quantized(built.backbone) == 13
+    values = {v.path: v for v in after.weights}
+    for v in built.weights:
+        v.assign(to_numpy(values[v.path].value))
+    x, y, w = constant_token_task()
+    np.testing.assert_array_equal(
+        to_numpy(built.predict_on_batch(x)), to_numpy(after.predict_on_batch(x))
+    )
+    for model in (built, after):
+        inject_lora(model, targets=("query", "value"), seed=0)
+    steps = [_fit_steps(model, x, y, w) for model in (built, after)]
+    np.testing.assert_allclose(steps[0], steps[1], rtol=1e-5)
+
+
+def _fit_steps(model, x, y, w, steps=3):
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = model.fit(x, y, sample_weight=w, epochs=steps, batch_size=8, verbose=0)
+    return history.history["loss"]
+
+
+@pytest.mark.parametrize("mode", ("int8", "int4"))
+def test_initialize_quantized_draws_what_quantize_would_give(mode):
+    """A layer built quantized and filled by `initialize_quantized` holds
+    exactly what Keras's `quantize` makes of a float layer with the same
+    (seeded) initializer."""
+    init = keras.initializers.GlorotUniform(seed=3)
+    config = dict(units=256, kernel_initializer=init, bias_initializer="ones")
+    float_layer = keras.layers.Dense(**config, name="dense_q")
+    float_layer.build((None, 256))
+    float_layer.quantize(mode)
+    policy = quantized_dtype_policy(mode, ["dense_q"])
+    layer = keras.layers.Dense(**config, name="dense_q", dtype=policy)
+    layer.build((None, 256))
+    kernel = next(v for v in layer.weights if v.name == "kernel")
+    assert not np.any(to_numpy(kernel.value))  # Keras builds zeros.
+    assert initialize_quantized(layer) == 1
+    expected = {v.name: to_numpy(v.value) for v in float_layer.weights}
+    assert sorted(expected) == sorted(v.name for v in layer.weights)
+    for v in layer.weights:
+        np.testing.assert_array_equal(to_numpy(v.value), expected[v.name], v.name)
+
+
+def test_quantized_build_refuses_other_modes():
+    for mode in ("float8", "gptq", "int2"):
+        with pytest.raises(ValueError, match=mode):
+            quantized_dtype_policy(mode, ["dense"])
+    with pytest.raises(ValueError, match="layer path"):
+        quantized_dtype_policy("int8", [])

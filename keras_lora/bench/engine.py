@@ -50,7 +50,16 @@ BASE_DTYPES = ("float32", "bfloat16")
 QUANTIZE_MODES = ("none", "int8", "int4")
 # keras-hub GPT-2 fails in Keras itself under RematScope "full" and
 # "larger_than" (tests/test_remat.py), so only "activations" is offered.
-REMAT_MODES = ("none", "activations")
+# "blocks" checkpoints each transformer block (`keras_lora.remat_layers`).
+REMAT_MODES = ("none", "activations", "blocks")
+# How a quantized LoRA base is built: "after" quantizes a float model
+# (`model.quantize`), "during" builds each layer quantized
+# (`keras_lora.families.quantized_dtype`), so no float copy exists.
+QUANTIZE_BUILDS = ("after", "during")
+# The training loss of every run: "dense" computes the full logits,
+# "chunked" the cross-entropy in pieces of the sequence
+# (`keras_lora.chunked_causal_lm`).
+LOSSES = ("dense", "chunked")
 # Preset names whose size is known without reading them (offline).
 PRESET_SIZES = {
     "gpt2_base_en": "base",
@@ -114,6 +123,9 @@ class CompareConfig:
     base_dtypes: tuple[str, ...] = ("float32",)
     quantize: tuple[str, ...] = ("none",)
     remat: tuple[str, ...] = ("none",)
+    quantize_build: tuple[str, ...] = ("after",)
+    losses: tuple[str, ...] = ("dense",)
+    loss_chunks: int = 8
     command: str = "keras_lora.bench.engine.compare"
 
     def __post_init__(self):
@@ -140,7 +152,15 @@ class CompareConfig:
             )
         if self.preset is None:
             architecture(self.arch)
-        for name in ("batch", "seq", "steps", "rank", "inference_runs", "rounds"):
+        for name in (
+            "batch",
+            "seq",
+            "steps",
+            "rank",
+            "inference_runs",
+            "rounds",
+            "loss_chunks",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("warmup", "eval_batches"):
@@ -157,11 +177,17 @@ class CompareConfig:
             ("base_dtypes", BASE_DTYPES),
             ("quantize", QUANTIZE_MODES),
             ("remat", REMAT_MODES),
+            ("quantize_build", QUANTIZE_BUILDS),
+            ("losses", LOSSES),
         ):
             values = getattr(self, name)
             bad = [v for v in values if v not in allowed]
             if bad or not values:
-                flag = "--base-dtype" if name == "base_dtypes" else f"--{name}"
+                flag = {
+                    "base_dtypes": "--base-dtype",
+                    "quantize_build": "--quantize-build",
+                    "losses": "--loss",
+                }.get(name, f"--{name}")
                 raise ValueError(
                     f"{flag} {bad or list(values)}: choose among "
                     f"{', '.join(allowed)}"
@@ -265,45 +291,69 @@ def check_tokens(config: CompareConfig, vocabulary_size: int) -> str:
 def lora_variants(config: dict) -> list[dict]:
     """The LoRA run's frozen-base settings, one dict per row to run.
 
-    Each has `base_dtype`, `quantize`, `remat` and `variant`, its label
-    ("" for the plain float32 run, else e.g. "int8, remat"). A config
-    written before these options existed gives the plain run only.
+    Each has `base_dtype`, `quantize`, `quantize_build`, `remat`, `loss`
+    and `variant`, its label ("" for the plain float32 run, else e.g.
+    "int8, remat"). A config written before these options existed gives
+    the plain run only.
     """
     variants = []
     for dtype in config.get("base_dtypes", ["float32"]):
         for mode in config.get("quantize", ["none"]):
-            for remat in config.get("remat", ["none"]):
-                parts = [p for p in (dtype, mode) if p not in ("float32", "none")]
-                if remat != "none":
-                    parts.append("remat")
-                variants.append(
-                    {
-                        "base_dtype": dtype,
-                        "quantize": mode,
-                        "remat": remat,
-                        "variant": ", ".join(parts),
-                    }
-                )
+            builds = config.get("quantize_build", ["after"]) if mode != "none" else []
+            for build in builds or ["after"]:
+                for remat in config.get("remat", ["none"]):
+                    for loss in config.get("losses", ["dense"]):
+                        parts = [
+                            p for p in (dtype, mode) if p not in ("float32", "none")
+                        ]
+                        if build == "during":
+                            parts[-1] += " built quantized"
+                        if remat != "none":
+                            parts.append(
+                                "remat" if remat == "activations" else f"remat {remat}"
+                            )
+                        if loss != "dense":
+                            parts.append(f"{loss} CE")
+                        variants.append(
+                            {
+                                "base_dtype": dtype,
+                                "quantize": mode,
+                                "quantize_build": build,
+                                "remat": remat,
+                                "loss": loss,
+                                "variant": ", ".join(parts),
+                            }
+                        )
     return variants
 
 
 def plan_for(config: dict) -> list[tuple[str, str, dict]]:
     """(backend, run, frozen-base settings) in run order; PEFT once, on torch.
 
-    Runs other than LoRA get the plain settings (variant "").
+    Runs other than LoRA get the plain settings (variant ""), once per
+    training loss.
     """
     variants = lora_variants(config)
-    plain = {"base_dtype": "float32", "quantize": "none", "remat": "none"}
-    plain["variant"] = ""
+    plain = [
+        {
+            "base_dtype": "float32",
+            "quantize": "none",
+            "quantize_build": "after",
+            "remat": "none",
+            "loss": loss,
+            "variant": "" if loss == "dense" else f"{loss} CE",
+        }
+        for loss in config.get("losses", ["dense"])
+    ]
     plan = [
         (b, r, v)
         for b in config["backends"]
         for r in config["runs"]
         if r != "peft"
-        for v in (variants if r == "lora" else [plain])
+        for v in (variants if r == "lora" else plain)
     ]
     if "peft" in config["runs"]:
-        plan.append(("torch", "peft", plain))
+        plan.append(("torch", "peft", plain[0]))
     return plan
 
 
@@ -462,6 +512,9 @@ def compare(config: CompareConfig) -> dict:
         "base_dtypes": list(config.base_dtypes),
         "quantize": list(config.quantize),
         "remat": list(config.remat),
+        "quantize_build": list(config.quantize_build),
+        "losses": list(config.losses),
+        "loss_chunks": config.loss_chunks,
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),

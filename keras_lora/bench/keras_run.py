@@ -53,17 +53,31 @@ def keras_run(spec: dict) -> dict:
     t0 = time.perf_counter()
     with remat_scope(spec, keras):
         lm = build_lm(spec)
-        if spec.get("quantize", "none") != "none":
-            lm.quantize(spec["quantize"])
+        if spec.get("quantize_build", "after") == "after":
+            # "during": build_lm built it quantized.
+            if spec.get("quantize", "none") != "none":
+                lm.quantize(spec["quantize"])
         prepare_run(lm, run, spec)
+    if spec.get("remat", "none") == "blocks":
+        from keras_lora.remat import remat_layers
+
+        blocks = [
+            lm.backbone.get_layer(GPT2.block.format(block=i))
+            for i in range(spec["arch"]["num_layers"])
+        ]
+        remat_layers(blocks)
     build_s = time.perf_counter() - t0
     trainable = sum(math.prod(v.shape) for v in lm.trainable_weights)
     frozen = sum(math.prod(v.shape) for v in lm.non_trainable_weights)
+    # What fit trains: the model, or the chunked-loss wrapper sharing its
+    # layers (only one chunk of the sequence has logits at a time).
+    model = training_model(lm, spec)
 
     timer = StepLog()
     memory = GPUMemoryCallback(target_batches=[spec["warmup"]])
     build_peak = host_peak_rss_bytes()
-    lm.fit(
+    built_rss = current_rss_bytes()
+    model.fit(
         x,
         labels,
         batch_size=spec["batch"],
@@ -90,8 +104,16 @@ def keras_run(spec: dict) -> dict:
     if not memory.on_accelerator:
         peak = max(build_peak, host_peak_rss_bytes())
         result["process_peak_rss_gb"] = round(peak / 2**30, 3)
+        # The build's own peak (model built, quantized, injected, compiled)
+        # and what stays resident after it, beside the training peak.
+        result["build_peak_rss_gb"] = round(build_peak / 2**30, 3)
+        if built_rss is not None:
+            result["rss_after_build_gb"] = round(built_rss / 2**30, 3)
         if baseline_rss is not None:
             result["baseline_rss_gb"] = round(baseline_rss / 2**30, 3)
+            result["build_increment_gb"] = round(
+                max(0, build_peak - baseline_rss) / 2**30, 3
+            )
             result["training_increment_gb"] = round(
                 max(0, peak - baseline_rss) / 2**30, 3
             )
@@ -99,6 +121,7 @@ def keras_run(spec: dict) -> dict:
         # Device memory: nothing of this process was on the device before
         # the model was built, so all of its peak is the run's increment.
         result["training_increment_gb"] = memory.peak_usage
+    result.update(xla_memory(model, x, labels, spec))
     result.update(step_stats(timer.step_times, timer.cpu_times, spec))
     result.update(adapter_size(lm, spec, keras_lora))
     # Latency is measured against a float base built alike: only the plain
@@ -132,6 +155,59 @@ def prepare_run(lm, run: str, spec: dict) -> None:
     lm.compile(optimizer=optimizer, loss=loss)
 
 
+def training_model(lm, spec: dict):
+    """`lm`, or for `spec["loss"] == "chunked"` a `ChunkedCausalLM` over it
+    compiled with the same optimizer (the loss is its own)."""
+    if spec.get("loss", "dense") == "dense":
+        return lm
+    import keras_lora
+    from keras_lora.recipes.training import optimizer_and_loss
+
+    model = keras_lora.chunked_causal_lm(lm, num_chunks=spec.get("loss_chunks", 8))
+    optimizer, _ = optimizer_and_loss(
+        spec["learning_rate"], exclude_from_decay=spec["run"] != "floor"
+    )
+    model.compile(optimizer=optimizer)
+    return model
+
+
+def xla_memory(model, x: dict, labels, spec: dict) -> dict:
+    """XLA's buffer assignment for one training step (JAX only; after the
+    timed run, so it cannot raise the measured peak).
+
+    `temp` is what the step allocates beyond its inputs and outputs
+    (activations, logits, gradients before the update); `arguments` the
+    state and batch it is given (weights, optimizer moments). Empty on
+    other backends or if Keras's step cannot be lowered this way.
+    """
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return {}
+    try:
+        import jax
+
+        batch = {k: v[: spec["batch"]] for k, v in x.items()}
+        state = model._get_jax_state(
+            trainable_variables=True,
+            non_trainable_variables=True,
+            optimizer_variables=True,
+            metrics_variables=True,
+            purge_model_variables=False,
+        )
+        step = jax.jit(model.train_step)
+        compiled = step.lower(state, (batch, labels[: spec["batch"]], None)).compile()
+        analysis = compiled.memory_analysis()
+        gb = 2**30
+        return {
+            "xla_temp_gb": round(analysis.temp_size_in_bytes / gb, 3),
+            "xla_arguments_gb": round(analysis.argument_size_in_bytes / gb, 3),
+            "xla_outputs_gb": round(analysis.output_size_in_bytes / gb, 3),
+        }
+    except Exception as error:  # A diagnostic: never fails the run.
+        return {"xla_memory_error": f"{type(error).__name__}: {error}"[:300]}
+
+
 def remat_scope(spec: dict, keras):
     """`keras.RematScope(mode)` for the spec's `remat`, else a no-op scope.
 
@@ -139,7 +215,8 @@ def remat_scope(spec: dict, keras):
     and injected inside it.
     """
     mode = spec.get("remat", "none")
-    return keras.RematScope(mode=None if mode == "none" else mode)
+    # "blocks" is applied after the build (`remat_layers`), not by a scope.
+    return keras.RematScope(mode=None if mode in ("none", "blocks") else mode)
 
 
 def keras_eval_loss(lm, spec: dict) -> float | None:
@@ -154,9 +231,24 @@ def keras_eval_loss(lm, spec: dict) -> float | None:
 
 
 def build_lm(spec: dict):
+    """The spec's GPT-2; quantized layer by layer for `quantize_build`
+    "during" (never a whole float copy; random weights only)."""
     import keras_hub
 
-    if spec["preset"]:
+    mode = spec.get("quantize", "none")
+    if mode != "none" and spec.get("quantize_build", "after") == "during":
+        import keras_lora
+        from keras_lora.families import quantized_dtype
+
+        if spec["preset"]:
+            raise ValueError(
+                "--quantize-build during builds random weights; a preset's "
+                "float weights cannot be loaded into quantized layers."
+            )
+        dtype = quantized_dtype(GPT2, mode)
+        backbone = keras_hub.models.GPT2Backbone(**spec["arch"], dtype=dtype)
+        keras_lora.initialize_quantized(backbone)
+    elif spec["preset"]:
         backbone = keras_hub.models.GPT2Backbone.from_preset(spec["preset"])
     else:
         backbone = keras_hub.models.GPT2Backbone(**spec["arch"])

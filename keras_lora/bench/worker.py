@@ -69,6 +69,8 @@ def main(spec_path: str) -> int:
         base_dtype=spec.get("base_dtype", "float32"),
         quantize=spec.get("quantize", "none"),
         remat=spec.get("remat", "none"),
+        quantize_build=spec.get("quantize_build", "after"),
+        loss=spec.get("loss", "dense"),
         wall_s=round(time.perf_counter() - started, 2),
         # Which keras_lora produced the numbers (an install or a checkout).
         keras_lora_path=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -141,6 +141,28 @@ def add_compare(sub) -> None:
         "for every combination of --base-dtype, --quantize and --remat.",
     )
     parser.add_argument(
+        "--quantize-build",
+        nargs="+",
+        default=["after"],
+        help="how a --quantize base is built, one row each: 'after' "
+        "quantizes a float model, 'during' builds each layer quantized so "
+        "no float copy exists (keras_lora.families.quantized_dtype).",
+    )
+    parser.add_argument(
+        "--loss",
+        nargs="+",
+        default=["dense"],
+        help="training loss of every run, one row each: 'dense' (full "
+        "logits) or 'chunked' (cross-entropy over --loss-chunks pieces of "
+        "the sequence, keras_lora.chunked_causal_lm).",
+    )
+    parser.add_argument(
+        "--loss-chunks",
+        type=int,
+        default=8,
+        help="pieces of the sequence for --loss chunked.",
+    )
+    parser.add_argument(
         "--mode",
         choices=("train", "mixed"),
         default="train",
@@ -217,6 +239,9 @@ def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         base_dtypes=tuple(split_list(args.base_dtype)),
         quantize=tuple(split_list(args.quantize)),
         remat=tuple(split_list(args.remat)),
+        quantize_build=tuple(split_list(args.quantize_build)),
+        losses=tuple(split_list(args.loss)),
+        loss_chunks=args.loss_chunks,
         command=shlex.join(["keras-lora", *(argv or ["compare"])]),
     )
     return 0 if engine.succeeded(engine.compare(config)) else 1

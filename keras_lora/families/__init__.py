@@ -7,6 +7,7 @@ from keras_lora.families.gpt2 import GPT2, gpt2_layout_map
 from keras_lora.families.layout import layout_map
 from keras_lora.families.llama import LLAMA
 from keras_lora.families.mistral import MISTRAL
+from keras_lora.families.quantized_build import quantized_dtype, quantized_paths
 from keras_lora.families.qwen2 import QWEN2
 
 FAMILIES = (GPT2, LLAMA, MISTRAL, QWEN2, GEMMA, GEMMA3)
@@ -26,6 +27,8 @@ __all__ = [
     "family_of",
     "gpt2_layout_map",
     "layout_map",
+    "quantized_dtype",
+    "quantized_paths",
 ]
 
 
