@@ -387,24 +387,14 @@ class LoraEmbedding(LoraLayer):
             init=self.init,
             adapt_head=self.adapt_head,
         )
-        state = self.adapters
-        later = [a for a in state.by_name.values() if a is not state.first]
-        if later:
-            config["more_adapters"] = [
-                dict(
-                    name=a.name,
-                    rank=a.rank,
-                    alpha=a.alpha,
-                    dropout=a.dropout,
-                    use_rslora=a.use_rslora,
-                    seed=a.seed,
-                    init=a.init,
-                )
-                for a in later
-            ]
-        if later or state.active != (self.adapter_name,):
-            config["active_adapters"] = list(state.active)
+        config.update(self._adapters_config())
         return config
+
+    @staticmethod
+    def _later_adapter_config(adapter) -> dict:
+        settings = LoraLayer._later_adapter_config(adapter)
+        del settings["use_dora"]  # Refused on embeddings.
+        return settings
 
     def unwrap(self) -> keras.layers.Layer:
         """Return the wrapped embedding (frozen, as the rest of the base)."""

@@ -291,6 +291,10 @@ class LoraLayer(keras.layers.Layer):
             init=self.init,
             use_dora=self.use_dora,
         )
+        config.update(self._adapters_config())
+        return config
+
+    def _adapters_config(self) -> dict:
         # Later adapters and the active set: without them a reloaded model
         # would miss the other adapters' variables. Listed in the order
         # their variables were made, which is the order Keras saves them.
@@ -298,23 +302,26 @@ class LoraLayer(keras.layers.Layer):
         # factors named "lora_a"/"lora_b", as a first adapter's are.)
         state = self.adapters
         later = [a for a in state.by_name.values() if a is not state.first]
+        config = {}
         if later:
-            config["more_adapters"] = [
-                dict(
-                    name=a.name,
-                    rank=a.rank,
-                    alpha=a.alpha,
-                    dropout=a.dropout,
-                    use_rslora=a.use_rslora,
-                    seed=a.seed,
-                    init=a.init,
-                    use_dora=a.magnitude is not None,
-                )
-                for a in later
-            ]
+            config["more_adapters"] = [self._later_adapter_config(a) for a in later]
         if later or state.active != (self.adapter_name,):
             config["active_adapters"] = list(state.active)
         return config
+
+    @staticmethod
+    def _later_adapter_config(adapter) -> dict:
+        """`multi.add_adapter`'s settings that recreate `adapter`."""
+        return dict(
+            name=adapter.name,
+            rank=adapter.rank,
+            alpha=adapter.alpha,
+            dropout=adapter.dropout,
+            use_rslora=adapter.use_rslora,
+            seed=adapter.seed,
+            init=adapter.init,
+            use_dora=adapter.magnitude is not None,
+        )
 
     @classmethod
     def from_config(cls, config):
