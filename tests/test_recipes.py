@@ -179,13 +179,39 @@ def test_optimizer_matches_the_keras_io_example():
     assert isinstance(optimizer, keras.optimizers.AdamW)
     assert float(optimizer.learning_rate) == pytest.approx(1e-3)
     assert optimizer.global_clipnorm == 1.0 and optimizer.epsilon == 1e-6
-    assert loss.get_config()["from_logits"] is True
+    assert isinstance(loss, training.TokenCrossEntropy)
     bias = keras.Variable(np.zeros(2), name="bias")
     kernel = keras.Variable(np.zeros(2), name="kernel")
     assert optimizer._use_weight_decay(kernel)
     assert not optimizer._use_weight_decay(bias)
     plain, _ = training.optimizer_and_loss(1e-3, exclude_from_decay=False)
     assert plain._use_weight_decay(bias)
+
+
+def test_token_cross_entropy_equals_keras_sparse_cross_entropy(tmp_path):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 7)).astype("float32")
+    labels = rng.integers(0, 7, (3, 5))
+    weights = rng.uniform(size=(3, 5)).astype("float32")
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    ours = training.TokenCrossEntropy()
+    for args in ((labels, logits), (labels, logits, weights)):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(ours(*args)),
+            keras.ops.convert_to_numpy(keras_loss(*args)),
+            rtol=1e-6,
+        )
+    # A compiled model saves it and loads it back (registered class).
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Embedding(7, 7)])
+    model.compile(optimizer="sgd", loss=ours)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.loss, training.TokenCrossEntropy)
+    x = labels.astype("int32")
+    assert loaded.evaluate(x, labels, verbose=0) == pytest.approx(
+        model.evaluate(x, labels, verbose=0), rel=1e-6
+    )
 
 
 def test_plot_losses_writes_a_png(tmp_path):

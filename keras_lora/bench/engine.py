@@ -60,6 +60,11 @@ QUANTIZE_BUILDS = ("after", "during")
 # "chunked" the cross-entropy in pieces of the sequence
 # (`keras_lora.chunked_causal_lm`).
 LOSSES = ("dense", "chunked")
+# The PEFT run's precision, one row each: "none" follows --dtype-policy
+# like the Keras runs; "bfloat16" trains under torch.autocast(bfloat16),
+# the peer of a Keras bfloat16 base (weights float32, matmuls bfloat16).
+PEFT_AUTOCAST = ("none", "bfloat16")
+PEFT_AUTOCAST_LABELS = {"none": "", "bfloat16": "bf16 autocast"}
 # Preset names whose size is known without reading them (offline).
 PRESET_SIZES = {
     "gpt2_base_en": "base",
@@ -97,6 +102,12 @@ class CompareConfig:
         quantize: quantization modes of its frozen base (`QUANTIZE_MODES`).
         remat: `keras.RematScope` modes it is built in (`REMAT_MODES`).
             The LoRA run is repeated for every combination of these three.
+        peft_autocast: the PEFT run's precisions, one row each
+            (`PEFT_AUTOCAST`).
+        dropout: the model's dropout rate in every run (Keras and PEFT), or
+            None for GPT-2's own (0.1). 0 lets Keras's attention take
+            `ops.dot_product_attention` (torch SDPA on the torch backend);
+            random-weight architectures only.
         command: the command line the report names.
     """
 
@@ -126,6 +137,8 @@ class CompareConfig:
     quantize_build: tuple[str, ...] = ("after",)
     losses: tuple[str, ...] = ("dense",)
     loss_chunks: int = 8
+    peft_autocast: tuple[str, ...] = ("none",)
+    dropout: float | None = None
     command: str = "keras_lora.bench.engine.compare"
 
     def __post_init__(self):
@@ -168,6 +181,15 @@ class CompareConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be 0 or more")
         if not self.alpha > 0:
             raise ValueError("--alpha must be positive")
+        if self.dropout is not None:
+            if not 0 <= self.dropout < 1:
+                raise ValueError(f"--dropout {self.dropout} must be in [0, 1)")
+            if self.preset:
+                raise ValueError(
+                    "--dropout applies to random-weight architectures: a "
+                    "preset keeps the dropout of its config (drop --dropout "
+                    "or use --arch)"
+                )
         if self.dtype_policy not in DTYPE_POLICIES:
             raise ValueError(
                 f"--dtype-policy {self.dtype_policy!r}: choose from "
@@ -179,6 +201,7 @@ class CompareConfig:
             ("remat", REMAT_MODES),
             ("quantize_build", QUANTIZE_BUILDS),
             ("losses", LOSSES),
+            ("peft_autocast", PEFT_AUTOCAST),
         ):
             values = getattr(self, name)
             bad = [v for v in values if v not in allowed]
@@ -187,6 +210,7 @@ class CompareConfig:
                     "base_dtypes": "--base-dtype",
                     "quantize_build": "--quantize-build",
                     "losses": "--loss",
+                    "peft_autocast": "--peft-autocast",
                 }.get(name, f"--{name}")
                 raise ValueError(
                     f"{flag} {bad or list(values)}: choose among "
@@ -205,6 +229,15 @@ class CompareConfig:
         object.__setattr__(
             self, "targets", tuple(t for t in GPT2.roles if t in targets)
         )
+
+
+def installed_backends() -> list[str]:
+    """The Keras backends whose framework is importable here, in `BACKENDS`
+    order (without importing them)."""
+    import importlib.util
+
+    modules = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
+    return [b for b in BACKENDS if importlib.util.find_spec(modules[b])]
 
 
 def model_config(config: CompareConfig) -> tuple[dict, str]:
@@ -328,7 +361,8 @@ def lora_variants(config: dict) -> list[dict]:
 
 
 def plan_for(config: dict) -> list[tuple[str, str, dict]]:
-    """(backend, run, frozen-base settings) in run order; PEFT once, on torch.
+    """(backend, run, frozen-base settings) in run order; PEFT on torch,
+    once per `peft_autocast` precision.
 
     Runs other than LoRA get the plain settings (variant ""), once per
     training loss.
@@ -353,8 +387,29 @@ def plan_for(config: dict) -> list[tuple[str, str, dict]]:
         for v in (variants if r == "lora" else plain)
     ]
     if "peft" in config["runs"]:
-        plan.append(("torch", "peft", plain[0]))
+        for autocast in config.get("peft_autocast", ["none"]):
+            label = PEFT_AUTOCAST_LABELS[autocast]
+            variant = plain[0]["variant"]
+            plan.append(
+                (
+                    "torch",
+                    "peft",
+                    dict(
+                        plain[0],
+                        autocast=autocast,
+                        variant=", ".join(p for p in (variant, label) if p),
+                    ),
+                )
+            )
     return plan
+
+
+def run_dtype_policy(dtype_policy: str, variant: dict) -> str | None:
+    """The dtype policy a run's spec carries (None: float32); a PEFT row
+    with bfloat16 autocast trains under "mixed_bfloat16"."""
+    if variant.get("autocast", "none") != "none":
+        return f"mixed_{variant['autocast']}"
+    return None if dtype_policy == "float32" else dtype_policy
 
 
 def run_child(spec: dict, backend: str, log_path: str, timeout: float) -> dict:
@@ -515,6 +570,8 @@ def compare(config: CompareConfig) -> dict:
         "quantize_build": list(config.quantize_build),
         "losses": list(config.losses),
         "loss_chunks": config.loss_chunks,
+        "peft_autocast": list(config.peft_autocast),
+        "dropout": config.dropout,
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -538,9 +595,7 @@ def compare(config: CompareConfig) -> dict:
                 **variant,
                 run=run,
                 backend=backend,
-                dtype_policy=None
-                if config.dtype_policy == "float32"
-                else config.dtype_policy,
+                dtype_policy=run_dtype_policy(config.dtype_policy, variant),
                 result_path=os.path.join(runs_dir, f"{name}.json"),
             )
             print(

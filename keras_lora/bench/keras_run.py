@@ -152,7 +152,9 @@ def prepare_run(lm, run: str, spec: dict) -> None:
     optimizer, loss = optimizer_and_loss(
         spec["learning_rate"], exclude_from_decay=run != "floor"
     )
-    lm.compile(optimizer=optimizer, loss=loss)
+    # No metrics: keras-hub's default accuracy is an argmax over the
+    # vocabulary every step that the PEFT peer does not compute.
+    lm.compile(optimizer=optimizer, loss=loss, weighted_metrics=[])
 
 
 def training_model(lm, spec: dict):
@@ -246,13 +248,21 @@ def build_lm(spec: dict):
                 "float weights cannot be loaded into quantized layers."
             )
         dtype = quantized_dtype(GPT2, mode)
-        backbone = keras_hub.models.GPT2Backbone(**spec["arch"], dtype=dtype)
+        backbone = keras_hub.models.GPT2Backbone(
+            **spec["arch"], **dropout(spec), dtype=dtype
+        )
         keras_lora.initialize_quantized(backbone)
     elif spec["preset"]:
         backbone = keras_hub.models.GPT2Backbone.from_preset(spec["preset"])
     else:
-        backbone = keras_hub.models.GPT2Backbone(**spec["arch"])
+        backbone = keras_hub.models.GPT2Backbone(**spec["arch"], **dropout(spec))
     return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+
+
+def dropout(spec: dict) -> dict:
+    """`GPT2Backbone`'s dropout argument when the spec sets one."""
+    rate = spec.get("dropout")
+    return {} if rate is None else {"dropout": rate}
 
 
 def freeze_all_but_first_bias(lm) -> None:

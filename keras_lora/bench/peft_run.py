@@ -17,41 +17,18 @@ from keras_lora.families import GPT2
 
 
 def peft_run(spec: dict) -> dict:
-    import peft
     import torch
-    import transformers
 
     torch.manual_seed(spec["seed"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    arch = spec["arch"]
-    config = gpt2_config(arch)
     t0 = time.perf_counter()
-    model = transformers.GPT2LMHeadModel(config)  # Random weights.
-    modules = peft_target_modules(spec["targets"])
-    model = peft.get_peft_model(
-        model,
-        peft.LoraConfig(
-            r=spec["rank"],
-            lora_alpha=spec["alpha"],
-            lora_dropout=0.0,
-            target_modules=modules,
-            fan_in_fan_out=True,  # GPT-2's Conv1D keeps weights (in, out).
-            bias="none",
-        ),
-    )
-    model.to(device).train()
+    model = peft_model(spec, device)
     build_s = time.perf_counter() - t0
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
+    config = model.config
+    modules = peft_target_modules(spec["targets"])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    optimizer = torch.optim.AdamW(
-        params, lr=spec["learning_rate"], weight_decay=0.01, eps=1e-6
-    )
-    autocast_dtype = {
-        "mixed_float16": torch.float16,
-        "mixed_bfloat16": torch.bfloat16,
-    }.get(spec["dtype_policy"] or "")
-    scaler = torch.amp.GradScaler(device, enabled=autocast_dtype == torch.float16)
+    train_step = peft_train_step(model, spec, device)
 
     tokens, labels = token_data(spec)
     tokens = torch.from_numpy(tokens.astype("int64"))
@@ -69,20 +46,7 @@ def peft_run(spec: dict) -> dict:
         ids = tokens[step * b : (step + 1) * b].to(device)
         target = labels[step * b : (step + 1) * b].to(device)
         start, cpu_start = time.perf_counter(), time.process_time()
-        with torch.autocast(
-            device, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)
-        ):
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1)
-        )
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)  # global_clipnorm=1.0
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # Waits for the step on an accelerator.
+        losses.append(train_step(ids, target))
         step_times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
 
@@ -123,6 +87,9 @@ def peft_run(spec: dict) -> dict:
         "mean_loss": round(statistics.fmean(losses), 4),
         "eval_loss": eval_loss,
         "torch_threads": torch.get_num_threads(),
+        # "sdpa" (torch's fused attention) or "eager"; with dropout > 0 in
+        # training, torch's CPU SDPA runs its unfused math path.
+        "attn_implementation": getattr(config, "_attn_implementation", None),
         **sizes,
         "adapter_source": "PeftModel.save_pretrained (safetensors)",
     }
@@ -130,10 +97,73 @@ def peft_run(spec: dict) -> dict:
     return result
 
 
-def gpt2_config(arch: dict):
-    """The transformers `GPT2Config` of a benchmark architecture row."""
+def peft_model(spec: dict, device: str):
+    """A transformers GPT-2 of the spec's architecture (random weights) with
+    PEFT LoRA on the spec's targets, on `device`, in training mode."""
+    import peft
     import transformers
 
+    model = transformers.GPT2LMHeadModel(gpt2_config(spec["arch"], spec.get("dropout")))
+    model = peft.get_peft_model(
+        model,
+        peft.LoraConfig(
+            r=spec["rank"],
+            lora_alpha=spec["alpha"],
+            lora_dropout=0.0,
+            target_modules=peft_target_modules(spec["targets"]),
+            fan_in_fan_out=True,  # GPT-2's Conv1D keeps weights (in, out).
+            bias="none",
+        ),
+    )
+    return model.to(device).train()
+
+
+def peft_train_step(model, spec: dict, device: str):
+    """`step(ids, target) -> loss`: one AdamW step as the Keras runs take
+    it (global norm clipping 1.0), under torch.autocast when the spec's
+    dtype policy is mixed ("mixed_bfloat16" for a bfloat16 autocast row)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=spec["learning_rate"], weight_decay=0.01, eps=1e-6
+    )
+    autocast_dtype = {
+        "mixed_float16": torch.float16,
+        "mixed_bfloat16": torch.bfloat16,
+    }.get(spec["dtype_policy"] or "")
+    scaler = torch.amp.GradScaler(device, enabled=autocast_dtype == torch.float16)
+
+    def step(ids, target) -> float:
+        with torch.autocast(
+            device, dtype=autocast_dtype or torch.float32, enabled=bool(autocast_dtype)
+        ):
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1)
+        )
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # global_clipnorm=1.0
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # Waits for the step on an accelerator.
+
+    return step
+
+
+def gpt2_config(arch: dict, dropout: float | None = None):
+    """The transformers `GPT2Config` of a benchmark architecture row; with
+    `dropout`, every dropout rate (embedding, attention, residual) set to it
+    as keras-hub's `GPT2Backbone(dropout=...)` does."""
+    import transformers
+
+    rates = (
+        {}
+        if dropout is None
+        else dict.fromkeys(("embd_pdrop", "attn_pdrop", "resid_pdrop"), dropout)
+    )
     return transformers.GPT2Config(
         vocab_size=arch["vocabulary_size"],
         n_positions=arch["max_sequence_length"],
@@ -141,6 +171,7 @@ def gpt2_config(arch: dict):
         n_layer=arch["num_layers"],
         n_head=arch["num_heads"],
         n_inner=arch["intermediate_dim"],
+        **rates,
     )
 
 

@@ -30,8 +30,8 @@ def add_compare(sub) -> None:
     parser.add_argument(
         "--backend",
         nargs="+",
-        default=["jax", "tensorflow"],
-        help=f"Keras backends for the Keras runs ({', '.join(engine.BACKENDS)}).",
+        help=f"Keras backends for the Keras runs ({', '.join(engine.BACKENDS)}; "
+        "default jax tensorflow, --mode speed: every installed one).",
     )
     model = parser.add_mutually_exclusive_group()
     model.add_argument(
@@ -80,8 +80,8 @@ def add_compare(sub) -> None:
     parser.add_argument(
         "--runs",
         nargs="+",
-        default=list(engine.RUNS),
-        help=f"which runs ({', '.join(engine.RUNS)}).",
+        help=f"which runs ({', '.join(engine.RUNS)}; default all, --mode "
+        "speed: lora floor peft).",
     )
     parser.add_argument(
         "--learning-rate", type=positive_float, default=5e-5, help="AdamW rate."
@@ -120,9 +120,23 @@ def add_compare(sub) -> None:
     parser.add_argument(
         "--base-dtype",
         nargs="+",
-        default=["float32"],
         help="the LoRA run's whole-model dtype, one row each "
-        f"({', '.join(engine.BASE_DTYPES)}).",
+        f"({', '.join(engine.BASE_DTYPES)}; default float32, --mode speed: "
+        "both). A bfloat16 base keeps the LoRA factors float32.",
+    )
+    parser.add_argument(
+        "--peft-autocast",
+        nargs="+",
+        help="the PEFT run's precision, one row each: 'none' (as "
+        "--dtype-policy) or 'bfloat16' (torch.autocast); default none, "
+        "--mode speed: both.",
+    )
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        help="the model's dropout in every run, Keras and PEFT (GPT-2's own "
+        "is 0.1); 0 lets Keras attention use ops.dot_product_attention. "
+        "Random-weight architectures only.",
     )
     parser.add_argument(
         "--quantize",
@@ -164,9 +178,12 @@ def add_compare(sub) -> None:
     )
     parser.add_argument(
         "--mode",
-        choices=("train", "mixed"),
+        choices=("train", "speed", "mixed"),
         default="train",
-        help="train: the fine-tuning comparison; mixed: serve a batch whose "
+        help="train: the fine-tuning comparison; speed: keras-lora against "
+        "PEFT on every installed backend, same precision against same "
+        "precision (float32 and a bfloat16 base vs PEFT under bfloat16 "
+        "autocast), with the one-bias floor; mixed: serve a batch whose "
         "rows use different adapters (adapter_batch vs one adapter vs PEFT "
         "adapter_names=), forward and generate (uses --backend, --arch/"
         "--tiny, --batch, --seq, --rank, --alpha, --targets, --seed, "
@@ -215,6 +232,15 @@ def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     if args.mode == "mixed":
         return compare_mixed(args, argv)
     args.rank = args.rank or 4
+    speed = args.mode == "speed"
+    if args.backend is None:
+        args.backend = engine.installed_backends() if speed else ["jax", "tensorflow"]
+    if args.runs is None:
+        args.runs = ["lora", "floor", "peft"] if speed else list(engine.RUNS)
+    if args.base_dtype is None:
+        args.base_dtype = list(engine.BASE_DTYPES) if speed else ["float32"]
+    if args.peft_autocast is None:
+        args.peft_autocast = list(engine.PEFT_AUTOCAST) if speed else ["none"]
     config = engine.CompareConfig(
         out=args.out,
         backends=tuple(split_list(args.backend)),
@@ -242,6 +268,8 @@ def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
         quantize_build=tuple(split_list(args.quantize_build)),
         losses=tuple(split_list(args.loss)),
         loss_chunks=args.loss_chunks,
+        peft_autocast=tuple(split_list(args.peft_autocast)),
+        dropout=args.dropout,
         command=shlex.join(["keras-lora", *(argv or ["compare"])]),
     )
     return 0 if engine.succeeded(engine.compare(config)) else 1
@@ -249,10 +277,12 @@ def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
 
 def compare_mixed(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """`keras-lora compare --mode mixed`: exit 1 when a run failed."""
-    runs = split_list(args.runs)
+    runs = split_list(args.runs or list(engine.RUNS))
     config = mixed.MixedConfig(
         out=args.out,
-        backends=tuple(dict.fromkeys(split_list(args.backend))),
+        backends=tuple(
+            dict.fromkeys(split_list(args.backend or ["jax", "tensorflow"]))
+        ),
         peft="peft" in runs,
         arch="tiny" if args.tiny else args.arch,
         adapters=args.adapters,

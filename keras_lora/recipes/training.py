@@ -1,8 +1,8 @@
 """What every training recipe shares: the optimizer, the step log, the plot.
 
 `optimizer_and_loss` is the keras.io GPT-2 LoRA example's AdamW and
-cross-entropy; `StepLog` records each step's loss and time during `fit`;
-`plot_losses` draws the losses. `finetune`, the notebook and the
+cross-entropy (`TokenCrossEntropy`); `StepLog` records each step's loss and
+time during `fit`; `plot_losses` draws the losses. `finetune`, the notebook and the
 benchmark's worker use these, so their numbers mean the same thing.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import keras
+from keras import ops
 
 DECAY_EXCLUDED = ("bias", "gamma", "beta")
 
@@ -42,8 +43,44 @@ def optimizer_and_loss(learning_rate: float, exclude_from_decay: bool = True):
     )
     if exclude_from_decay:
         optimizer.exclude_from_weight_decay(var_names=list(DECAY_EXCLUDED))
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    return optimizer, loss
+    return optimizer, TokenCrossEntropy()
+
+
+@keras.saving.register_keras_serializable(package="keras_lora")
+class TokenCrossEntropy(keras.losses.Loss):
+    """Next-token cross-entropy from logits, over (tokens, vocabulary) rows.
+
+    The same values as `keras.losses.SparseCategoricalCrossentropy(
+    from_logits=True)` (per token, then Keras's reduction and sample
+    weights), computed on the logits flattened to 2-D. Why: Keras's torch
+    backend moves the class axis of 3-D logits to position 1 for
+    `torch.nn.functional.cross_entropy`, so the log-softmax runs over a
+    strided axis and copies the (batch, sequence, vocabulary) logits;
+    flattened, it reads the vocabulary in memory order. Measured on GPT-2 base's
+    50,257-way output (batch 8 x 128, this project's CPU): 1.2 s -> 0.45 s
+    per forward and backward on torch; JAX and TensorFlow are unaffected.
+
+    Example:
+
+    >>> import numpy as np
+    >>> logits = np.log(np.array([[[0.25, 0.75], [0.5, 0.5]]], "float32"))
+    >>> labels = np.array([[1, 0]])
+    >>> loss = TokenCrossEntropy()(labels, logits)
+    >>> round(float(loss), 4)  # mean of -log 0.75 and -log 0.5
+    0.4904
+    """
+
+    def __init__(self, name="token_cross_entropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        vocabulary = ops.shape(y_pred)[-1]
+        per_token = ops.sparse_categorical_crossentropy(
+            ops.reshape(y_true, (-1,)),
+            ops.reshape(y_pred, (-1, vocabulary)),
+            from_logits=True,
+        )
+        return ops.reshape(per_token, ops.shape(y_true))
 
 
 class StepLog(keras.callbacks.Callback):
