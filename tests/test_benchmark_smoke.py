@@ -56,7 +56,21 @@ def run_benchmark(args, out_dir, command=COMMAND):
     )
 
 
-def test_benchmark_tiny_two_steps(tmp_path):
+def compare_in_process(args, out_dir, capsys, monkeypatch):
+    """`keras-lora compare` in this process: (exit status, stderr).
+
+    For what needs no worker (argument checks, `--render`): a child would
+    pay ~5-20 s of imports for a few milliseconds of work, and the command
+    line itself is already run as a child above."""
+    from keras_lora import cli
+
+    monkeypatch.chdir(out_dir)
+    capsys.readouterr()
+    code = cli.main(["compare", *args, "--out", str(out_dir)])
+    return code, capsys.readouterr().err
+
+
+def test_benchmark_tiny_two_steps(tmp_path, capsys, monkeypatch):
     backend = keras.backend.backend()
     # PEFT runs on torch, so the torch test process also smoke-tests it.
     runs = ["lora", "floor"] + (["peft"] if backend == "torch" else [])
@@ -122,8 +136,9 @@ def test_benchmark_tiny_two_steps(tmp_path):
 
     # --render rewrites the report from results.json without running anything.
     (tmp_path / "results.md").unlink()
-    proc = run_benchmark(["--render", str(tmp_path / "results.json")], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    render = ["--render", str(tmp_path / "results.json")]
+    code, err = compare_in_process(render, tmp_path, capsys, monkeypatch)
+    assert code == 0, err[-3000:]
     assert "| lora/floor step time |" in (tmp_path / "results.md").read_text()
 
 
@@ -178,11 +193,11 @@ def test_benchmark_quantized_remat_lora_row(tmp_path):
         (["--base-dtype", "float16"], "--base-dtype ['float16']"),
     ],
 )
-def test_benchmark_rejects_bad_arguments(args, message, tmp_path):
-    proc = run_benchmark(args, tmp_path)
-    assert proc.returncode == 1
-    ours = [line for line in proc.stderr.splitlines() if line.startswith("keras-lora")]
-    assert len(ours) == 1 and message in ours[0], proc.stderr
+def test_benchmark_rejects_bad_arguments(args, message, tmp_path, capsys, monkeypatch):
+    code, err = compare_in_process(args, tmp_path, capsys, monkeypatch)
+    assert code == 1
+    ours = [line for line in err.splitlines() if line.startswith("keras-lora")]
+    assert len(ours) == 1 and message in ours[0], err
     assert not (tmp_path / "results.json").exists()
 
 
@@ -206,12 +221,15 @@ def write_tokens(path, rows, width, high=1024):
         (20, 17, 5000, "the model's vocabulary is 1024"),
     ],
 )
-def test_benchmark_rejects_bad_token_files(tmp_path, rows, width, high, message):
+def test_benchmark_rejects_bad_token_files(
+    tmp_path, capsys, monkeypatch, rows, width, high, message
+):
     tokens = write_tokens(tmp_path / "tokens.npy", rows, width, high)
     args = ["--tiny", "--seq", "16", "--batch", "2", "--steps", "2", "--warmup", "1"]
-    proc = run_benchmark(args + ["--eval-batches", "1", "--tokens", tokens], tmp_path)
-    assert proc.returncode == 1
-    assert message in proc.stderr
+    args += ["--eval-batches", "1", "--tokens", tokens]
+    code, err = compare_in_process(args, tmp_path, capsys, monkeypatch)
+    assert code == 1
+    assert message in err
     assert not (tmp_path / "results.json").exists()
 
 
@@ -259,7 +277,7 @@ def test_memory_ratios_against_targets():
     assert "| keras-lora |" in table
 
 
-def test_benchmark_mixed_mode_tiny(tmp_path):
+def test_benchmark_mixed_mode_tiny(tmp_path, capsys, monkeypatch):
     """`compare --mode mixed`: 3 adapters, every row its own, this backend
     (and PEFT's `adapter_names=` on torch)."""
     backend = keras.backend.backend()
@@ -313,6 +331,7 @@ def test_benchmark_mixed_mode_tiny(tmp_path):
     )
     # --render rewrites the mixed report from results.json.
     (tmp_path / "results.md").unlink()
-    proc = run_benchmark(["--render", str(tmp_path / "results.json")], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    render = ["--render", str(tmp_path / "results.json")]
+    code, err = compare_in_process(render, tmp_path, capsys, monkeypatch)
+    assert code == 0, err[-3000:]
     assert "mixed / one active adapter" in (tmp_path / "results.md").read_text()

@@ -1,7 +1,7 @@
 """ModelParallel with each family's layout map, on 8 virtual JAX devices.
 
 The training runs in `tests/family_dist_worker.py` (JAX must be told the
-device count before it starts); this test judges its JSON in the JAX pass
+device count before it starts); this test judges its JSON in the torch pass
 of the suite: the same LoRA model trained on one device and sharded Megatron-
 style (mesh batch 4 x model 2) gives the same losses within 1e-5, with the
 kernels and LoRA factors laid out as the family data says.
@@ -22,8 +22,9 @@ from keras_lora.families.family import HIDDEN, MODEL
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "family_dist_worker.py")
 FAMILIES = {"llama": LLAMA, "gemma": GEMMA}
-# The worker runs JAX whatever the backend here: judged in the JAX pass only.
-pytestmark = pytest.mark.worker_backend("jax")
+# The worker runs JAX whatever the backend here: judged once, in the torch
+# pass (the JAX pass is the suite's slowest; tests/test_distribution.py).
+pytestmark = pytest.mark.worker_backend("jax", judged_in="torch")
 
 
 @pytest.fixture(scope="module")
