@@ -15,7 +15,8 @@ is read with `torch.profiler` (self time of each aten op, classified by its
 name and input shapes); JAX with `jax.profiler` (each XLA op of the
 compiled step, classified by the operations inside it); TensorFlow with
 `tf.profiler` (each kernel, classified by its op type and the layer path
-in its name), read with xprof's converter (`pip install --no-deps
+in its name; kernel names carry no shapes, so a LoRA run's factor matmuls
+count as block projections there), read with xprof's converter (`pip install --no-deps
 --target DIR xprof`, then PYTHONPATH=DIR: its other dependencies are not
 needed for this). JAX and TensorFlow times are summed over their threads,
 so they can add up to more than the wall time.
@@ -40,6 +41,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # This checkout's keras_lora, wherever it runs from.
 
+from keras_lora.families import GPT2  # noqa: E402  (after the path is set)
+
 CATEGORIES = (
     "vocabulary projection",
     "loss over the vocabulary",
@@ -63,7 +66,7 @@ def spec_for(args) -> dict:
         "arch": arch,
         "preset": None,
         "run": args.run,
-        "targets": ["query", "value"],
+        "targets": list(GPT2.default_targets),
         "rank": 4,
         "alpha": 32.0,
         "learning_rate": 5e-5,
@@ -96,6 +99,9 @@ def torch_category(name: str, shapes: list, spec: dict) -> str:
     dims = [tuple(s) for s in shapes if isinstance(s, (list, tuple))]
     flat = {d for s in dims for d in s}
     square = any(len(s) >= 2 and s[-1] == seq and s[-2] == seq for s in dims)
+    # A bmm batched over (batch x heads) is attention (Q·Kᵀ or P·V); the
+    # projections' einsums reach torch as a bmm with a batch of 1.
+    per_head = name.endswith("bmm") and bool(dims) and dims[0][:1] > (1,)
     if "adam" in name or "foreach" in name or "norm" in name and "layer" not in name:
         return "optimizer"
     if name in (
@@ -107,7 +113,7 @@ def torch_category(name: str, shapes: list, spec: dict) -> str:
     ):
         if vocab in flat:
             return "vocabulary projection"
-        if square:
+        if square or per_head:
             return "attention scores"
         if rank in flat:
             return "LoRA factors"
@@ -327,14 +333,13 @@ def tf_category(op_type: str, long_name: str) -> str:
     if "adam" in path or "optimizer" in path or "clip" in path:
         return "optimizer"
     if "matmul" in op_type.lower() or "einsum" in op_type.lower():
-        if "token_embedding" in path:
+        if GPT2.embedding in path:
             return "vocabulary projection"
-        if "lora" in path:
-            return "LoRA factors"
-        if "attention" in path and not re.search(r"/(query|key|value)", path):
-            if "attention_output" not in path:
-                return "attention scores"
-        return "block projections"
+        projections = (p.path.rsplit("/", 1)[-1] for p in GPT2.projections)
+        if any(f"/{name}" in path for name in projections):
+            return "block projections"
+        # Inside self_attention but no projection: Q·Kᵀ or P·V.
+        return "attention scores" if "attention" in path else "block projections"
     if (
         "softmax" in op_type.lower()
         or "self_attention" in path

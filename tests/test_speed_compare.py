@@ -167,3 +167,51 @@ def test_keras_runs_build_the_dropout_asked():
     x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     first, second = (keras.ops.convert_to_numpy(lm(x, training=True)) for _ in "ab")
     np.testing.assert_array_equal(first, second)
+
+
+def load_profiler():
+    """benchmarks/profile_speed.py, a script, as a module."""
+    import importlib.util
+    import os
+
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(__file__)), "benchmarks", "profile_speed.py"
+    )
+    spec = importlib.util.spec_from_file_location("profile_speed", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_sorts_every_op_of_a_step_into_kinds():
+    profiler = load_profiler()
+    backend = keras.backend.backend()
+    # 2 x 16 tokens, so no tensor dimension is mistaken for the vocabulary.
+    spec = profiler.spec_for(
+        type(
+            "Args",
+            (),
+            dict(tiny=True, run="lora", batch=2, seq=16, warmup=1, steps=1)
+            | dict(dropout=None, autocast=False),
+        )
+    )
+    if backend == "tensorflow":
+        # Its kernels are read from tf.profiler's trace by xprof (not a
+        # dependency); the classification of kernel names is checked here.
+        name = "gpt2_causal_lm_1/token_embedding_1/Tensordot/MatMul:_MklMatMul"
+        assert profiler.tf_category("_MklMatMul", name) == "vocabulary projection"
+        grad = "gradient_tape/x/MatMul/ArithmeticOptimizer/Fold_MatMul:_MklMatMul"
+        assert profiler.tf_category("_MklMatMul", grad) == "block projections"
+        dropout = "m/feedforward_dropout_1/StatelessRandomUniformV2:S"
+        assert profiler.tf_category("StatelessRandomUniformV2", dropout) == "dropout"
+        return
+    if backend == "jax":
+        result = profiler.profile_jax(spec)
+    else:
+        result = profiler.profile_torch(spec, keras_backend=True)
+    seconds = result["seconds"]
+    assert set(seconds) <= set(profiler.CATEGORIES)
+    for kind in ("vocabulary projection", "block projections", "LoRA factors"):
+        assert seconds[kind] > 0, (kind, seconds)
+    assert result["median_step_s"] > 0
+    assert sum(result["ops"].values()) == pytest.approx(sum(seconds.values()))

@@ -56,9 +56,10 @@ class TokenCrossEntropy(keras.losses.Loss):
     backend moves the class axis of 3-D logits to position 1 for
     `torch.nn.functional.cross_entropy`, so the log-softmax runs over a
     strided axis and copies the (batch, sequence, vocabulary) logits;
-    flattened, it reads the vocabulary in memory order. Measured on GPT-2 base's
-    50,257-way output (batch 8 x 128, this project's CPU): 1.2 s -> 0.45 s
-    per forward and backward on torch; JAX and TensorFlow are unaffected.
+    flattened, it reads the vocabulary in memory order. Measured on GPT-2
+    base (50,257-way output, batch 8 x 128, 2-core CPU): the loss alone
+    0.57 -> 0.22 s forward and backward on torch, a whole frozen-model
+    step 5.06 -> 4.88 s (README, "Speed"); JAX and TensorFlow unchanged.
 
     Example:
 
