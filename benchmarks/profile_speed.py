@@ -77,6 +77,8 @@ def spec_for(args) -> dict:
         "steps": args.steps,
         "dropout": args.dropout,
         "dtype_policy": "mixed_bfloat16" if args.autocast else None,
+        # The whole model in bfloat16 (`inject_lora` keeps factors float32).
+        "base_dtype": args.base_dtype,
     }
 
 
@@ -146,8 +148,7 @@ def profile_torch(spec: dict, keras_backend: bool) -> dict:
         from keras_lora.bench import keras_run
 
         keras.utils.set_random_seed(spec["seed"])
-        if spec["dtype_policy"]:
-            keras.config.set_dtype_policy(spec["dtype_policy"])
+        set_policy(keras, spec)
         lm = keras_run.build_lm(spec)
         keras_run.prepare_run(lm, spec["run"], spec)
 
@@ -181,6 +182,14 @@ def profile_torch(spec: dict, keras_backend: bool) -> dict:
         seconds[category] += share
         ops[(category, f"{event.key} {event.input_shapes}"[:120])] += share
     return {"median_step_s": statistics.median(times), "seconds": seconds, "ops": ops}
+
+
+def set_policy(keras, spec: dict) -> None:
+    """The Keras dtype policy of `--autocast` or `--base-dtype`."""
+    if spec["dtype_policy"]:
+        keras.config.set_dtype_policy(spec["dtype_policy"])
+    if spec["base_dtype"] != "float32":
+        keras.config.set_dtype_policy(spec["base_dtype"])
 
 
 def timed_steps(step, spec: dict) -> list[float]:
@@ -261,8 +270,7 @@ def profile_jax(spec: dict) -> dict:
     from keras_lora.bench import keras_run
 
     keras.utils.set_random_seed(spec["seed"])
-    if spec["dtype_policy"]:
-        keras.config.set_dtype_policy(spec["dtype_policy"])
+    set_policy(keras, spec)
     lm = keras_run.build_lm(spec)
     keras_run.prepare_run(lm, spec["run"], spec)
     data = batches(spec)
@@ -369,8 +377,7 @@ def profile_tensorflow(spec: dict) -> dict:
     from keras_lora.bench import keras_run
 
     keras.utils.set_random_seed(spec["seed"])
-    if spec["dtype_policy"]:
-        keras.config.set_dtype_policy(spec["dtype_policy"])
+    set_policy(keras, spec)
     lm = keras_run.build_lm(spec)
     keras_run.prepare_run(lm, spec["run"], spec)
     data = batches(spec)
@@ -409,6 +416,12 @@ def main() -> int:
     parser.add_argument("--run", choices=("floor", "lora"), default="floor")
     parser.add_argument("--dropout", type=float, help="model dropout (GPT-2: 0.1)")
     parser.add_argument("--autocast", action="store_true", help="mixed_bfloat16")
+    parser.add_argument(
+        "--base-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the Keras model's whole dtype (a bfloat16 frozen base)",
+    )
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -431,7 +444,8 @@ def main() -> int:
     print(
         f"{name}, {args.run if args.backend != 'peft' else 'lora'} run, "
         f"dropout {args.dropout if args.dropout is not None else 'default'}"
-        f"{', bfloat16 autocast' if args.autocast else ''}: median step "
+        f"{', bfloat16 autocast' if args.autocast else ''}"
+        f"{', bfloat16 base' if args.base_dtype != 'float32' else ''}: median step "
         f"{result['median_step_s']:.3f} s (unprofiled), op time {total:.3f} s/step"
     )
     for category in CATEGORIES:

@@ -192,7 +192,7 @@ def test_profile_sorts_every_op_of_a_step_into_kinds():
             "Args",
             (),
             dict(tiny=True, run="lora", batch=2, seq=16, warmup=1, steps=1)
-            | dict(dropout=None, autocast=False),
+            | dict(dropout=None, autocast=False, base_dtype="float32"),
         )
     )
     if backend == "tensorflow":
