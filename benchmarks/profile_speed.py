@@ -141,24 +141,12 @@ def profile_torch(spec: dict, keras_backend: bool) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    data = batches(spec)
     if keras_backend:
-        import keras
-
-        from keras_lora.bench import keras_run
-
-        keras.utils.set_random_seed(spec["seed"])
-        set_policy(keras, spec)
-        lm = keras_run.build_lm(spec)
-        keras_run.prepare_run(lm, spec["run"], spec)
-
-        def step(i):
-            tokens, labels = data[i]
-            x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
-            return lm.train_on_batch(x, labels)
-
+        step = keras_train_on_batch(keras_lm(spec), batches(spec))
     else:
         from keras_lora.bench import peft_run
+
+        data = batches(spec)
 
         torch.manual_seed(spec["seed"])
         model = peft_run.peft_model(spec, "cpu")
@@ -184,12 +172,32 @@ def profile_torch(spec: dict, keras_backend: bool) -> dict:
     return {"median_step_s": statistics.median(times), "seconds": seconds, "ops": ops}
 
 
-def set_policy(keras, spec: dict) -> None:
-    """The Keras dtype policy of `--autocast` or `--base-dtype`."""
+def keras_lm(spec: dict):
+    """The benchmark's Keras model for the spec's run, compiled as
+    `keras-lora compare` compiles it, under `--autocast` or `--base-dtype`."""
+    import keras
+
+    from keras_lora.bench import keras_run
+
+    keras.utils.set_random_seed(spec["seed"])
     if spec["dtype_policy"]:
         keras.config.set_dtype_policy(spec["dtype_policy"])
     if spec["base_dtype"] != "float32":
         keras.config.set_dtype_policy(spec["base_dtype"])
+    lm = keras_run.build_lm(spec)
+    keras_run.prepare_run(lm, spec["run"], spec)
+    return lm
+
+
+def keras_train_on_batch(lm, data: list):
+    """`step(i)`: `fit`'s train step on batch `i` (`train_on_batch`)."""
+
+    def step(i):
+        tokens, labels = data[i]
+        x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
+        return lm.train_on_batch(x, labels)
+
+    return step
 
 
 def timed_steps(step, spec: dict) -> list[float]:
@@ -265,14 +273,8 @@ def hlo_category(name: str, instructions: dict, computations: dict, spec) -> str
 
 def profile_jax(spec: dict) -> dict:
     import jax
-    import keras
 
-    from keras_lora.bench import keras_run
-
-    keras.utils.set_random_seed(spec["seed"])
-    set_policy(keras, spec)
-    lm = keras_run.build_lm(spec)
-    keras_run.prepare_run(lm, spec["run"], spec)
+    lm = keras_lm(spec)
     data = batches(spec)
 
     def batch(i):
@@ -371,22 +373,9 @@ def profile_tensorflow(spec: dict) -> dict:
             "error: TensorFlow profiles are read with xprof's converter: "
             "pip install --no-deps --target DIR xprof, then PYTHONPATH=DIR"
         )
-    import keras
     import tensorflow as tf
 
-    from keras_lora.bench import keras_run
-
-    keras.utils.set_random_seed(spec["seed"])
-    set_policy(keras, spec)
-    lm = keras_run.build_lm(spec)
-    keras_run.prepare_run(lm, spec["run"], spec)
-    data = batches(spec)
-
-    def step(i):
-        tokens, labels = data[i]
-        x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
-        return lm.train_on_batch(x, labels)
-
+    step = keras_train_on_batch(keras_lm(spec), batches(spec))
     times = timed_steps(step, spec)
     seconds = collections.Counter()
     with tempfile.TemporaryDirectory() as trace_dir:

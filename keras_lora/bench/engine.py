@@ -233,11 +233,10 @@ class CompareConfig:
 
 def installed_backends() -> list[str]:
     """The Keras backends whose framework is importable here, in `BACKENDS`
-    order (without importing them)."""
+    order (without importing them; each backend is named as its module)."""
     import importlib.util
 
-    modules = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
-    return [b for b in BACKENDS if importlib.util.find_spec(modules[b])]
+    return [b for b in BACKENDS if importlib.util.find_spec(b)]
 
 
 def model_config(config: CompareConfig) -> tuple[dict, str]:

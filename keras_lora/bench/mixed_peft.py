@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from keras_lora.bench.mixed_keras import alternate
-from keras_lora.bench.peft_run import gpt2_config, peft_target_modules
+from keras_lora.bench.peft_run import gpt2_config, lora_config
 
 
 def mixed_peft_run(spec: dict) -> dict:
@@ -28,15 +28,8 @@ def mixed_peft_run(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     arch = spec["arch"]
     config = gpt2_config(arch)
-    lora = peft.LoraConfig(
-        r=spec["rank"],
-        lora_alpha=spec["alpha"],
-        lora_dropout=0.0,
-        target_modules=peft_target_modules(spec["targets"]),
-        fan_in_fan_out=True,  # GPT-2's Conv1D keeps weights (in, out).
-        bias="none",
-        init_lora_weights=False,  # Random B: each adapter changes outputs.
-    )
+    # Random B: each adapter changes the outputs.
+    lora = lora_config(spec, init_lora_weights=False)
     names = [f"adapter_{i}" for i in range(spec["adapters"])]
     rows = [names[i % len(names)] for i in range(spec["batch"])]
     t0 = time.perf_counter()

@@ -104,18 +104,25 @@ def peft_model(spec: dict, device: str):
     import transformers
 
     model = transformers.GPT2LMHeadModel(gpt2_config(spec["arch"], spec.get("dropout")))
-    model = peft.get_peft_model(
-        model,
-        peft.LoraConfig(
-            r=spec["rank"],
-            lora_alpha=spec["alpha"],
-            lora_dropout=0.0,
-            target_modules=peft_target_modules(spec["targets"]),
-            fan_in_fan_out=True,  # GPT-2's Conv1D keeps weights (in, out).
-            bias="none",
-        ),
-    )
+    model = peft.get_peft_model(model, lora_config(spec))
     return model.to(device).train()
+
+
+def lora_config(spec: dict, **settings):
+    """PEFT's `LoraConfig` for the spec's rank, alpha and targets on a
+    transformers GPT-2 (no LoRA dropout, biases frozen); `settings` add to
+    it (e.g. `init_lora_weights=False`)."""
+    import peft
+
+    return peft.LoraConfig(
+        r=spec["rank"],
+        lora_alpha=spec["alpha"],
+        lora_dropout=0.0,
+        target_modules=peft_target_modules(spec["targets"]),
+        fan_in_fan_out=True,  # GPT-2's Conv1D keeps weights (in, out).
+        bias="none",
+        **settings,
+    )
 
 
 def peft_train_step(model, spec: dict, device: str):

@@ -16,6 +16,9 @@ from keras_lora.cli.arguments import (
 from keras_lora.families import GPT2
 from keras_lora.recipes.models import ALIASES, ARCHITECTURES
 
+# --backend when not given (--mode speed: every installed backend).
+TRAIN_BACKENDS = ("jax", "tensorflow")
+
 
 def add_compare(sub) -> None:
     parser = sub.add_parser(
@@ -234,7 +237,7 @@ def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     args.rank = args.rank or 4
     speed = args.mode == "speed"
     if args.backend is None:
-        args.backend = engine.installed_backends() if speed else ["jax", "tensorflow"]
+        args.backend = engine.installed_backends() if speed else list(TRAIN_BACKENDS)
     if args.runs is None:
         args.runs = ["lora", "floor", "peft"] if speed else list(engine.RUNS)
     if args.base_dtype is None:
@@ -280,9 +283,7 @@ def compare_mixed(args: argparse.Namespace, argv: list[str] | None = None) -> in
     runs = split_list(args.runs or list(engine.RUNS))
     config = mixed.MixedConfig(
         out=args.out,
-        backends=tuple(
-            dict.fromkeys(split_list(args.backend or ["jax", "tensorflow"]))
-        ),
+        backends=tuple(dict.fromkeys(split_list(args.backend or list(TRAIN_BACKENDS)))),
         peft="peft" in runs,
         arch="tiny" if args.tiny else args.arch,
         adapters=args.adapters,
