@@ -142,23 +142,26 @@ def test_benchmark_tiny_two_steps(tmp_path, capsys, monkeypatch):
     assert "| lora/floor step time |" in (tmp_path / "results.md").read_text()
 
 
-def test_benchmark_quantized_remat_lora_row(tmp_path):
-    # One LoRA row over an int8 base built in RematScope("activations"):
-    # its own label, a training increment, and a finite loss after the
-    # same 1 + 2 steps.
+@pytest.mark.parametrize(
+    "remat, label", (("activations", "int8, remat"), ("blocks", "int8, remat blocks"))
+)
+def test_benchmark_quantized_remat_lora_row(tmp_path, remat, label):
+    # One LoRA row over an int8 base built in RematScope("activations"), or
+    # with every block under remat_layers: its own label, a training
+    # increment, and a finite loss after the same 1 + 2 steps.
     backend = keras.backend.backend()
     args = ["--tiny", "--backend", backend, "--runs", "lora", "--quantize", "int8"]
-    args += ["--remat", "activations", "--steps", "2", "--warmup", "1"]
+    args += ["--remat", remat, "--steps", "2", "--warmup", "1"]
     proc = run_benchmark(args + ["--batch", "2", "--seq", "16"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["config"]["quantize"] == ["int8"]
-    assert data["config"]["remat"] == ["activations"]
+    assert data["config"]["remat"] == [remat]
     (result,) = data["results"]
     assert result["status"] == "ok", result
-    assert (result["run"], result["variant"]) == ("lora", "int8, remat")
-    assert (result["quantize"], result["remat"]) == ("int8", "activations")
+    assert (result["run"], result["variant"]) == ("lora", label)
+    assert (result["quantize"], result["remat"]) == ("int8", remat)
     assert result["base_dtype"] == "float32"
     assert result["training_increment_gb"] >= 0
     if result["memory_device"] == "host RSS":
@@ -170,15 +173,10 @@ def test_benchmark_quantized_remat_lora_row(tmp_path):
     assert len(result["step_times_s"]) == 3
     # Only the LoRA factors train: the quantized base stays frozen.
     assert result["trainable_params"] == 2 * 2 * (64 * 4 + 4 * 64)
-    assert "| keras-lora (int8, remat) |" in (tmp_path / "results.md").read_text()
-    spec = json.loads(
-        (tmp_path / "runs" / f"{backend}-lora-int8-remat.spec.json").read_text()
-    )
-    assert (spec["quantize"], spec["remat"], spec["variant"]) == (
-        "int8",
-        "activations",
-        "int8, remat",
-    )
+    assert f"| keras-lora ({label}) |" in (tmp_path / "results.md").read_text()
+    name = f"{backend}-lora-{label.replace(', ', '-')}.spec.json"
+    spec = json.loads((tmp_path / "runs" / name).read_text())
+    assert (spec["quantize"], spec["remat"], spec["variant"]) == ("int8", remat, label)
 
 
 @pytest.mark.parametrize(
