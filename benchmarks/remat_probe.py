@@ -24,6 +24,7 @@ def step_bytes(num_layers: int, remat: bool, args) -> int:
     import numpy as np
 
     from keras_lora import inject_lora, remat_layers
+    from keras_lora.families import GPT2
 
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(
@@ -36,7 +37,7 @@ def step_bytes(num_layers: int, remat: bool, args) -> int:
         dropout=args.dropout,
     )
     lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    inject_lora(lm, rank=4, alpha=32.0, targets=["query", "value"])
+    inject_lora(lm, rank=4, alpha=32.0, targets=list(GPT2.default_targets))
     if remat:
         remat_layers(backbone.transformer_layers)
     lm.compile(

@@ -82,10 +82,9 @@ def test_loss_equals_keras_cross_entropy_on_full_logits(weighted):
         np.testing.assert_allclose(to_numpy(loss), to_numpy(expected), rtol=1e-5)
 
 
-@pytest.mark.parametrize("num_chunks", (3, 5))
 @pytest.mark.parametrize("full", (False, True), ids=("lora", "full"))
 @pytest.mark.parametrize("weighted", (False, True))
-def test_fit_step_equals_the_unchunked_step(full, weighted, num_chunks):
+def test_fit_step_equals_the_unchunked_step(full, weighted):
     """Loss and every trainable gradient (LoRA factors, or all weights
     including the tied head) match the model trained on its full logits."""
     x, y, w = _task(weighted=weighted)
@@ -93,7 +92,8 @@ def test_fit_step_equals_the_unchunked_step(full, weighted, num_chunks):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     plain_loss, plain_updates = _step_update(plain, x, y, w, loss)
     lm = _lora_lm(full)
-    chunked = chunked_causal_lm(lm, num_chunks=num_chunks)
+    # Uneven chunks unweighted, equal ones (JAX: the scan) weighted.
+    chunked = chunked_causal_lm(lm, num_chunks=5 if weighted else 3)
     chunked_loss, chunked_updates = _step_update(chunked, x, y, w)
     np.testing.assert_allclose(chunked_loss, plain_loss, rtol=1e-5)
     assert len(chunked_updates) == len(plain_updates)
