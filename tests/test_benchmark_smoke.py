@@ -142,13 +142,11 @@ def test_benchmark_tiny_two_steps(tmp_path, capsys, monkeypatch):
     assert "| lora/floor step time |" in (tmp_path / "results.md").read_text()
 
 
-@pytest.mark.parametrize(
-    "remat, label", (("activations", "int8, remat"), ("blocks", "int8, remat blocks"))
-)
-def test_benchmark_quantized_remat_lora_row(tmp_path, remat, label):
-    # One LoRA row over an int8 base built in RematScope("activations"), or
-    # with every block under remat_layers: its own label, a training
-    # increment, and a finite loss after the same 1 + 2 steps.
+def test_benchmark_quantized_remat_lora_row(tmp_path):
+    # One LoRA row over an int8 base built in RematScope("activations"):
+    # its own label, a training increment, and a finite loss after the
+    # same 1 + 2 steps. ("blocks" differs only in `remat_blocks`, below.)
+    remat, label = "activations", "int8, remat"
     backend = keras.backend.backend()
     args = ["--tiny", "--backend", backend, "--runs", "lora", "--quantize", "int8"]
     args += ["--remat", remat, "--steps", "2", "--warmup", "1"]
@@ -333,3 +331,17 @@ def test_benchmark_mixed_mode_tiny(tmp_path, capsys, monkeypatch):
     code, err = compare_in_process(render, tmp_path, capsys, monkeypatch)
     assert code == 0, err[-3000:]
     assert "mixed / one active adapter" in (tmp_path / "results.md").read_text()
+
+
+def test_remat_blocks_wraps_every_block_of_the_built_model():
+    from keras_lora.bench import keras_run
+    from keras_lora.recipes.models import architecture
+
+    spec = dict(
+        arch=architecture("tiny").backbone_config(), preset=None, remat="blocks"
+    )
+    lm = keras_run.build_lm(spec)
+    assert keras_run.remat_blocks(lm, dict(spec, remat="none")) == 0
+    assert keras_run.remat_blocks(lm, spec) == spec["arch"]["num_layers"] > 0
+    blocks = lm.backbone.transformer_layers
+    assert all(getattr(b, "_keras_lora_remat", False) for b in blocks)

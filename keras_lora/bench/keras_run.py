@@ -58,14 +58,7 @@ def keras_run(spec: dict) -> dict:
             if spec.get("quantize", "none") != "none":
                 lm.quantize(spec["quantize"])
         prepare_run(lm, run, spec)
-    if spec.get("remat", "none") == "blocks":
-        from keras_lora.remat import remat_layers
-
-        blocks = [
-            lm.backbone.get_layer(GPT2.block.format(block=i))
-            for i in range(spec["arch"]["num_layers"])
-        ]
-        remat_layers(blocks)
+    remat_blocks(lm, spec)
     build_s = time.perf_counter() - t0
     trainable = sum(math.prod(v.shape) for v in lm.trainable_weights)
     frozen = sum(math.prod(v.shape) for v in lm.non_trainable_weights)
@@ -155,6 +148,20 @@ def prepare_run(lm, run: str, spec: dict) -> None:
     # No metrics: keras-hub's default accuracy is an argmax over the
     # vocabulary every step that the PEFT peer does not compute.
     lm.compile(optimizer=optimizer, loss=loss, weighted_metrics=[])
+
+
+def remat_blocks(lm, spec: dict) -> int:
+    """For `spec["remat"] == "blocks"`, `remat_layers` on every transformer
+    block of the built model; returns how many were wrapped."""
+    if spec.get("remat", "none") != "blocks":
+        return 0
+    from keras_lora.remat import remat_layers
+
+    blocks = [
+        lm.backbone.get_layer(GPT2.block.format(block=i))
+        for i in range(spec["arch"]["num_layers"])
+    ]
+    return remat_layers(blocks)
 
 
 def training_model(lm, spec: dict):
