@@ -180,10 +180,7 @@ def keras_lm(spec: dict):
     from keras_lora.bench import keras_run
 
     keras.utils.set_random_seed(spec["seed"])
-    if spec["dtype_policy"]:
-        keras.config.set_dtype_policy(spec["dtype_policy"])
-    if spec["base_dtype"] != "float32":
-        keras.config.set_dtype_policy(spec["base_dtype"])
+    keras_run.set_dtype_policies(spec)
     lm = keras_run.build_lm(spec)
     keras_run.prepare_run(lm, spec["run"], spec)
     return lm

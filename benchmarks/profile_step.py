@@ -23,7 +23,6 @@ from keras_lora.recipes.models import architecture
 
 
 def profile(run: str, spec: dict) -> dict:
-    import jax
     import keras
 
     keras.utils.set_random_seed(spec["seed"])
@@ -32,8 +31,7 @@ def profile(run: str, spec: dict) -> dict:
     tokens, labels = common.token_data(dict(spec, steps=1, warmup=0))
     data = ({"token_ids": tokens, "padding_mask": tokens * 0 + 1}, labels, None)
     lm._symbolic_build(data_batch=data)  # Builds the optimizer and metrics.
-    state = lm._get_jax_state(True, True, True, True)
-    compiled = jax.jit(lm.train_step).lower(state, data).compile()
+    compiled = keras_run.compiled_train_step(lm, data)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

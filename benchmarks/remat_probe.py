@@ -4,18 +4,40 @@ and without `keras_lora.remat_layers`: what block remat actually saves.
     python benchmarks/remat_probe.py --backend jax
     python benchmarks/remat_probe.py --backend tensorflow [--jit-compile]
 
-GPT-2 base widths (hidden 768, 12 heads, vocabulary 50257), 2 and 4 blocks,
-LoRA rank 4 on query/value, batch 8 x 128, Adam. JAX: XLA's temporaries
-for the compiled step (`memory_analysis()`, not run). TensorFlow: the peak
-of TF's CPU allocator over one `train_on_batch` after a warm-up step. The
-growth from 2 to 4 blocks, halved, is what one more block keeps alive.
+GPT-2 base widths (hidden 768, 12 heads, vocabulary 50257; `--tiny`:
+hidden 64, 4 heads, vocabulary 256), 2 and 4 blocks, LoRA rank 4 on
+query/value, batch 8 x 128 (`--tiny`: 4 x 64), Adam. JAX: XLA's
+temporaries for the compiled step (`memory_analysis()`, not run).
+TensorFlow: the peak of TF's CPU allocator over one `train_on_batch`
+after a warm-up step. The growth from 2 to 4 blocks, halved, is what one
+more block keeps alive. `--json` prints the bytes as one JSON line
+(tests/test_remat_layers.py reads it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # This checkout's keras_lora, wherever it runs from.
+
+BASE = dict(
+    vocabulary_size=50257,
+    num_heads=12,
+    hidden_dim=768,
+    intermediate_dim=3072,
+    max_sequence_length=1024,
+)
+TINY = dict(
+    vocabulary_size=256,
+    num_heads=4,
+    hidden_dim=64,
+    intermediate_dim=256,
+    max_sequence_length=64,
+)
 
 
 def step_bytes(num_layers: int, remat: bool, args) -> int:
@@ -24,17 +46,16 @@ def step_bytes(num_layers: int, remat: bool, args) -> int:
     import numpy as np
 
     from keras_lora import inject_lora, remat_layers
+    from keras_lora.bench.keras_run import compiled_train_step
     from keras_lora.families import GPT2
 
+    widths = TINY if args.tiny else BASE
+    batch, seq = (4, 64) if args.tiny else (8, 128)
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=50257,
         num_layers=num_layers,
-        num_heads=12,
-        hidden_dim=768,
-        intermediate_dim=3072,
-        max_sequence_length=1024,
         dropout=args.dropout,
+        **widths,
     )
     lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
     inject_lora(lm, rank=4, alpha=32.0, targets=list(GPT2.default_targets))
@@ -46,16 +67,13 @@ def step_bytes(num_layers: int, remat: bool, args) -> int:
         weighted_metrics=[],
         jit_compile=args.jit_compile or args.backend == "jax",
     )
-    tokens = np.random.default_rng(0).integers(0, 50257, (8, 128)).astype("int32")
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, widths["vocabulary_size"], (batch, seq)).astype("int32")
     x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
     if args.backend == "jax":
-        import jax
-
         data = (x, tokens, None)
-        lm._symbolic_build(data_batch=data)
-        state = lm._get_jax_state(True, True, True, True)
-        compiled = jax.jit(lm.train_step).lower(state, data).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
+        lm._symbolic_build(data_batch=data)  # Builds the optimizer's variables.
+        return compiled_train_step(lm, data).memory_analysis().temp_size_in_bytes
     import tensorflow as tf
 
     lm.train_on_batch(x, tokens)  # Traces and warms up.
@@ -72,19 +90,27 @@ def main() -> int:
     parser.add_argument(
         "--jit-compile", action="store_true", help="TensorFlow: compile with XLA"
     )
+    parser.add_argument("--tiny", action="store_true", help="small widths (tests)")
+    parser.add_argument(
+        "--json", action="store_true", help='one line: {"none": [b2, b4], ...}'
+    )
     args = parser.parse_args()
     if os.environ.get("KERAS_BACKEND", args.backend) != args.backend:
         sys.exit(f"error: KERAS_BACKEND is not {args.backend}")
     os.environ["KERAS_BACKEND"] = args.backend
+    result = {
+        "blocks" if remat else "none": [int(step_bytes(n, remat, args)) for n in (2, 4)]
+        for remat in (False, True)
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
     print(
         f"{'remat':8s} {'2 blocks MB':>12s} {'4 blocks MB':>12s} {'per block MB':>13s}"
     )
-    for remat in (False, True):
-        two, four = (step_bytes(n, remat, args) / 2**20 for n in (2, 4))
-        name = "blocks" if remat else "none"
-        print(
-            f"{name:8s} {two:12.1f} {four:12.1f} {(four - two) / 2:13.1f}", flush=True
-        )
+    for name, (two, four) in result.items():
+        two, four = two / 2**20, four / 2**20
+        print(f"{name:8s} {two:12.1f} {four:12.1f} {(four - two) / 2:13.1f}")
     return 0
 
 

@@ -78,6 +78,7 @@ def _wrap(layer) -> None:
         if any(isinstance(t, keras.KerasTensor) for t in flat):
             return call(*args, **kwargs)  # Symbolic: nothing to keep.
         positions = [i for i, value in enumerate(flat) if _is_tensor(value)]
+        seeds = _seed_states(layer)
 
         def run(*tensors):
             values = list(flat)
@@ -86,34 +87,33 @@ def _wrap(layer) -> None:
             a, k = keras.tree.pack_sequence_as((args, kwargs), values)
             return call(*a, **k)
 
-        return recompute(layer, run, [flat[i] for i in positions])
+        # Dropout advances its seed state inside the block: the new state
+        # is returned and assigned here, outside the checkpoint, and the
+        # recomputation reads the same old state, drawing the same masks.
+        outputs, states = recompute(layer, seeds, run, [flat[i] for i in positions])
+        for variable, state in zip(seeds, states, strict=True):
+            variable.assign(state)
+        return outputs
 
     # An instance attribute: Keras's `__call__` looks up `self.call`.
     object.__setattr__(layer, "call", remat_call)
     object.__setattr__(layer, _FLAG, True)
 
 
-def _recompute(layer, run, tensors):
-    """`run(*tensors)` under `keras.remat` (TensorFlow, PyTorch)."""
-    seeds = _seed_states(layer)
+def _recompute(layer, seeds, run, tensors):
+    """`run(*tensors)` under `keras.remat` (TensorFlow, PyTorch), and the
+    seed states it leaves."""
 
     def run_and_seeds(*tensors):
-        outputs = run(*tensors)
-        # Dropout advances its seed state inside the block: return the new
-        # state so it is assigned outside the checkpoint, and the
-        # recomputation reads the same old state, drawing the same masks.
-        return outputs, [v.value for v in seeds]
+        return run(*tensors), [v.value for v in seeds]
 
-    outputs, states = keras.remat(run_and_seeds)(*tensors)
-    for variable, state in zip(seeds, states, strict=True):
-        variable.assign(state)
-    return outputs
+    return keras.remat(run_and_seeds)(*tensors)
 
 
-def _recompute_jax(layer, run, tensors):
-    """`run(*tensors)` keeping only the layer's inputs and variables for the
-    backward pass, which recomputes the rest once the output's cotangent
-    exists.
+def _recompute_jax(layer, seeds, run, tensors):
+    """`run(*tensors)` and the seed states it leaves, keeping only the
+    layer's inputs and variables for the backward pass, which recomputes the
+    rest once the output's cotangent exists.
 
     Not `jax.checkpoint`: XLA's CPU compiler removes its optimization
     barriers before scheduling (pass `cse_barrier_expander`), and the
@@ -128,9 +128,9 @@ def _recompute_jax(layer, run, tensors):
 
     scope = get_stateless_scope()
     if scope is None:
-        return run(*tensors)  # Eager: no backward pass to save memory for.
+        # Eager: no backward pass to save memory for.
+        return run(*tensors), [v.value for v in seeds]
     variables = layer.variables
-    seeds = _seed_states(layer)
     values = []
     for variable in variables:
         value = scope.get_current_value(variable)
@@ -157,10 +157,7 @@ def _recompute_jax(layer, run, tensors):
         return pullback(cotangents)
 
     block.defvjp(block_forward, block_backward)
-    outputs, states = block(values, list(tensors))
-    for variable, state in zip(seeds, states, strict=True):
-        variable.assign(state)
-    return outputs
+    return block(values, list(tensors))
 
 
 def _after(saved, cotangents):

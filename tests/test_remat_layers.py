@@ -61,28 +61,29 @@ def test_unbuilt_layer_is_refused():
     assert not hasattr(layer, "_keras_lora_remat")
 
 
-# XLA's buffer assignment is JAX's alone: a child process on JAX, judged in
-# the torch pass (tests/conftest.py).
+# XLA's buffer assignment is JAX's alone: the probe runs as a child
+# process on JAX, judged in the torch pass (tests/conftest.py).
 @pytest.mark.worker_backend("jax", judged_in="torch")
 def test_jax_block_remat_keeps_activations_out_of_memory():
     # jax.checkpoint alone saved 10% per block here: XLA's CPU compiler
     # drops its optimization barriers and schedules every recomputation in
     # the forward pass. remat_layers must keep the per-block growth of the
     # step's temporaries (the activations kept) to a fraction.
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    probe = os.path.join(ROOT, "benchmarks", "remat_probe.py")
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "remat_worker.py")],
+        [sys.executable, probe, "--backend", "jax", "--tiny", "--json"],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("REMAT_RESULT ")]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    result = json.loads(lines[-1][len("REMAT_RESULT ") :])
-    plain_per_block = (result["plain"][1] - result["plain"][0]) / 2
-    remat_per_block = (result["remat"][1] - result["remat"][0]) / 2
+    result = json.loads(lines[-1])
+    plain_per_block = (result["none"][1] - result["none"][0]) / 2
+    remat_per_block = (result["blocks"][1] - result["blocks"][0]) / 2
     assert plain_per_block > 1e6  # ~2.6 MB of activations per block kept.
     assert remat_per_block < 0.3 * plain_per_block, result
-    assert result["remat"][1] < 0.5 * result["plain"][1], result
+    assert result["blocks"][1] < 0.5 * result["none"][1], result

@@ -37,11 +37,7 @@ def keras_run(spec: dict) -> dict:
     from keras_lora.recipes.training import StepLog
 
     keras.utils.set_random_seed(spec["seed"])
-    if spec["dtype_policy"]:
-        keras.config.set_dtype_policy(spec["dtype_policy"])
-    if spec.get("base_dtype", "float32") != "float32":
-        # A half-precision base: every weight (LoRA's too) in that dtype.
-        keras.config.set_dtype_policy(spec["base_dtype"])
+    set_dtype_policies(spec)
     tokens, labels = token_data(spec)
     x = {"token_ids": tokens, "padding_mask": np.ones_like(tokens)}
     # One tiny op starts the backend's runtime (JAX, TF), so its buffers
@@ -194,19 +190,9 @@ def xla_memory(model, x: dict, labels, spec: dict) -> dict:
     if keras.backend.backend() != "jax":
         return {}
     try:
-        import jax
-
         batch = {k: v[: spec["batch"]] for k, v in x.items()}
-        state = model._get_jax_state(
-            trainable_variables=True,
-            non_trainable_variables=True,
-            optimizer_variables=True,
-            metrics_variables=True,
-            purge_model_variables=False,
-        )
-        step = jax.jit(model.train_step)
-        compiled = step.lower(state, (batch, labels[: spec["batch"]], None)).compile()
-        analysis = compiled.memory_analysis()
+        data = (batch, labels[: spec["batch"]], None)
+        analysis = compiled_train_step(model, data).memory_analysis()
         gb = 2**30
         return {
             "xla_temp_gb": round(analysis.temp_size_in_bytes / gb, 3),
@@ -215,6 +201,34 @@ def xla_memory(model, x: dict, labels, spec: dict) -> dict:
         }
     except Exception as error:  # A diagnostic: never fails the run.
         return {"xla_memory_error": f"{type(error).__name__}: {error}"[:300]}
+
+
+def compiled_train_step(model, data):
+    """`model`'s jitted train step compiled for `data` (JAX; not run), for
+    XLA's memory and cost analyses. The optimizer must be built (a step
+    taken, or `model._symbolic_build(data_batch=data)`)."""
+    import jax
+
+    state = model._get_jax_state(
+        trainable_variables=True,
+        non_trainable_variables=True,
+        optimizer_variables=True,
+        metrics_variables=True,
+        purge_model_variables=False,
+    )
+    return jax.jit(model.train_step).lower(state, data).compile()
+
+
+def set_dtype_policies(spec: dict) -> None:
+    """The global dtype policy the spec asks for: its `dtype_policy`
+    (e.g. "mixed_bfloat16"), then a half-precision `base_dtype`."""
+    import keras
+
+    if spec.get("dtype_policy"):
+        keras.config.set_dtype_policy(spec["dtype_policy"])
+    if spec.get("base_dtype", "float32") != "float32":
+        # A half-precision base: every weight (LoRA's too) in that dtype.
+        keras.config.set_dtype_policy(spec["base_dtype"])
 
 
 def remat_scope(spec: dict, keras):
