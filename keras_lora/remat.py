@@ -40,9 +40,10 @@ def remat_layers(layers) -> int:
 
     Only the layer's tensor inputs are kept for the backward pass; other
     arguments (flags, `None`) are passed unchanged. Gradients are the same
-    as without (on PyTorch a recomputed dropout draws a new mask; use
-    dropout 0 there for identical gradients). Calling it again on a layer
-    does nothing.
+    as without (on TensorFlow `tf.recompute_grad` draws a new dropout mask
+    in the recomputation; use dropout 0 there for identical gradients).
+    Inference (`predict`, `generate`) is unchanged. Calling it again on a
+    layer does nothing.
 
     Args:
         layers: built Keras layers (e.g. a backbone's transformer blocks).
