@@ -24,13 +24,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # This checkout's keras_lora, wherever it runs from.
 
-BASE = dict(
-    vocabulary_size=50257,
-    num_heads=12,
-    hidden_dim=768,
-    intermediate_dim=3072,
-    max_sequence_length=1024,
-)
+# The probe's own small widths (smaller than `--arch tiny`'s vocabulary,
+# more heads), so a test compiles it in seconds.
 TINY = dict(
     vocabulary_size=256,
     num_heads=4,
@@ -48,8 +43,13 @@ def step_bytes(num_layers: int, remat: bool, args) -> int:
     from keras_lora import inject_lora, remat_layers
     from keras_lora.bench.keras_run import compiled_train_step
     from keras_lora.families import GPT2
+    from keras_lora.recipes.models import architecture
 
-    widths = TINY if args.tiny else BASE
+    if args.tiny:
+        widths = TINY
+    else:  # GPT-2 base's widths; the depth is the probe's.
+        widths = architecture("base").backbone_config()
+        del widths["num_layers"]
     batch, seq = (4, 64) if args.tiny else (8, 128)
     keras.utils.set_random_seed(0)
     backbone = keras_hub.models.GPT2Backbone(
