@@ -20,12 +20,17 @@ from tests.helpers import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _blocks(lm):
+    """The two transformer blocks of `learnable_lm`."""
+    return [lm.backbone.get_layer(f"transformer_layer_{i}") for i in range(2)]
+
+
 def _factor_gradients(dropout, remat):
     keras.utils.set_random_seed(0)
     lm = learnable_lm(dropout=dropout)
     inject_lora(lm, targets=["query", "value"], seed=0)
     randomize_lora_b(lm)
-    blocks = [lm.backbone.get_layer(f"transformer_layer_{i}") for i in range(2)]
+    blocks = _blocks(lm)
     if remat:
         assert remat_layers(blocks) == 2
         assert remat_layers(blocks) == 0  # Already wrapped: unchanged.
@@ -69,7 +74,7 @@ def test_remat_blocks_still_predict_and_generate_the_same():
         return logits, tokens
 
     plain_logits, plain_tokens = outputs()
-    blocks = [lm.backbone.get_layer(f"transformer_layer_{i}") for i in range(2)]
+    blocks = _blocks(lm)
     assert remat_layers(blocks) == 2
     # Retrace both through the wrapped blocks.
     lm.make_predict_function(force=True)
