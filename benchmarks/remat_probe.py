@@ -10,8 +10,10 @@ query/value, batch 8 x 128 (`--tiny`: 4 x 64), Adam. JAX: XLA's
 temporaries for the compiled step (`memory_analysis()`, not run).
 TensorFlow: the peak of TF's CPU allocator over one `train_on_batch`
 after a warm-up step. The growth from 2 to 4 blocks, halved, is what one
-more block keeps alive. `--json` prints the bytes as one JSON line
-(tests/test_remat_layers.py reads it).
+more block keeps alive. On JAX it also counts the compiled step's HLO
+instructions per block: the executable, which stays in host memory while
+the step is in use, grows with them. `--json` prints the bytes (and the
+counts) as one JSON line (tests/test_remat_layers.py reads it).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ TINY = dict(
 )
 
 
-def step_bytes(num_layers: int, remat: bool, args) -> int:
+def step_bytes(num_layers: int, remat: bool, args) -> tuple[int, int | None]:
+    """The step's memory in bytes, and (JAX) its compiled instructions."""
     import keras
     import keras_hub
     import numpy as np
@@ -73,14 +76,16 @@ def step_bytes(num_layers: int, remat: bool, args) -> int:
     if args.backend == "jax":
         data = (x, tokens, None)
         lm._symbolic_build(data_batch=data)  # Builds the optimizer's variables.
-        return compiled_train_step(lm, data).memory_analysis().temp_size_in_bytes
+        compiled = compiled_train_step(lm, data)
+        instructions = compiled.as_text().count(" = ")
+        return compiled.memory_analysis().temp_size_in_bytes, instructions
     import tensorflow as tf
 
     lm.train_on_batch(x, tokens)  # Traces and warms up.
     tf.config.experimental.reset_memory_stats("CPU:0")
     start = tf.config.experimental.get_memory_info("CPU:0")["current"]
     lm.train_on_batch(x, tokens)
-    return tf.config.experimental.get_memory_info("CPU:0")["peak"] - start
+    return tf.config.experimental.get_memory_info("CPU:0")["peak"] - start, None
 
 
 def main() -> int:
@@ -92,25 +97,36 @@ def main() -> int:
     )
     parser.add_argument("--tiny", action="store_true", help="small widths (tests)")
     parser.add_argument(
-        "--json", action="store_true", help='one line: {"none": [b2, b4], ...}'
+        "--json",
+        action="store_true",
+        help='one line: {"none": [b2, b4], "blocks": [...], "instructions": {...}}',
     )
     args = parser.parse_args()
     if os.environ.get("KERAS_BACKEND", args.backend) != args.backend:
         sys.exit(f"error: KERAS_BACKEND is not {args.backend}")
     os.environ["KERAS_BACKEND"] = args.backend
-    result = {
-        "blocks" if remat else "none": [int(step_bytes(n, remat, args)) for n in (2, 4)]
+    measured = {
+        "blocks" if remat else "none": [step_bytes(n, remat, args) for n in (2, 4)]
         for remat in (False, True)
     }
+    result = {name: [int(b) for b, _ in runs] for name, runs in measured.items()}
+    if args.backend == "jax":
+        result["instructions"] = {
+            name: [n for _, n in runs] for name, runs in measured.items()
+        }
     if args.json:
         print(json.dumps(result))
         return 0
     print(
         f"{'remat':8s} {'2 blocks MB':>12s} {'4 blocks MB':>12s} {'per block MB':>13s}"
     )
-    for name, (two, four) in result.items():
-        two, four = two / 2**20, four / 2**20
+    for name in ("none", "blocks"):
+        two, four = (b / 2**20 for b in result[name])
         print(f"{name:8s} {two:12.1f} {four:12.1f} {(four - two) / 2:13.1f}")
+    for name, (two, four) in result.get("instructions", {}).items():
+        print(
+            f"{name:8s} HLO instructions: {two}, {four}; {(four - two) // 2} per block"
+        )
     return 0
 
 

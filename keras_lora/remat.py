@@ -170,6 +170,12 @@ def _after(saved, cotangents):
     too: the dropout seed states, whose random bits XLA would otherwise
     share between the forward pass and the recomputation, keeping every
     block's masks alive (GPT-2 base widths: 26 MB per block).
+
+    The zero is a sum over the whole cotangent, not a scalar picked from
+    it: XLA fuses a cheap scalar expression into every consumer, one copy
+    per fusion, and the compiled step, resident while it is in use, took
+    0.49 GB of host memory (GPT-2 base, int8, chunked loss; 0.11 GB
+    without remat). A reduction is computed once per block: 0.16 GB.
     """
     import jax
     import jax.numpy as jnp
@@ -180,8 +186,8 @@ def _after(saved, cotangents):
     floats = [c for c in jax.tree.leaves(cotangents) if is_float(c)]
     if not floats:
         return saved
-    first = floats[0].ravel()[0]
-    zero = jnp.where(jnp.isfinite(first), first * 0, 0)
+    cotangent = floats[0]
+    zero = jnp.sum(jnp.where(jnp.isfinite(cotangent), cotangent * 0, 0))
 
     def tie(x):
         numeric = is_float(x) or jnp.issubdtype(x.dtype, jnp.integer)
