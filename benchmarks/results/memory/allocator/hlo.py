@@ -6,6 +6,7 @@ for kv in sys.argv[2:]:
 import keras, keras_hub  # noqa
 from keras_lora.bench import keras_run as kr
 import variants  # noqa
+import sliced  # noqa
 def rss():
     for l in open("/proc/self/status"):
         if l.startswith("VmRSS"): return int(l.split()[1]) / 2**20
