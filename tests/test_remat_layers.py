@@ -25,6 +25,12 @@ def _blocks(lm):
     return [lm.backbone.get_layer(f"transformer_layer_{i}") for i in range(2)]
 
 
+def _per_block(two_and_four):
+    """What one more block adds, from the probe's 2- and 4-block values."""
+    two, four = two_and_four
+    return (four - two) / 2
+
+
 def _factor_gradients(dropout, remat):
     keras.utils.set_random_seed(0)
     lm = learnable_lm(dropout=dropout)
@@ -113,15 +119,15 @@ def test_jax_block_remat_keeps_activations_out_of_memory():
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     result = json.loads(lines[-1])
-    plain_per_block = (result["none"][1] - result["none"][0]) / 2
-    remat_per_block = (result["blocks"][1] - result["blocks"][0]) / 2
+    plain_per_block = _per_block(result["none"])
+    remat_per_block = _per_block(result["blocks"])
     assert plain_per_block > 1e6  # ~2.6 MB of activations per block kept.
     assert remat_per_block < 0.3 * plain_per_block, result
     assert result["blocks"][1] < 0.5 * result["none"][1], result
     # The recomputation adds a forward pass per block, no more: the compiled
     # step stays resident, and ties fused into every consumer made it ~6x.
     count = result["instructions"]
-    plain_instructions = (count["none"][1] - count["none"][0]) / 2
-    remat_instructions = (count["blocks"][1] - count["blocks"][0]) / 2
+    plain_instructions = _per_block(count["none"])
+    remat_instructions = _per_block(count["blocks"])
     assert plain_instructions > 500, count
     assert remat_instructions < 2.5 * plain_instructions, count
