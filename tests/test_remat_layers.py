@@ -105,7 +105,9 @@ def test_jax_block_remat_keeps_activations_out_of_memory():
     # jax.checkpoint alone saved 10% per block here: XLA's CPU compiler
     # drops its optimization barriers and schedules every recomputation in
     # the forward pass. remat_layers must keep the per-block growth of the
-    # step's temporaries (the activations kept) to a fraction.
+    # step's temporaries to the block's input: 0.025x of no-remat's (it was
+    # 0.18x while XLA computed every block's dropout counters up front and
+    # kept each block's share of the gradient alive to the first block).
     probe = os.path.join(ROOT, "benchmarks", "remat_probe.py")
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
@@ -122,7 +124,7 @@ def test_jax_block_remat_keeps_activations_out_of_memory():
     plain_per_block = _per_block(result["none"])
     remat_per_block = _per_block(result["blocks"])
     assert plain_per_block > 1e6  # ~2.6 MB of activations per block kept.
-    assert remat_per_block < 0.3 * plain_per_block, result
+    assert remat_per_block < 0.08 * plain_per_block, result
     assert result["blocks"][1] < 0.5 * result["none"][1], result
     # The recomputation adds a forward pass per block, no more: the compiled
     # step stays resident, and ties fused into every consumer made it ~6x.
