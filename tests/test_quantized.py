@@ -13,6 +13,7 @@ from keras_lora import (
     merge_lora,
     save_adapter,
 )
+from keras_lora import quantized as quantized_module
 from keras_lora.families import GPT2, quantized_dtype
 from keras_lora.quantized import (
     dequantized_kernel,
@@ -140,16 +141,25 @@ def test_mlp_over_quantized_base_trains_like_float(mode, order):
     assert before - after >= 0.98 * (float_before - float_after), results
 
 
-def test_int8_output_head_gets_straight_through_input_gradient():
+@pytest.mark.parametrize("tie_weights", (True, False))
+@pytest.mark.parametrize("vocab_block", (None, 6))
+def test_int8_output_head_gets_straight_through_input_gradient(
+    tie_weights, vocab_block, monkeypatch
+):
     # Keras's int8 ReversibleEmbedding(reverse=True) has no input gradient
     # but the one through its per-token scale; LoRA over an int8 GPT-2 then
-    # trained in the wrong direction.
+    # trained in the wrong direction. The gradient is computed a block of
+    # vocabulary entries at a time (20 = 3 x 6 + 2 here).
+    if vocab_block:
+        monkeypatch.setattr(quantized_module, "_VOCAB_BLOCK", vocab_block)
     keras.utils.set_random_seed(0)
-    layer = keras.layers.ReversibleEmbedding(20, 8, tie_weights=True)
+    layer = keras.layers.ReversibleEmbedding(20, 8, tie_weights=tie_weights)
     layer.build()
     layer.embeddings.assign(np.random.default_rng(0).normal(size=(20, 8)))
-    x = np.random.default_rng(1).normal(size=(3, 8)).astype("float32")
-    weights = np.random.default_rng(2).normal(size=(3, 20)).astype("float32")
+    if not tie_weights:
+        layer.reverse_embeddings.assign(np.random.default_rng(3).normal(size=(8, 20)))
+    x = np.random.default_rng(1).normal(size=(2, 3, 8)).astype("float32")
+    weights = np.random.default_rng(2).normal(size=(2, 3, 20)).astype("float32")
 
     def input_gradient():
         return to_numpy(
@@ -164,8 +174,14 @@ def test_int8_output_head_gets_straight_through_input_gradient():
     float_grad = input_gradient()
     layer.quantize("int8")
     assert install_straight_through_gradients(layer) == 1
-    kernel = to_numpy(layer._embeddings) / to_numpy(layer.embeddings_scale)[:, None]
-    np.testing.assert_allclose(input_gradient(), weights @ kernel, rtol=1e-5, atol=1e-5)
+    if tie_weights:
+        table = to_numpy(layer._embeddings) / to_numpy(layer.embeddings_scale)[:, None]
+    else:
+        table = (
+            to_numpy(layer.reverse_embeddings)
+            / to_numpy(layer.reverse_embeddings_scale)[None, :]
+        ).T
+    np.testing.assert_allclose(input_gradient(), weights @ table, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(input_gradient(), float_grad, rtol=0.05, atol=0.05)
 
 
