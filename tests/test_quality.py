@@ -92,6 +92,50 @@ def test_quality_config_is_checked():
         quality.QualityConfig(out="o", embedding_rank=0)
     with pytest.raises(ValueError, match="embedding_alpha must be positive"):
         quality.QualityConfig(out="o", embedding_alpha=-1.0)
+    for weights in ((1.0,), (0.0,), "0.5", (True,)):
+        with pytest.raises(ValueError, match=r"update_weights must be .* in \(0, 1\)"):
+            quality.QualityConfig(out="o", update_weights=weights)
+    assert quality.QualityConfig(out="o", update_weights=[0.5]).update_weights == (0.5,)
+
+
+@pytest.mark.parametrize("run", ["lora", "full"])
+def test_weighted_update_is_the_update_times_w(run):
+    # The dial after training: LoRA's adapter re-weighted with
+    # add_weighted_adapter, full fine-tuning interpolated W0 + w (W1 - W0).
+    # Each loss must equal the model with that update made by hand.
+    keras.utils.set_random_seed(0)
+    lm = pretrain.load_pretrained(16, with_preprocessor=False)
+    config = quality.QualityConfig(out="o", update_weights=(0.5, 0.25), batch=4)
+    if run == "lora":
+        quality._inject(lm, config)
+    lm.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    rows = {
+        "code_heldout": rng.integers(1, 4096, (4, 17)),
+        "doc_heldout": rng.integers(1, 4096, (4, 17)),
+    }
+    base = [v.numpy() for v in lm.trainable_weights]
+    # "Trained" weights: the base moved at random (LoRA's factors both
+    # nonzero). A LoRA update is linear in B: scaling B weights it.
+    trained = [w + rng.normal(0, 0.05, w.shape).astype("float32") for w in base]
+    expected = []
+    for weight in config.update_weights:
+        for v, w0, w1 in zip(lm.trainable_weights, base, trained, strict=True):
+            if run == "full":
+                v.assign(w0 + weight * (w1 - w0))
+            else:
+                v.assign(weight * w1 if v.name == "lora_b" else w1)
+        expected.append(
+            [quality._evaluate(lm, rows[k], 4) for k in ("code_heldout", "doc_heldout")]
+        )
+    for v, w1 in zip(lm.trainable_weights, trained, strict=True):
+        v.assign(w1)
+    unweighted = quality._evaluate(lm, rows["code_heldout"], 4)
+    sweep = quality._weighted_update(lm, run, config, rows, base)
+    assert [p["weight"] for p in sweep] == [0.5, 0.25]
+    got = [[p["heldout"], p["original_domain"]] for p in sweep]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert abs(got[0][0] - unweighted) > 1e-3  # The dial moved the loss.
 
 
 def test_separate_embedding_settings_go_through_wrap_layers():
@@ -156,6 +200,18 @@ def test_quality_part_end_to_end(tmp_path, monkeypatch):
     drop = curve[0] - curve[-1]
     wobble = max([b - a for a, b in zip(curve[:-1], curve[1:], strict=True)] + [0.01])
     assert drop > 0.1 and drop > 5 * wobble, curve
+    for run in (lora, full):  # The dial, at the default weights.
+        sweep = run["weighted_update"]
+        assert [p["weight"] for p in sweep] == list(config.update_weights)
+        losses = [[p["heldout"], p["original_domain"]] for p in sweep]
+        assert np.isfinite(losses).all()
+    assert "weighted_update" not in builtin
+    dial = result["summary"]["weighted_update"]
+    assert set(dial) == {"lora", "full"}
+    point = dial["lora"][0]
+    gain = lora["heldout_before"] - lora["weighted_update"][0]["heldout"]
+    full_gain = full["heldout_before"] - full["heldout_after"]
+    assert point["recovery"] == pytest.approx(gain / full_gain)
     assert (tmp_path / "quality_adapter").is_dir()
     with open(tmp_path / "quality_loss.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -167,6 +223,8 @@ def test_quality_part_end_to_end(tmp_path, monkeypatch):
     assert "HF PEFT (torch) skipped: peft not installed" in page
     assert "| keras-hub enable_lora | 0.02 | 17,280" in page
     assert len(result["generations"]["builtin"]) == 1
+    assert "| w | keras-lora: recovery, forgetting |" in page
+    assert "| 0.8 | " in page and "| 0.7 | " in page and "| 0.6 | " in page
 
 
 @pytest.mark.worker_backend("torch")

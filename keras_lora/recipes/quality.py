@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import keras
 
@@ -73,6 +74,11 @@ class QualityConfig:
         max_length: generation length (tokens, prompt included).
         prompts: prompts of the new domain for the greedy generations.
         seed: seeds the row order and the LoRA factors.
+        update_weights: after training, the keras-lora and full runs are
+            evaluated again with their learned update weighted by each of
+            these (in (0, 1)): the adapter re-weighted by
+            `add_weighted_adapter`, full fine-tuning's weights interpolated
+            between the base's and its own (WiSE-FT). Empty: none.
     """
 
     out: str
@@ -99,6 +105,7 @@ class QualityConfig:
     max_length: int = 48
     prompts: tuple[str, ...] = PROMPTS
     seed: int = 0
+    update_weights: tuple[float, ...] = (0.8, 0.7, 0.6)
 
     def __post_init__(self):
         for name in ("steps", "batch", "seq", "lora_rank", "eval_every"):
@@ -139,6 +146,16 @@ class QualityConfig:
         object.__setattr__(self, "runs", runs)
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         object.__setattr__(self, "prompts", tuple(self.prompts))
+        weights = self.update_weights
+        if isinstance(weights, (str, bytes)) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < 1
+            for w in weights
+        ):
+            raise ValueError(
+                "update_weights must be numbers in (0, 1), e.g. (0.8, 0.7, 0.6); "
+                f"got {weights!r}"
+            )
+        object.__setattr__(self, "update_weights", tuple(float(w) for w in weights))
 
     def learning_rate(self, run: str) -> float:
         """The AdamW learning rate of `run`."""
@@ -278,6 +295,8 @@ def _keras_run(name: str, config: QualityConfig, rows: dict, tokenizer, generati
     original_before = _evaluate(lm, rows["doc_heldout"], config.batch)
     print(f"[{name}] held-out code loss before {heldout_before:.4f}", flush=True)
     train_x, train_y = pretrain.as_inputs(rows["train"])
+    # Full fine-tuning's weighted update needs the base weights back.
+    base_weights = [v.numpy() for v in lm.trainable_weights] if name == "full" else []
     curve = [(0, heldout_before)]
     log = training.StepLog()
     _reset_peak()
@@ -318,9 +337,54 @@ def _keras_run(name: str, config: QualityConfig, rows: dict, tokenizer, generati
         run["lora"] = _lora_settings(config)
     elif name == "builtin":
         run["lora"] = {"rank": config.lora_rank, "alpha": config.lora_rank}
+    if name in ("lora", "full"):
+        run["weighted_update"] = _weighted_update(lm, name, config, rows, base_weights)
     del lm
     keras.backend.clear_session(free_memory=True)
     return run
+
+
+def _weighted_update(lm, name: str, config: QualityConfig, rows, base_weights):
+    """Held-out losses of trained run `name` with its update weighted by
+    each of `config.update_weights` (learning vs forgetting, one dial).
+
+    keras-lora's adapter is re-weighted as a user would, with
+    `add_weighted_adapter` (the update times w, exactly) and
+    `set_adapter`; full fine-tuning's weights become W0 + w (W1 - W0),
+    between the base's and its own (WiSE-FT). Runs last: it changes `lm`.
+    """
+    from keras_lora import add_weighted_adapter, set_adapter
+
+    trained = [v.numpy() for v in lm.trainable_weights]
+    variables = list(lm.trainable_weights)
+    sweep = []
+    for i, weight in enumerate(config.update_weights):
+        if name == "lora":
+            with warnings.catch_warnings():
+                # A new adapter (and the first switch, which adds the
+                # layers' adapter gates) warns that the trained model must
+                # be compiled again, which it is here.
+                warnings.simplefilter("ignore", UserWarning)
+                add_weighted_adapter(lm, ["default"], [weight], f"weighted_{i}")
+                set_adapter(lm, f"weighted_{i}")
+            lm.compile(loss=lm.loss)  # Evaluation only: the same loss.
+        else:
+            for v, w0, w1 in zip(variables, base_weights, trained, strict=True):
+                v.assign(w0 + weight * (w1 - w0))
+        sweep.append(
+            {
+                "weight": weight,
+                "heldout": _evaluate(lm, rows["code_heldout"], config.batch),
+                "original_domain": _evaluate(lm, rows["doc_heldout"], config.batch),
+            }
+        )
+        point = sweep[-1]
+        print(
+            f"[{name}] update x {weight:g}: held-out code loss "
+            f"{point['heldout']:.4f}, docstrings {point['original_domain']:.4f}",
+            flush=True,
+        )
+    return sweep
 
 
 def _peft_embedding_spec(config: QualityConfig) -> dict:
@@ -420,6 +484,27 @@ def _summary(runs: dict) -> dict:
         "forgetting_ratio": (forget["lora"] / full_forget if full_forget > 0 else None),
         "forgetting_ratio_per_run": {
             k: (f / full_forget if full_forget > 0 else None) for k, f in forget.items()
+        },
+        "weighted_update": {
+            k: [
+                {
+                    "weight": point["weight"],
+                    "recovery": (
+                        (v["heldout_before"] - point["heldout"]) / full_gain
+                        if full_gain > 0
+                        else None
+                    ),
+                    "forgetting_ratio": (
+                        (point["original_domain"] - v["original_domain_before"])
+                        / full_forget
+                        if full_forget > 0
+                        else None
+                    ),
+                }
+                for point in v["weighted_update"]
+            ]
+            for k, v in runs.items()
+            if "weighted_update" in v
         },
         "lora_param_fraction": lora["trainable_params"] / lora["total_params"],
         "full_trainable_params": runs["full"]["trainable_params"],
@@ -550,6 +635,44 @@ def _ratio(value) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def _weighted_markdown(summary: dict) -> list[str]:
+    """Learning vs forgetting as the learned update is weighted down."""
+    sweeps = summary.get("weighted_update", {})
+    if not sweeps.get("lora"):
+        return []
+    rows = [
+        "Learning vs forgetting, one dial: after training, keras-lora's "
+        "adapter re-weighted by w (`add_weighted_adapter(model, "
+        '["default"], [w], name)`, then `set_adapter`) and full fine-tuning\'s '
+        "weights interpolated, W0 + w (W1 - W0) (WiSE-FT); recovery and "
+        "forgetting against full fine-tuning at w = 1:",
+        "",
+        "| w | "
+        + " | ".join(f"{LABELS[k]}: recovery, forgetting" for k in sweeps)
+        + " |",
+        "|---|" + "---|" * len(sweeps),
+    ]
+    weights = [1.0, *(p["weight"] for p in sweeps["lora"])]
+    recovery = summary["recovery_per_run"]
+    forgetting = summary["forgetting_ratio_per_run"]
+    for i, weight in enumerate(weights):
+        cells = []
+        for k, sweep in sweeps.items():
+            if i == 0:
+                point = {"recovery": recovery[k], "forgetting_ratio": forgetting[k]}
+            else:
+                point = sweep[i - 1]
+            # A digit more than elsewhere: a point near a target (80%,
+            # 0.5x) must not round onto it.
+            share, ratio = point["recovery"], point["forgetting_ratio"]
+            cells.append(
+                ("-" if share is None else f"{100 * share:.1f}%")
+                + (", -" if ratio is None else f", {ratio:.3f}x")
+            )
+        rows.append(f"| {weight:g} | " + " | ".join(cells) + " |")
+    return [*rows, ""]
+
+
 def markdown(result: dict) -> list[str]:
     """The quality section of report.md, as lines."""
     runs, summary, base = result["runs"], result["summary"], result["base"]
@@ -632,6 +755,7 @@ def markdown(result: dict) -> list[str]:
             else "."
         ),
         "",
+        *_weighted_markdown(summary),
         "![held-out loss](quality_loss.png)",
         "",
         "Greedy generations from prompts of the new domain:",
