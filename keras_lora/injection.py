@@ -477,9 +477,10 @@ def _refresh_compile_state(model) -> None:
     # would not train the LoRA factors.
     model.compiled = False
     warnings.warn(
-        f"inject_lora: model '{model.name}' was compiled and trained before "
-        "LoRA was injected; its optimizer does not know the LoRA factors. "
-        "Call `model.compile(...)` again, with a new optimizer, before `fit`.",
+        f"Model '{model.name}' was compiled and trained before its trainable "
+        "weights changed (LoRA injected, or an adapter added, removed or "
+        "switched); its optimizer does not know the new ones. Call "
+        "`model.compile(...)` again, with a new optimizer, before `fit`.",
         stacklevel=3,
     )
 

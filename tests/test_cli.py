@@ -203,21 +203,6 @@ def test_finetune_a_local_hugging_face_gpt2_for_one_epoch(tmp_path):
     assert code == 0 and "local Hugging Face GPT-2" in stdout
 
 
-def test_compare_runs_the_benchmark(tmp_path):
-    out = str(tmp_path / "bench")
-    argv = [
-        "compare", "--tiny", "--backend", keras.backend.backend(), "--runs",
-        "lora", "--steps", "1", "--warmup", "0", "--batch", "2", "--seq", "16",
-        "--inference-runs", "1", "--out", out,
-    ]  # fmt: skip
-    code, stdout = run_main(argv)
-    assert code == 0, stdout
-    with open(os.path.join(out, "results.json")) as f:
-        results = json.load(f)["results"]
-    assert [(r["run"], r["status"]) for r in results] == [("lora", "ok")]
-    assert results[0]["trainable_params"] == 2048
-
-
 @pytest.mark.skipif(
     keras.backend.backend() == DEMO_BACKEND,
     reason=f"tests/test_install.py runs the demo under {DEMO_BACKEND}",

@@ -47,6 +47,7 @@ LABELS = {
 # full fine-tuning's gain: most of it is the code's token frequencies, which
 # reach the logits through the tied output head (README, "The main job").
 LORA_TARGETS = (*GPT2.roles, GPT2.embedding)
+WEIGHTED = "weighted_update"  # quality.json: losses with the update times w.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,7 +339,7 @@ def _keras_run(name: str, config: QualityConfig, rows: dict, tokenizer, generati
     elif name == "builtin":
         run["lora"] = {"rank": config.lora_rank, "alpha": config.lora_rank}
     if name in ("lora", "full"):
-        run["weighted_update"] = _weighted_update(lm, name, config, rows, base_weights)
+        run[WEIGHTED] = _weighted_update(lm, name, config, rows, base_weights)
     del lm
     keras.backend.clear_session(free_memory=True)
     return run
@@ -467,6 +468,18 @@ def _peft_run(config: QualityConfig, rows_path: str, tokenizer, generations):
     return run
 
 
+def _against_full(run: dict, point: dict, full_gain: float, full_forget: float):
+    """One weighted-update point of `run` as recovery and forgetting
+    against full fine-tuning's (unweighted) gain and forgetting."""
+    gain = run["heldout_before"] - point["heldout"]
+    forget = point["original_domain"] - run["original_domain_before"]
+    return {
+        "weight": point["weight"],
+        "recovery": gain / full_gain if full_gain > 0 else None,
+        "forgetting_ratio": forget / full_forget if full_forget > 0 else None,
+    }
+
+
 def _summary(runs: dict) -> dict:
     gain = {k: v["heldout_before"] - v["heldout_after"] for k, v in runs.items()}
     forget = {
@@ -485,26 +498,10 @@ def _summary(runs: dict) -> dict:
         "forgetting_ratio_per_run": {
             k: (f / full_forget if full_forget > 0 else None) for k, f in forget.items()
         },
-        "weighted_update": {
-            k: [
-                {
-                    "weight": point["weight"],
-                    "recovery": (
-                        (v["heldout_before"] - point["heldout"]) / full_gain
-                        if full_gain > 0
-                        else None
-                    ),
-                    "forgetting_ratio": (
-                        (point["original_domain"] - v["original_domain_before"])
-                        / full_forget
-                        if full_forget > 0
-                        else None
-                    ),
-                }
-                for point in v["weighted_update"]
-            ]
+        WEIGHTED: {
+            k: [_against_full(v, p, full_gain, full_forget) for p in v[WEIGHTED]]
             for k, v in runs.items()
-            if "weighted_update" in v
+            if WEIGHTED in v
         },
         "lora_param_fraction": lora["trainable_params"] / lora["total_params"],
         "full_trainable_params": runs["full"]["trainable_params"],
@@ -637,7 +634,7 @@ def _ratio(value) -> str:
 
 def _weighted_markdown(summary: dict) -> list[str]:
     """Learning vs forgetting as the learned update is weighted down."""
-    sweeps = summary.get("weighted_update", {})
+    sweeps = summary.get(WEIGHTED, {})
     if not sweeps.get("lora"):
         return []
     rows = [
