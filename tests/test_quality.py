@@ -93,7 +93,7 @@ def test_quality_config_is_checked():
         quality.QualityConfig(out="o", embedding_rank=0)
     with pytest.raises(ValueError, match="embedding_alpha must be positive"):
         quality.QualityConfig(out="o", embedding_alpha=-1.0)
-    for weights in ((1.0,), (0.0,), "0.5", (True,)):
+    for weights in ((1.0,), (0.0,), "0.5", 0.5, (True,)):
         with pytest.raises(ValueError, match=r"update_weights must be .* in \(0, 1\)"):
             quality.QualityConfig(out="o", update_weights=weights)
     assert quality.QualityConfig(out="o", update_weights=[0.5]).update_weights == (0.5,)

@@ -148,7 +148,7 @@ class QualityConfig:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         object.__setattr__(self, "prompts", tuple(self.prompts))
         weights = self.update_weights
-        if isinstance(weights, (str, bytes)) or not all(
+        if not isinstance(weights, (list, tuple)) or not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < 1
             for w in weights
         ):
@@ -356,8 +356,9 @@ def _weighted_update(lm, name: str, config: QualityConfig, rows, base_weights):
     """
     from keras_lora import add_weighted_adapter, set_adapter
 
-    trained = [v.numpy() for v in lm.trainable_weights]
-    variables = list(lm.trainable_weights)
+    if name == "full":
+        variables = list(lm.trainable_weights)
+        trained = [v.numpy() for v in variables]
     sweep = []
     for i, weight in enumerate(config.update_weights):
         if name == "lora":
@@ -632,6 +633,15 @@ def _ratio(value) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+def _dial_cell(point: dict) -> str:
+    # A digit more than elsewhere: a point near a target (80%, 0.5x) must
+    # not round onto it.
+    share, ratio = point["recovery"], point["forgetting_ratio"]
+    return ("-" if share is None else f"{100 * share:.1f}%") + (
+        ", -" if ratio is None else f", {ratio:.3f}x"
+    )
+
+
 def _weighted_markdown(summary: dict) -> list[str]:
     """Learning vs forgetting as the learned update is weighted down."""
     sweeps = summary.get(WEIGHTED, {})
@@ -649,24 +659,21 @@ def _weighted_markdown(summary: dict) -> list[str]:
         + " |",
         "|---|" + "---|" * len(sweeps),
     ]
-    weights = [1.0, *(p["weight"] for p in sweeps["lora"])]
-    recovery = summary["recovery_per_run"]
-    forgetting = summary["forgetting_ratio_per_run"]
-    for i, weight in enumerate(weights):
-        cells = []
-        for k, sweep in sweeps.items():
-            if i == 0:
-                point = {"recovery": recovery[k], "forgetting_ratio": forgetting[k]}
-            else:
-                point = sweep[i - 1]
-            # A digit more than elsewhere: a point near a target (80%,
-            # 0.5x) must not round onto it.
-            share, ratio = point["recovery"], point["forgetting_ratio"]
-            cells.append(
-                ("-" if share is None else f"{100 * share:.1f}%")
-                + (", -" if ratio is None else f", {ratio:.3f}x")
-            )
-        rows.append(f"| {weight:g} | " + " | ".join(cells) + " |")
+    # Each run's column: the run as trained (w = 1), then its weighted points.
+    columns = [
+        [
+            {
+                "weight": 1.0,
+                "recovery": summary["recovery_per_run"][k],
+                "forgetting_ratio": summary["forgetting_ratio_per_run"][k],
+            },
+            *sweep,
+        ]
+        for k, sweep in sweeps.items()
+    ]
+    for points in zip(*columns, strict=True):
+        cells = [_dial_cell(p) for p in points]
+        rows.append(f"| {points[0]['weight']:g} | " + " | ".join(cells) + " |")
     return [*rows, ""]
 
 
