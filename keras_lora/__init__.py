@@ -1,14 +1,5 @@
 """keras-lora: LoRA fine-tuning for Keras 3 on TensorFlow, JAX and PyTorch."""
 
-from keras_lora.adapter import load_adapter, read_adapter_config, save_adapter
-from keras_lora.adapters import (
-    active_adapters,
-    adapter_batch,
-    adapter_names,
-    delete_adapter,
-    disable_lora,
-    set_adapter,
-)
 from keras_lora.callbacks import GPUMemoryCallback
 from keras_lora.checkpoint import AdapterCheckpoint
 from keras_lora.chunked_loss import ChunkedCausalLM, chunked_causal_lm
@@ -31,6 +22,15 @@ from keras_lora.lora_plus import LoraPlusOptimizer, lora_plus_optimizer
 from keras_lora.merge import merge_lora
 from keras_lora.quantized import initialize_quantized, quantized_dtype_policy
 from keras_lora.remat import remat_layers
+from keras_lora.saving import load_adapter, read_adapter_config, save_adapter
+from keras_lora.switching import (
+    active_adapters,
+    adapter_batch,
+    adapter_names,
+    delete_adapter,
+    disable_lora,
+    set_adapter,
+)
 from keras_lora.version import __version__ as __version__
 from keras_lora.weighted import add_weighted_adapter
 

@@ -8,9 +8,9 @@ import shutil
 
 import keras
 
-from keras_lora.adapter import save_adapter
-from keras_lora.adapters import adapter_names
-from keras_lora.multi import check_adapter_name
+from keras_lora.adapter_state import check_adapter_name
+from keras_lora.saving import save_adapter
+from keras_lora.switching import adapter_names
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
 

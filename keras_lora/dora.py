@@ -17,7 +17,7 @@ recomputes `x'·W`) and `x` otherwise (`x·W` is the output less its bias).
 The magnitude is shaped like the layer's output features
 (`KernelSplit.out_shape`) and named after the kernel
 (".../query/lora_magnitude"). This module holds the math only;
-`LoraLayer`, `keras_lora.multi` and `merge_lora` call it for adapters that
+`LoraLayer`, `keras_lora.adapter_state` and `merge_lora` call it for adapters that
 have a magnitude.
 
 >>> from keras_lora import inject_lora

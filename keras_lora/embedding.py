@@ -35,7 +35,7 @@ import math
 import keras
 from keras import ops
 
-from keras_lora import multi
+from keras_lora import adapter_state
 from keras_lora.initialization import check_init, rewrites_kernel
 from keras_lora.kernel_split import KernelSplit
 from keras_lora.layer import LoraLayer, check_hyperparameters
@@ -203,7 +203,7 @@ class LoraEmbedding(LoraLayer):
             original_layer,
             dict(rank=rank, alpha=alpha, dropout=dropout, init=init, use_dora=use_dora),
         )
-        multi.check_adapter_name(adapter_name)
+        adapter_state.check_adapter_name(adapter_name)
         kwargs.setdefault("name", original_layer.name)
         kwargs.setdefault("dtype", original_layer.dtype_policy)
         # Not `LoraLayer.__init__`: that one is for Dense/EinsumDense kernels.
@@ -241,15 +241,15 @@ class LoraEmbedding(LoraLayer):
             dtype="float32",
         )
         self.adapter_name = adapter_name
-        self.adapters = multi.AdapterState(
-            multi.Adapter(
+        self.adapters = adapter_state.AdapterState(
+            adapter_state.Adapter(
                 adapter_name, self.lora_a, self.lora_b, self.rank, self.alpha,
                 self.dropout, self.use_rslora, seed, self.scale, None, init,
             )
         )  # fmt: skip
         self.built = True
 
-    # Named adapters (`keras_lora.multi.add_adapter`) start like the first.
+    # Named adapters (`keras_lora.adapter_state.add_adapter`) start like the first.
     factor_initializers = staticmethod(factor_initializers)
 
     def call(self, inputs, reverse=False, training=None):

@@ -178,7 +178,7 @@ def _randomised_svd(w, rank, niter, seed):
 
 
 def initialize_from_kernel(layer, adapter) -> tuple:
-    """Give `adapter` (a `keras_lora.multi.Adapter` of `LoraLayer` `layer`)
+    """Give `adapter` (a `keras_lora.adapter_state.Adapter` of `LoraLayer` `layer`)
     its PiSSA/OLoRA factors, keep them as frozen `initial_a`/`initial_b`,
     and write the residual into the wrapped kernel.
 

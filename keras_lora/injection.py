@@ -8,12 +8,12 @@ from collections.abc import Sequence
 
 import keras
 
-from keras_lora import dora, multi
+from keras_lora import adapter_state, dora
+from keras_lora.adapter_state import check_adapter_name, names_in
 from keras_lora.embedding import LoraEmbedding, check_embedding, wrapper_for
 from keras_lora.initialization import check_init, check_layer_init
 from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
-from keras_lora.multi import check_adapter_name, names_in
 from keras_lora.quantized import install_straight_through_gradients
 from keras_lora.surgery import (
     LayerIndex,
@@ -131,7 +131,7 @@ def inject_lora(
         return wrap_layers(
             model, {id(layer): settings for layer in chosen}, index=index
         )
-    # Beside adapters already there (see `keras_lora.adapters`).
+    # Beside adapters already there (see `keras_lora.switching`).
     return add_named_adapter(
         model, {id(layer): settings for layer in chosen}, adapter_name, index=index
     )
@@ -533,7 +533,8 @@ def add_named_adapter(
             )
     for layer in layers:
         if id(layer) in settings:
-            multi.check_beside(layer, settings[id(layer)].get("init", "kaiming"))
+            init = settings[id(layer)].get("init", "kaiming")
+            adapter_state.check_beside(layer, init)
     active = {n for n in known if any(n in x.adapters.active for x in layers)}
     wrapped = {id(layer) for layer in layers}
     fresh = {
@@ -545,7 +546,7 @@ def add_named_adapter(
         wrap_layers(model, fresh, index=index)  # Checks all before changing.
     for layer in index.lora_layers():
         if id(layer) in settings and id(layer) in wrapped:
-            multi.add_adapter(layer, adapter_name, **settings[id(layer)])
+            adapter_state.add_adapter(layer, adapter_name, **settings[id(layer)])
         # Newly wrapped layers follow the model's active set.
         layer.adapters.active = tuple(n for n in layer.adapters.names if n in active)
     refresh_after_adapter_change(model)

@@ -7,7 +7,7 @@ import math
 import keras
 from keras import ops
 
-from keras_lora import dora, initialization, multi
+from keras_lora import adapter_state, dora, initialization
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.quantized import check_quantization_mode, float_policy, kernel_path
 
@@ -53,7 +53,7 @@ class LoraLayer(keras.layers.Layer):
             `m / ||W + s·A·B|| * (x·(W + s·A·B)) + bias`, as PEFT's
             `use_dora=True`. Not over a quantized kernel.
         adapter_name: the name of this first adapter; more are added with
-            `inject_lora(..., adapter_name=...)` (see `keras_lora.adapters`).
+            `inject_lora(..., adapter_name=...)` (see `keras_lora.switching`).
             `lora_a`, `lora_b`, `rank`, `alpha` and `scale` always describe
             the first adapter the layer holds.
         **kwargs: base `Layer` arguments; `name` defaults to the wrapped
@@ -86,7 +86,7 @@ class LoraLayer(keras.layers.Layer):
     ):
         check_wrappable(original_layer)
         check_hyperparameters(rank, alpha, dropout)
-        multi.check_adapter_name(adapter_name)
+        adapter_state.check_adapter_name(adapter_name)
         initialization.check_layer_init(
             original_layer, split_kernel(original_layer), init, rank
         )
@@ -148,9 +148,9 @@ class LoraLayer(keras.layers.Layer):
             )
         self.adapter_name = adapter_name
         # Every adapter's factors and settings, the first one's included;
-        # the state of several adapters lives in `keras_lora.multi`.
-        self.adapters = multi.AdapterState(
-            multi.Adapter(
+        # the state of several adapters lives in `keras_lora.adapter_state`.
+        self.adapters = adapter_state.AdapterState(
+            adapter_state.Adapter(
                 adapter_name,
                 self.lora_a,
                 self.lora_b,
@@ -168,7 +168,7 @@ class LoraLayer(keras.layers.Layer):
         if initialization.rewrites_kernel(init):
             first = self.adapters.first
             a0, b0 = initialization.initialize_from_kernel(self, first)
-            first.initial = multi.Adapter(
+            first.initial = adapter_state.Adapter(
                 adapter_name, a0, b0, self.rank, self.alpha, 0.0,
                 self.use_rslora, seed, self.scale,
             )  # fmt: skip
@@ -182,13 +182,13 @@ class LoraLayer(keras.layers.Layer):
             # One adapter, active: the fast path.
             outputs = ops.add(outputs, self.lora_update(inputs, training=training))
         else:
-            outputs = multi.apply(self, inputs, outputs, training)
+            outputs = adapter_state.apply(self, inputs, outputs, training)
         return self.activation(outputs)
 
     def lora_update(self, inputs, training=None, adapter=None):
         """`scale * B(A(dropout(inputs)))`, shaped like the layer's output.
 
-        `adapter` (a `keras_lora.multi.Adapter` of this layer) picks another
+        `adapter` (a `keras_lora.adapter_state.Adapter` of this layer) picks another
         adapter's factors; by default, the first adapter's.
         """
         if adapter is None:
@@ -311,7 +311,7 @@ class LoraLayer(keras.layers.Layer):
 
     @staticmethod
     def _later_adapter_config(adapter) -> dict:
-        """`multi.add_adapter`'s settings that recreate `adapter`."""
+        """`adapter_state.add_adapter`'s settings that recreate `adapter`."""
         return dict(
             name=adapter.name,
             rank=adapter.rank,
@@ -335,7 +335,7 @@ class LoraLayer(keras.layers.Layer):
         layer = cls(original, **config)
         for settings in more:
             settings = dict(settings)
-            multi.add_adapter(layer, settings.pop("name"), **settings)
+            adapter_state.add_adapter(layer, settings.pop("name"), **settings)
         if active is not None:
             layer.adapters.active = tuple(active)
         # Only the active adapters train, as `set_adapter` left them.

@@ -9,7 +9,7 @@ factors at the scaled learning rate, the other everything else at the base
 learning rate, each with its own state.
 
 A B factor is any variable named `lora_b` or `lora_b_<adapter>` (every
-adapter's B; see `keras_lora.layer` and `keras_lora.multi`).
+adapter's B; see `keras_lora.layer` and `keras_lora.adapter_state`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ import keras
 from keras import ops
 
 from keras_lora import dora
-from keras_lora.adapters import check_names
 from keras_lora.embedding import LoraEmbedding
 from keras_lora.injection import lora_layers
 from keras_lora.quantized import (
@@ -20,6 +19,7 @@ from keras_lora.quantized import (
     requantize,
 )
 from keras_lora.surgery import replace_layers
+from keras_lora.switching import check_names
 
 
 def merge_lora(

@@ -5,7 +5,7 @@ Keras caches the steps it traced (`predict_function`, keras-hub's
 Switching adapters changes variables' values, which traced steps read
 afresh, but two things still differ from what a step was traced with:
 
-- The call mode (a plain call or a mixed batch, `keras_lora.multi`) is
+- The call mode (a plain call or a mixed batch, `keras_lora.adapter_state`) is
   Python state baked into a trace. `switch_mode` keeps each mode's steps
   aside and puts them back when the model returns to that mode.
 - Trainable flags (`set_adapter` makes only the active adapters
@@ -151,7 +151,7 @@ def _stash(model) -> dict:
 
 def _fingerprint(model) -> tuple:
     # A mixed batch's rows variables come and go with its size; only the
-    # mixed steps read them (see `keras_lora.adapters.adapter_batch`).
+    # mixed steps read them (see `keras_lora.switching.adapter_batch`).
     kept = [v for v in model.variables if not v.path.endswith("/adapter_rows")]
     return (
         tuple(id(v) for v in kept),

@@ -26,10 +26,10 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
-from keras_lora.adapters import check_names
+from keras_lora.adapter_state import check_adapter_name, names_in
 from keras_lora.injection import add_named_adapter
-from keras_lora.multi import check_adapter_name, names_in
 from keras_lora.surgery import LayerIndex
+from keras_lora.switching import check_names
 
 COMBINATIONS = ("cat", "linear", "svd")
 

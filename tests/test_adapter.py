@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-import keras_lora.adapter as adapter_module
+import keras_lora.saving as adapter_module
 from keras_lora import (
     inject_lora,
     load_adapter,

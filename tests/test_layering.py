@@ -161,8 +161,8 @@ def test_graph_reads_the_known_edges():
     """The parser itself: edges this package is known to have."""
     assert "keras_lora.kernel_split" in GRAPH["keras_lora.layer"]
     assert {"keras_lora.layer", "keras_lora.surgery"} <= GRAPH["keras_lora.injection"]
-    assert "keras_lora.files" in GRAPH["keras_lora.adapter"]
-    assert "keras" in GRAPH["keras_lora.adapter"]
+    assert "keras_lora.files" in GRAPH["keras_lora.saving"]
+    assert "keras" in GRAPH["keras_lora.saving"]
     assert "keras_lora.families.gpt2" in GRAPH["keras_lora.families"]
     assert "keras_lora.families.family" in GRAPH["keras_lora.families.gpt2"]
 

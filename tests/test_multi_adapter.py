@@ -19,7 +19,7 @@ from keras_lora import (
     save_adapter,
     set_adapter,
 )
-from keras_lora.adapters import active_adapters
+from keras_lora.switching import active_adapters
 from tests.helpers import snapshot, tiny_gpt2_lm, to_numpy, token_batch
 
 

@@ -29,7 +29,6 @@ from keras_lora import (  # noqa: E402
     merge_lora,
     set_adapter,
 )
-from keras_lora.adapters import active_adapters  # noqa: E402
 from keras_lora.families import GPT2  # noqa: E402
 from keras_lora.interop import (  # noqa: E402
     export_hf_model,
@@ -38,6 +37,7 @@ from keras_lora.interop import (  # noqa: E402
     peft_format,
 )
 from keras_lora.surgery import walk_layers  # noqa: E402
+from keras_lora.switching import active_adapters  # noqa: E402
 from tests import peft_helpers as ph  # noqa: E402
 from tests.helpers import randomize_lora_b, snapshot  # noqa: E402
 

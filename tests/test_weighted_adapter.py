@@ -16,7 +16,7 @@ from keras_lora import (
     lora_layers,
     set_adapter,
 )
-from keras_lora.adapters import active_adapters
+from keras_lora.switching import active_adapters
 from tests.helpers import snapshot, to_numpy
 from tests.test_multi_adapter import X, randomize, small_mlp, two_adapters
 

@@ -28,7 +28,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from keras_lora.cli import adapters, compare, train
+from keras_lora.cli import compare, saved_adapter, train
 from keras_lora.cli.arguments import PROG, Parser
 
 __all__ = ["build_parser", "main"]
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     train.add_finetune(sub)
-    adapters.add_commands(sub)
+    saved_adapter.add_commands(sub)
     train.add_demo(sub)
     compare.add_compare(sub)
     return parser

@@ -107,7 +107,7 @@ def layout_map(
             key = re.escape(variable)
             if variable.startswith("lora_"):
                 # A layer's later adapters name their factors
-                # "lora_a_<adapter>" (`keras_lora.multi`): same layouts.
+                # "lora_a_<adapter>" (`keras_lora.adapter_state`): same layouts.
                 key += _ADAPTER_SUFFIX
             layouts[f"{projection}/{key}$"] = resolve(layout)
     return layouts

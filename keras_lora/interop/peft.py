@@ -57,6 +57,7 @@ import re
 import keras
 import numpy as np
 
+from keras_lora.adapter_state import check_adapter_name, names_in
 from keras_lora.embedding import LoraEmbedding, is_tied
 from keras_lora.families import FAMILIES, Family, family_of
 from keras_lora.initialization import plain_factors
@@ -66,7 +67,6 @@ from keras_lora.interop.hf_layout import HfLayout, hf_layout
 from keras_lora.interop.peft_format import PeftModule
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.layer import LoraLayer
-from keras_lora.multi import check_adapter_name, names_in
 from keras_lora.quantized import dequantized_kernel
 from keras_lora.surgery import LayerIndex, walk_layers
 
@@ -435,7 +435,7 @@ def _module_name(family: Family, block: int, module: str) -> str:
 
 def _group_by_module(found: _Located, name: str) -> dict:
     """Adapter `name`'s records by PEFT module: `(block, module) -> {role:
-    keras_lora.multi.Adapter}`, for the layers that hold it."""
+    keras_lora.adapter_state.Adapter}`, for the layers that hold it."""
     family = found.family
     where = {
         found.path(block, role): (block, role)
@@ -462,7 +462,7 @@ def _fused_module(found, block, module, layers, use_rslora, use_dora) -> PeftMod
     """The PEFT factors and alpha of one module from its Keras LoraLayers.
 
     `layers` maps the module's wrapped roles to the exported adapter's
-    records (`keras_lora.multi.Adapter`: rank, scale, factors); every role
+    records (`keras_lora.adapter_state.Adapter`: rank, scale, factors); every role
     of the module (wrapped or not) gives its rows of B.
     """
     roles = found.family.hf_modules[module]

@@ -4,7 +4,7 @@
 - `models`: the one architecture table, preset and random-model loading;
 - `training`: the optimizer and loss, the step log, the loss plot;
 - `finetune`: `finetune(FinetuneConfig(...)) -> report`;
-- `adapters`: generate, merge, PEFT export and import around an adapter;
+- `saved_adapter`: generate, merge, PEFT export and import around an adapter;
 - `pretrain`: keras-lora's own small pretrained GPT-2 (made, shipped, loaded);
 - `quality`, `quality_peft`: that base fine-tuned on Python code by LoRA,
   full fine-tuning, keras-hub's `enable_lora` and PEFT (torch, a child

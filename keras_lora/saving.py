@@ -34,13 +34,13 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from keras_lora import multi
+from keras_lora import adapter_state
+from keras_lora.adapter_state import check_adapter_name
 from keras_lora.embedding import base_weight, check_embedding
 from keras_lora.files import atomic_write
 from keras_lora.initialization import plain_factors
 from keras_lora.injection import add_named_adapter, wrap_layers
 from keras_lora.layer import LoraLayer, check_wrappable
-from keras_lora.multi import check_adapter_name
 from keras_lora.quantized import base_weight_entries, kernel_path
 from keras_lora.surgery import LayerIndex
 from keras_lora.version import __version__
@@ -202,7 +202,7 @@ def load_adapter(
     their saved rank, alpha and dropout) and loads the factors; into a model
     that holds an adapter of that name, wrapped the same way, replaces its
     factors; into a model holding other adapters, adds this one beside
-    them, inactive (see `keras_lora.adapters.set_adapter`). The base model
+    them, inactive (see `keras_lora.switching.set_adapter`). The base model
     must be the one the adapter was trained on (same class and
     architecture).
 
@@ -554,7 +554,9 @@ def _base_model_info(model, wrapped: list[LoraLayer]) -> dict:
     (`wrapped`: all its LoRA layers)."""
     lora_ids = {id(v) for layer in wrapped for v in layer.added_variables()}
     # The adapters' switches are no part of the base either.
-    lora_ids |= {id(v) for layer in wrapped for v in multi.control_variables(layer)}
+    lora_ids |= {
+        id(v) for layer in wrapped for v in adapter_state.control_variables(layer)
+    }
     base_weights = [v for v in model.weights if id(v) not in lora_ids]
     # Quantized kernels count at their float shapes: an adapter trained over
     # a quantized base loads into the float base, and back.

@@ -7,7 +7,7 @@ and was never switched, `LoraLayer.call` takes its plain path (reshape and
 two matmuls); every other case (several adapters, LoRA disabled, a mixed
 batch) runs `apply` here, which reads the choice of adapters from
 variables so that switching never traces the model again. The public
-functions are in `keras_lora.adapters`.
+functions are in `keras_lora.switching`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from keras_lora.cli.arguments import add_base, positive_int
-from keras_lora.recipes import adapters
+from keras_lora.recipes import saved_adapter
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 
@@ -27,7 +27,7 @@ def add_commands(sub) -> None:
     mg.add_argument("--out", required=True, help="new preset directory.")
     mg.add_argument(
         "--format",
-        choices=adapters.MERGE_FORMATS,
+        choices=saved_adapter.MERGE_FORMATS,
         default="keras",
         help="keras: a keras-hub preset; hf: a Hugging Face model directory "
         "(transformers.AutoModelForCausalLM.from_pretrained loads it).",
@@ -54,7 +54,7 @@ def add_commands(sub) -> None:
 
 def generate(args: argparse.Namespace) -> int:
     """`keras-lora generate`: base model (+ adapter) text generation."""
-    outputs, labels = adapters.generate(
+    outputs, labels = saved_adapter.generate(
         args.preset,
         args.prompt,
         adapter=args.adapter,
@@ -72,7 +72,7 @@ def generate(args: argparse.Namespace) -> int:
 
 def merge(args: argparse.Namespace) -> int:
     """`keras-lora merge`: base + adapter -> a merged local preset."""
-    done = adapters.merge_to_preset(
+    done = saved_adapter.merge_to_preset(
         args.preset, args.adapter, args.out, args.seq, args.tokenizer, args.format
     )
     loader = (
@@ -89,7 +89,7 @@ def merge(args: argparse.Namespace) -> int:
 
 def export_peft(args: argparse.Namespace) -> int:
     """`keras-lora export-peft`: adapter -> Hugging Face PEFT directory."""
-    path = adapters.export_peft_dir(
+    path = saved_adapter.export_peft_dir(
         args.preset,
         args.adapter,
         args.out,
@@ -103,7 +103,7 @@ def export_peft(args: argparse.Namespace) -> int:
 
 def import_peft(args: argparse.Namespace) -> int:
     """`keras-lora import-peft`: Hugging Face PEFT directory -> adapter."""
-    done = adapters.import_peft_dir(
+    done = saved_adapter.import_peft_dir(
         args.preset, args.peft, args.out, args.seq, args.tokenizer
     )
     print(

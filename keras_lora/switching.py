@@ -5,9 +5,9 @@ One base model holds many adapters (one per task, customer or language).
 active ones (their updates add, and only they train); `disable_lora`
 gives the base model's outputs; `delete_adapter` removes one;
 `adapter_batch` serves a batch whose rows use different adapters in one
-pass. Each layer's state lives in `keras_lora.multi`.
+pass. Each layer's state lives in `keras_lora.adapter_state`.
 
-Switching assigns variables that the layers read (`keras_lora.multi`), so
+Switching assigns variables that the layers read (`keras_lora.adapter_state`), so
 the traced inference steps (`predict`, keras-hub's `generate`) stay in
 use: no retrace per switch nor per set of names (`keras_lora.traces`).
 Training steps are dropped when the trainable set changes.
@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import keras
 import numpy as np  # noqa: F401 (the examples use it)
 
-from keras_lora import multi, traces
+from keras_lora import adapter_state, traces
 from keras_lora.initialization import restore_kernel
 from keras_lora.injection import (
     _refresh_compile_state as refresh_compile_state,
@@ -52,13 +52,13 @@ def adapter_names(model: keras.layers.Layer) -> list[str]:
     >>> adapter_names(model)
     ['default', 'b']
     """
-    return list(multi.names_in(LayerIndex(model).lora_layers()))
+    return list(adapter_state.names_in(LayerIndex(model).lora_layers()))
 
 
 def active_adapters(model: keras.layers.Layer) -> list[str]:
     """The names of the active adapters in `model`."""
     layers = LayerIndex(model).lora_layers()
-    names = multi.names_in(layers)
+    names = adapter_state.names_in(layers)
     return [n for n in names if any(n in x.adapters.active for x in layers)]
 
 
@@ -180,7 +180,7 @@ def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
             )
     for layer in layers:
         if name in layer.adapters and id(layer) not in unwrap:
-            multi.remove_adapter(layer, name)
+            adapter_state.remove_adapter(layer, name)
     if unwrap:
         for layer in unwrap.values():
             # A PiSSA/OLoRA kernel is the residual: the original comes back.
@@ -227,7 +227,7 @@ def adapter_batch(
     (2, 2)
     """
     layers = _lora_layers_or_raise(model)
-    known = multi.names_in(layers)
+    known = adapter_state.names_in(layers)
     if isinstance(names, str) or not isinstance(names, Sequence) or not names:
         raise ValueError(
             "`names` must be a non-empty list with one adapter name (or None, "
@@ -241,10 +241,10 @@ def adapter_batch(
             f"model '{model.name}' has adapters {list(known)}."
         )
     for layer in layers:
-        multi.check_batchable(layer)
+        adapter_state.check_batchable(layer)
     if _ensure_controls(layers):
         _after_new_controls(model)
-    if any([multi.ensure_controls(layer, len(names)) for layer in layers]):
+    if any([adapter_state.ensure_controls(layer, len(names)) for layer in layers]):
         # First mixed batch of this size: new rows variables. Plain steps
         # do not read them (JAX traces them once more, for the new state);
         # mixed steps traced for another size read the old ones.
@@ -252,7 +252,7 @@ def adapter_batch(
             refresh_torch_params(containers(model))
         traces.forget(model, lambda mode: mode != "plain")
     for layer in layers:
-        multi.write_rows(layer, names)
+        adapter_state.write_rows(layer, names)
     # The mixed call is Python state a trace bakes in: each mode keeps its
     # own traced steps, so later batches (other names, same size) reuse them.
     mixed = ("mixed", len(names))
@@ -281,7 +281,7 @@ def check_names(model, layers, names) -> tuple:
         ValueError: for no name, a repeated name or an unknown one, listing
             the known adapters.
     """
-    known = multi.names_in(layers)
+    known = adapter_state.names_in(layers)
     single = isinstance(names, str)
     names_tuple = (names,) if single else tuple(names) if names is not None else ()
     if not names_tuple or not all(isinstance(n, str) for n in names_tuple):
@@ -319,7 +319,7 @@ def _adapter_state(model, layers, attribute: str, values: list) -> Iterator[None
 
 def _ensure_controls(layers) -> bool:
     """Every layer's gates; whether any variable was created."""
-    return any([multi.ensure_controls(layer) for layer in layers])
+    return any([adapter_state.ensure_controls(layer) for layer in layers])
 
 
 def _after_new_controls(model) -> None:
