@@ -17,9 +17,9 @@ from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
 from keras_lora.quantized import install_straight_through_gradients
 from keras_lora.surgery import (
     LayerIndex,
-    _containers,
-    _refresh_torch_params,
+    containers,
     drop_compiled_functions,
+    refresh_torch_params,
 )
 
 
@@ -207,7 +207,7 @@ def wrap_layers(
     # output head then needs a correct input gradient (see the function).
     install_straight_through_gradients(model)
     if getattr(model, "compiled", False):
-        _refresh_compile_state(model)
+        refresh_compile_state(model)
     return model
 
 
@@ -463,7 +463,18 @@ def _is_regex(target: str) -> bool:
     return any(c in target for c in ".*+?[](){}|^$\\")
 
 
-def _refresh_compile_state(model) -> None:
+def refresh_compile_state(model: keras.Model) -> None:
+    """Keep a compiled model's training state in step with its trainable
+    weights after LoRA factors were added, removed or switched.
+
+    Before the optimizer is built, the compiled trainable flags are
+    refreshed; after it, the model is marked uncompiled and a warning asks
+    for a new `compile` (the built optimizer does not know the new
+    variables).
+
+    Args:
+        model: the model whose trainable weights changed.
+    """
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None or not optimizer.built:
         # The optimizer is built from `trainable_variables` at the first
@@ -559,9 +570,9 @@ def refresh_after_adapter_change(model: keras.layers.Layer) -> None:
     if keras.backend.backend() == "torch":
         # Every torch module lists the parameters below it: refresh them
         # for factors added or removed.
-        _refresh_torch_params(_containers(model))
+        refresh_torch_params(containers(model))
     index = LayerIndex(model)
     freeze_non_lora(model, index=index)
     drop_compiled_functions(model)
     if getattr(model, "compiled", False):
-        _refresh_compile_state(model)
+        refresh_compile_state(model)

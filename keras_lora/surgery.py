@@ -16,7 +16,7 @@ never called):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import keras
 
@@ -141,9 +141,16 @@ class LayerIndex:
         self._by_path = rebuilt
 
 
-def _containers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
+def containers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
     """Every layer that may hold a reference to another, untracked ones too
-    (a built Sequential keeps its graph in an untracked `_functional`)."""
+    (a built Sequential keeps its graph in an untracked `_functional`).
+
+    Args:
+        model: the layer or model whose tree is scanned, itself included.
+
+    Returns:
+        The layers, each once.
+    """
     found, stack = {}, [model]
     while stack:
         layer = stack.pop()
@@ -170,9 +177,9 @@ def replace_layers(
     """
     # One scan of the tree serves the search, the rewrite and the torch
     # refresh below.
-    containers = _containers(model)
-    olds = {id(c): c for c in containers if id(c) in replacements}
-    for container in containers:
+    scanned = containers(model)
+    olds = {id(c): c for c in scanned if id(c) in replacements}
+    for container in scanned:
         if id(container) in replacements:
             continue
         for key, old in olds.items():
@@ -196,10 +203,10 @@ def replace_layers(
     if keras.backend.backend() == "torch":
         # The tree after the swap: the new layers' subtrees instead of the
         # old layers (a wrapped layer comes back, inside its wrapper).
-        after = {id(c): c for c in containers if id(c) not in olds}
+        after = {id(c): c for c in scanned if id(c) not in olds}
         for new in replacements.values():
-            after.update((id(c), c) for c in _containers(new))
-        _refresh_torch_params(after.values())
+            after.update((id(c), c) for c in containers(new))
+        refresh_torch_params(after.values())
     # Steps traced before the swap still call the old layers (or the wrappers
     # after a merge, adding the update twice): let Keras trace them again.
     drop_compiled_functions(model)
@@ -263,10 +270,17 @@ def _replace_in_list(items: list, old, new) -> None:
             items[i] = new
 
 
-def _refresh_torch_params(containers) -> None:
-    # Each Keras layer on torch keeps a ParameterDict of every variable
-    # under it, keyed by path; rebuild the ones that already exist.
-    for layer in containers:
+def refresh_torch_params(layers: Iterable[keras.layers.Layer]) -> None:
+    """Rebuild the torch parameter dicts of `layers` after variables or
+    sublayers under them changed (no-op for layers without one).
+
+    Each Keras layer on torch keeps a ParameterDict of every variable under
+    it, keyed by path; only the ones that already exist are rebuilt.
+
+    Args:
+        layers: the layers to refresh, usually `containers(model)`.
+    """
+    for layer in layers:
         if "_torch_params" in vars(layer) or "_torch_params" in getattr(
             layer, "_modules", {}
         ):

@@ -24,20 +24,18 @@ import numpy as np  # noqa: F401 (the examples use it)
 from keras_lora import adapter_state, traces
 from keras_lora.initialization import restore_kernel
 from keras_lora.injection import (
-    _refresh_compile_state as refresh_compile_state,
-)
-from keras_lora.injection import (
     freeze_non_lora,
     refresh_after_adapter_change,
+    refresh_compile_state,
 )
 from keras_lora.layer import LoraLayer
 from keras_lora.quantized import quantization_mode
 from keras_lora.surgery import (
     LayerIndex,
+    containers,
     drop_compiled_functions,
+    refresh_torch_params,
 )
-from keras_lora.surgery import _containers as containers
-from keras_lora.surgery import _refresh_torch_params as refresh_torch_params
 
 
 def adapter_names(model: keras.layers.Layer) -> list[str]:

@@ -82,7 +82,7 @@ class PretrainConfig:
 
 def description(card: dict | None = None) -> str:
     """The one line every output uses to name the shipped base model."""
-    card = card or _read_card(ASSETS)
+    card = card or read_card(ASSETS)
     shape = card["architecture"]
     return (
         f"keras-lora's own small GPT-2 ({card['parameters']:,} parameters: "
@@ -94,7 +94,7 @@ def description(card: dict | None = None) -> str:
 
 def tokenizer_description(card: dict | None = None) -> str:
     """Names the shipped tokenizer."""
-    card = card or _read_card(ASSETS)
+    card = card or read_card(ASSETS)
     return (
         f"keras-lora's byte-level BPE ({card['vocabulary_size']} tokens), trained "
         "on the same docstrings (vocab.json, merges.txt in keras_lora/recipes/assets)"
@@ -259,7 +259,12 @@ def verify(directory: str = ASSETS, digests: dict | None = None) -> None:
             )
 
 
-def _read_card(directory: str) -> dict:
+def read_card(directory: str) -> dict:
+    """The model card (`card.json`) of a pretrained model directory.
+
+    Args:
+        directory: the directory holding `card.json`.
+    """
     with open(os.path.join(directory, "card.json")) as f:
         return json.load(f)
 
@@ -298,7 +303,7 @@ def load_pretrained(
     from safetensors.numpy import load_file
 
     verify(directory, digests)
-    card = _read_card(directory)
+    card = read_card(directory)
     shape = card["architecture"]
     if not 0 < sequence_length <= shape["max_sequence_length"]:
         raise ValueError(

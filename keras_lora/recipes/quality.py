@@ -548,7 +548,7 @@ def quality(config: QualityConfig) -> dict:
             doc_heldout, tokenizer, config.seq + 1, max_rows=config.eval_rows
         ),
     }
-    card = pretrain._read_card(pretrain.ASSETS)
+    card = pretrain.read_card(pretrain.ASSETS)
 
     runs: dict[str, dict] = {}
     skipped: dict[str, str] = {}
