@@ -26,7 +26,7 @@ import safetensors.numpy
 
 from keras_lora.families import family_of
 from keras_lora.injection import lora_layers
-from keras_lora.interop.peft import _locate
+from keras_lora.interop.peft_modules import locate
 
 
 def export_hf_model(model: keras.layers.Layer, path: str | os.PathLike) -> str:
@@ -123,7 +123,7 @@ def export_hf_model(model: keras.layers.Layer, path: str | os.PathLike) -> str:
 
 def _rewrite_projections(model, directory: str) -> None:
     """Write every unfused projection's weight from the family data."""
-    found = _locate(model)
+    found = locate(model)
     family = found.family
     if family.fan_in_fan_out:  # GPT-2's fused Conv1D: keras-hub's map stands.
         return

@@ -13,7 +13,7 @@ without ".weight", as `get_peft_model_state_dict` writes them.
 This module reads and writes those files and refuses every config option
 that changes what the adapter computes beyond plain LoRA factors. Which
 module names exist, and which Keras layers they are, is the exchange
-engine's business (`keras_lora.interop.peft`). Only safetensors and JSON
+engine's business (`keras_lora.interop.peft_modules`). Only safetensors and JSON
 are read or written: never pickle.
 """
 
