@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_lora.recipes import data, pretrain, quality
+from keras_lora.recipes import data, pretrain, quality, quality_report
 
 
 def test_shipped_base_is_small_and_recorded():
@@ -216,7 +216,7 @@ def test_quality_part_end_to_end(tmp_path, monkeypatch):
     assert (tmp_path / "quality_adapter").is_dir()
     with open(tmp_path / "quality_loss.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    page = "\n".join(quality.markdown(result))
+    page = "\n".join(quality_report.markdown(result))
     assert "keras-lora's own small GPT-2" in page
     assert "byte-level BPE" in page
     assert "standard-library docstrings" in page

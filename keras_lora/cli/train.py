@@ -189,7 +189,7 @@ def add_demo(sub) -> None:
         type=positive_float,
         default=defaults.learning_rate,
         help="the cost table's learning rate (the quality runs each have "
-        "their own, see recipes.quality.QualityConfig).",
+        "their own, see recipes.quality_config.QualityConfig).",
     )
     dm.add_argument("--seed", type=int, default=defaults.seed)
     dm.add_argument(

@@ -34,7 +34,7 @@ import keras
 from keras_lora.bench import engine
 from keras_lora.files import atomic_write
 from keras_lora.recipes import data, models, pretrain
-from keras_lora.recipes.quality import RUNS, QualityConfig
+from keras_lora.recipes.quality_config import RUNS, QualityConfig
 
 COMPARE_RUNS = RUNS
 # Roughly the characters of code per token of the shipped tokenizer, with a
@@ -269,7 +269,7 @@ def write_tokens(config: DemoConfig, path: str, needed_rows: int) -> str:
 
 def quality_section(out: str) -> list[str]:
     """The quality part's lines of report.md, if `quality.json` is there."""
-    from keras_lora.recipes.quality import markdown
+    from keras_lora.recipes.quality_report import markdown
 
     path = os.path.join(out, "quality.json")
     if not os.path.exists(path):
