@@ -1,5 +1,6 @@
 """keras-lora: LoRA fine-tuning for Keras 3 on TensorFlow, JAX and PyTorch."""
 
+from keras_lora.adapter_format import read_adapter_config
 from keras_lora.callbacks import GPUMemoryCallback
 from keras_lora.checkpoint import AdapterCheckpoint
 from keras_lora.chunked_loss import ChunkedCausalLM, chunked_causal_lm
@@ -22,7 +23,7 @@ from keras_lora.lora_plus import LoraPlusOptimizer, lora_plus_optimizer
 from keras_lora.merge import merge_lora
 from keras_lora.quantized import initialize_quantized, quantized_dtype_policy
 from keras_lora.remat import remat_layers
-from keras_lora.saving import load_adapter, read_adapter_config, save_adapter
+from keras_lora.saving import load_adapter, save_adapter
 from keras_lora.switching import (
     active_adapters,
     adapter_batch,

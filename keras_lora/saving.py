@@ -1,25 +1,9 @@
-"""Adapter files: the LoRA factors alone (safetensors) plus a JSON config.
+"""Saving a model's LoRA adapter to adapter files and loading one into a
+model: `save_adapter`, `load_adapter`.
 
-An adapter is a directory:
-
-    adapter_config.json                       what was wrapped, and how
-    adapter_weights.<sha256[:16]>.safetensors the factors, keyed
-                                              "<layer key>/lora_a|lora_b"
-                                              (and "/lora_magnitude" for DoRA)
-
-A layer's key is its kernel's Keras variable path without "/kernel"
-("transformer_layer_0/self_attention/query"): variable paths come from
-layer names given at build time, so they do not change when the same model
-is built again in a process that already made one (where a top-level model
-name would get a "_1" suffix).
-
-The config names its weights file, and the file is named after its own
-hash. A save writes the new weights file beside the old one, then replaces
-the config in one atomic rename, then deletes the old weights: whenever a
-save is interrupted, the config still names a complete weights file, so the
-earlier adapter stays loadable. Loading is strict (missing, extra or
-misshapen tensors, another base model, a damaged file: all `ValueError`,
-with the model left unchanged) and never unpickles anything.
+The files (factors in safetensors, a JSON config) and their checks are
+`keras_lora.adapter_format`'s; here a model's layers are matched with the
+file's entries, by their kernels' variable paths.
 """
 
 from __future__ import annotations
@@ -27,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 
 import keras
 import numpy as np
@@ -35,6 +18,17 @@ import safetensors
 import safetensors.numpy
 
 from keras_lora import adapter_state
+from keras_lora.adapter_format import (
+    CONFIG_NAME,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_PATTERN,
+    check_tensors,
+    entry_lookup_only,
+    entry_use_dora,
+    read_adapter_config,
+    read_weights,
+)
 from keras_lora.adapter_state import check_adapter_name
 from keras_lora.embedding import base_weight, check_embedding
 from keras_lora.files import atomic_write
@@ -44,11 +38,6 @@ from keras_lora.layer import LoraLayer, check_wrappable
 from keras_lora.quantized import base_weight_entries, kernel_path
 from keras_lora.surgery import LayerIndex
 from keras_lora.version import __version__
-
-CONFIG_NAME = "adapter_config.json"
-FORMAT = "keras_lora.adapter"
-FORMAT_VERSION = 1
-_WEIGHTS_PATTERN = re.compile(r"adapter_weights\.[0-9a-f]{16}\.safetensors")
 
 
 def save_adapter(
@@ -186,7 +175,7 @@ def save_adapter(
     )
     # Only now is the previous weights file unreferenced.
     for name in os.listdir(path):
-        if _WEIGHTS_PATTERN.fullmatch(name) and name != weights_name:
+        if WEIGHTS_PATTERN.fullmatch(name) and name != weights_name:
             os.remove(os.path.join(path, name))
     return path
 
@@ -226,13 +215,13 @@ def load_adapter(
     config = read_adapter_config(path)
     name = adapter_name or config.get("adapter_name") or "default"
     check_adapter_name(name)
-    tensors = _read_weights(path, config)
+    tensors = read_weights(path, config)
     # One walk of the tree serves every check and the wrapping.
     index = LayerIndex(model)
     all_lora = _lora_by_path(index)
     _check_base_model(model, config, list(all_lora.values()))
     saved = {entry["path"]: entry for entry in config["layers"]}
-    _check_tensors(tensors, saved)
+    check_tensors(tensors, saved)
     layers = _kernel_layers(model, index)
     wrapped = {k: v for k, v in all_lora.items() if name in v.adapters}
     if wrapped:
@@ -264,9 +253,9 @@ def load_adapter(
                     "alpha": entry["alpha"],
                     "dropout": entry["dropout"],
                     "use_rslora": entry["use_rslora"],
-                    "use_dora": _use_dora(entry),
+                    "use_dora": entry_use_dora(entry),
                     "adapter_name": name,
-                    **({"adapt_head": False} if _lookup_only(entry) else {}),
+                    **({"adapt_head": False} if entry_lookup_only(entry) else {}),
                 }
                 for layer_path, entry in saved.items()
             },
@@ -296,7 +285,7 @@ def _add_beside(model, path, name, saved, all_lora, layers, index) -> None:
             )
         if layer is None:
             _check_wrappable(target, entry)
-        lookup_only = _lookup_only(entry)
+        lookup_only = entry_lookup_only(entry)
         if layer is not None and lookup_only == getattr(layer, "adapt_head", True):
             raise ValueError(
                 f"The adapter at '{path}' sets adapt_head={not lookup_only} "
@@ -315,76 +304,10 @@ def _add_beside(model, path, name, saved, all_lora, layers, index) -> None:
             "alpha": entry["alpha"],
             "dropout": entry["dropout"],
             "use_rslora": entry["use_rslora"],
-            "use_dora": _use_dora(entry),
+            "use_dora": entry_use_dora(entry),
             **({"adapt_head": False} if layer is None and lookup_only else {}),
         }
     add_named_adapter(model, settings, name, index=index)
-
-
-def read_adapter_config(path: str | os.PathLike) -> dict:
-    """Read and validate the JSON config of the adapter at `path`."""
-    path = os.fspath(path)
-    config_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise ValueError(
-            f"'{path}' is not a keras-lora adapter: {CONFIG_NAME} is missing. "
-            "Pass a directory written by `save_adapter`."
-        )
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(
-            f"{config_path} is not valid JSON ({e}); the adapter is damaged. "
-            "Save it again."
-        ) from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(
-            f"{config_path} is not a keras-lora adapter config (no "
-            f"'format': '{FORMAT}'). A PEFT adapter loads with `import_peft`."
-        )
-    if config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{config_path} has format version {config.get('format_version')!r}; "
-            f"this keras-lora reads version {FORMAT_VERSION}. Upgrade keras-lora."
-        )
-    layers = config.get("layers")
-    keys = ("path", "rank", "alpha", "dropout", "use_rslora", "lora_a_shape")
-    if (
-        not isinstance(layers, list)
-        or not layers
-        or not all(isinstance(e, dict) and all(k in e for k in keys) for e in layers)
-        or not isinstance(config.get("weights_file"), str)
-        or not _WEIGHTS_PATTERN.fullmatch(config["weights_file"])
-    ):
-        raise ValueError(
-            f"{config_path} is missing required fields; the adapter is damaged. "
-            "Save it again."
-        )
-    return config
-
-
-def _read_weights(path: str, config: dict) -> dict[str, np.ndarray]:
-    weights_path = os.path.join(path, config["weights_file"])
-    try:
-        with open(weights_path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ValueError(
-            f"Cannot read the adapter weights {weights_path} ({e.strerror}). "
-            "The adapter is incomplete; save it again."
-        ) from None
-    if hashlib.sha256(data).hexdigest() != config.get("weights_sha256"):
-        raise ValueError(
-            f"{weights_path} does not match the checksum in {CONFIG_NAME}: the "
-            "file is truncated or corrupted. Save the adapter again."
-        )
-    try:
-        return safetensors.numpy.load(data)
-    except (safetensors.SafetensorError, ValueError) as e:
-        raise ValueError(
-            f"{weights_path} is not a valid safetensors file ({e})."
-        ) from None
 
 
 def _check_base_model(model, config, wrapped: dict) -> None:
@@ -403,47 +326,6 @@ def _check_base_model(model, config, wrapped: dict) -> None:
             "parameters, or other weight paths or shapes). Load "
             "it into the base model it was trained on."
         )
-
-
-def _check_tensors(tensors: dict, saved: dict) -> None:
-    expected = {
-        f"{p}/{name}"
-        for p, entry in saved.items()
-        for name in ("lora_a", "lora_b")
-        + (("lora_magnitude",) if _use_dora(entry) else ())
-    }
-    missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or extra:
-        raise ValueError(
-            "The adapter's weights do not match its config: "
-            + (f"missing {missing[:4]}" if missing else "")
-            + (" " if missing and extra else "")
-            + (f"unexpected {extra[:4]}" if extra else "")
-            + ". The adapter is damaged; save it again."
-        )
-    for layer_path, entry in saved.items():
-        rank = entry["rank"]
-        a_shape = tuple(entry["lora_a_shape"])
-        b_shape = tuple(entry.get("lora_b_shape", ()))
-        a, b = tensors[f"{layer_path}/lora_a"], tensors[f"{layer_path}/lora_b"]
-        if (
-            a.shape != a_shape
-            or b.shape != b_shape
-            or a_shape[-1:] != (rank,)
-            or b_shape[:1] != (rank,)
-        ):
-            raise ValueError(
-                f"Adapter tensors for '{layer_path}' have shapes {a.shape} and "
-                f"{b.shape}; the config says {a_shape} and {b_shape} at rank "
-                f"{rank}. The adapter is damaged; save it again."
-            )
-        magnitude = tensors.get(f"{layer_path}/lora_magnitude")
-        if magnitude is not None and magnitude.shape != b_shape[1:]:
-            raise ValueError(
-                f"The DoRA magnitude for '{layer_path}' has shape "
-                f"{magnitude.shape}; B {b_shape} needs {b_shape[1:]}. The "
-                "adapter is damaged; save it again."
-            )
 
 
 def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> None:
@@ -475,7 +357,7 @@ def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> Non
             entry["rank"],
             entry["alpha"],
             entry["use_rslora"],
-            _use_dora(entry),
+            entry_use_dora(entry),
             entry["lora_a_shape"],
         )
         if ours != theirs:
@@ -490,7 +372,7 @@ def _check_wrappable(layer, entry: dict) -> None:
     """Raise `ValueError` unless a file's entry can wrap `layer` (an
     embedding becomes a `LoraEmbedding`)."""
     if isinstance(layer, keras.layers.Embedding):
-        check_embedding(layer, {"use_dora": _use_dora(entry)})
+        check_embedding(layer, {"use_dora": entry_use_dora(entry)})
     else:
         check_wrappable(layer)
 
@@ -498,28 +380,6 @@ def _check_wrappable(layer, entry: dict) -> None:
 def _head_entry(layer) -> dict:
     """`{"adapt_head": False}` for a lookup-only tied embedding, else {}."""
     return {"adapt_head": False} if not getattr(layer, "adapt_head", True) else {}
-
-
-def _lookup_only(entry: dict) -> bool:
-    """Whether a saved embedding adapts its lookup only (`adapt_head`)."""
-    value = entry.get("adapt_head", True)
-    if not isinstance(value, bool):
-        raise ValueError(
-            f"Layer '{entry['path']}' has `adapt_head={value!r}` in the adapter "
-            "config; it must be true or false. The adapter is damaged."
-        )
-    return not value
-
-
-def _use_dora(entry: dict) -> bool:
-    """A saved layer's DoRA flag (files from before DoRA have none)."""
-    value = entry.get("use_dora", False)
-    if not isinstance(value, bool):
-        raise ValueError(
-            f"Layer '{entry['path']}' has `use_dora={value!r}` in the adapter "
-            "config; it must be true or false. The adapter is damaged."
-        )
-    return value
 
 
 def _layer_key(layer) -> str:

@@ -71,7 +71,7 @@ import matplotlib.pyplot as plt
 
 import keras_lora
 from keras_lora.callbacks import GPUMemoryCallback
-from keras_lora.recipes import data, models, training
+from keras_lora.recipes import data, models, tokenization, training
 
 print("Keras backend:", keras.backend.backend())
 """),
@@ -88,7 +88,7 @@ else:
     else:
         texts = data.text_corpus(DATA)[:MAX_DOCUMENTS]
         DATA_LABEL = f"text {DATA}"
-    train_ds = data.text_dataset(texts, BATCH_SIZE, shuffle_seed=SEED).take(
+    train_ds = tokenization.text_dataset(texts, BATCH_SIZE, shuffle_seed=SEED).take(
         NUM_BATCHES
     )
 print("data:", DATA_LABEL, f"({len(texts)} documents)")
@@ -103,7 +103,7 @@ same base weights every call, so full fine-tuning and LoRA start equal.
 """),
     code("""
 if PRESET is None:
-    tokenizer = data.train_tokenizer(
+    tokenizer = tokenization.train_tokenizer(
         texts[:2000], vocabulary_size=1024 if ARCH == "tiny" else 8192
     )
     WEIGHTS = f"RANDOM weights, GPT-2 {ARCH} architecture"

@@ -187,6 +187,10 @@ def test_benchmark_quantized_remat_lora_row(tmp_path):
         (["--quantize", "int3"], "--quantize ['int3']: choose among none, int8"),
         (["--remat", "full"], "'larger_than' are not supported by Keras"),
         (["--base-dtype", "float16"], "--base-dtype ['float16']"),
+        (["--loss", "sparse"], "--loss ['sparse']: choose among dense, chunked"),
+        (["--peft-autocast", "float16"], "--peft-autocast ['float16']"),
+        (["--tiny", "--dropout", "1.0"], "--dropout 1.0 must be in [0, 1)"),
+        (["--loss-chunks", "0"], "--loss-chunks must be at least 1"),
     ],
 )
 def test_benchmark_rejects_bad_arguments(args, message, tmp_path, capsys, monkeypatch):

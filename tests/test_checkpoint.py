@@ -14,7 +14,7 @@ from keras_lora import (
     lora_layers,
     set_adapter,
 )
-from keras_lora.saving import read_adapter_config
+from keras_lora.adapter_format import read_adapter_config
 from tests.helpers import constant_token_task, learnable_lm, mlp, to_numpy
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from keras_lora import cli, load_adapter
-from keras_lora.recipes import data
+from keras_lora.recipes import data, tokenization
 from keras_lora.recipes import demo as demo_lib
 from tests.test_install import DEMO_BACKEND
 
@@ -176,7 +176,7 @@ def test_finetune_a_local_hugging_face_gpt2_for_one_epoch(tmp_path):
     bpe.train_from_iterator(
         data.default_corpus(max_documents=40),
         vocab_size=300,
-        special_tokens=[data.END_OF_TEXT],
+        special_tokens=[tokenization.END_OF_TEXT],
         show_progress=False,
     )
     os.makedirs(hf_dir)

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_lora.recipes import data, pretrain, quality, quality_report
+from keras_lora.recipes import data, pretrain, quality, quality_report, tokenization
 
 
 def test_shipped_base_is_small_and_recorded():
@@ -29,7 +29,7 @@ def test_shipped_base_loads_offline_and_predicts_its_domain():
     lm = pretrain.load_pretrained(sequence_length=32)
     tokenizer = lm.preprocessor.tokenizer
     _, heldout = data.docstring_split()
-    rows = data.token_windows(heldout, tokenizer, 33, max_rows=8)
+    rows = tokenization.token_windows(heldout, tokenizer, 33, max_rows=8)
     x, y = pretrain.as_inputs(rows)
     # Calling the model skips the preprocessor: it takes token ids.
     logits = np.asarray(keras.ops.convert_to_numpy(lm(x)), "float64")

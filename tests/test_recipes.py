@@ -14,9 +14,9 @@ import keras
 import numpy as np
 import pytest
 
-from keras_lora.bench import engine
+from keras_lora.bench import compare_config
 from keras_lora.families import GPT2
-from keras_lora.recipes import data, models, training
+from keras_lora.recipes import data, models, tokenization, training
 from keras_lora.recipes.demo import DemoConfig
 from keras_lora.recipes.finetune import FinetuneConfig
 
@@ -52,35 +52,35 @@ def test_text_corpus_files_and_paragraphs(tmp_path):
 
 def test_trained_tokenizer_and_dataset_feed_gpt2():
     docs = data.default_corpus(max_documents=20)
-    tokenizer = data.train_tokenizer(docs, vocabulary_size=300)
+    tokenizer = tokenization.train_tokenizer(docs, vocabulary_size=300)
     assert tokenizer.vocabulary_size() <= 300
-    assert tokenizer.token_to_id(data.END_OF_TEXT) is not None
-    preprocessor = data.make_preprocessor(tokenizer, sequence_length=12)
-    batch = next(iter(data.text_dataset(docs, batch_size=4)))
+    assert tokenizer.token_to_id(tokenization.END_OF_TEXT) is not None
+    preprocessor = tokenization.make_preprocessor(tokenizer, sequence_length=12)
+    batch = next(iter(tokenization.text_dataset(docs, batch_size=4)))
     x, y, w = preprocessor(batch)
     assert tuple(x["token_ids"].shape) == (4, 12)
     text = docs[0][:40]
     ids = tokenizer(text)
     assert tokenizer.detokenize(ids) == text  # Byte-level BPE is lossless.
     with pytest.raises(ValueError, match="at least 257"):
-        data.train_tokenizer(docs, vocabulary_size=100)
+        tokenization.train_tokenizer(docs, vocabulary_size=100)
 
 
 def test_token_windows_cut_the_tokenized_corpus():
     docs = data.default_corpus(max_documents=20)
-    tokenizer = data.train_tokenizer(docs, vocabulary_size=300)
-    end = tokenizer.token_to_id(data.END_OF_TEXT)
-    rows = data.token_windows(docs, tokenizer, length=33, shuffle_seed=None)
+    tokenizer = tokenization.train_tokenizer(docs, vocabulary_size=300)
+    end = tokenizer.token_to_id(tokenization.END_OF_TEXT)
+    rows = tokenization.token_windows(docs, tokenizer, length=33, shuffle_seed=None)
     stream = []
     for doc in docs:
         stream += np.asarray(tokenizer(doc)).tolist() + [end]
     assert rows.dtype == np.int32 and rows.shape == (len(stream) // 33, 33)
     np.testing.assert_array_equal(rows.ravel(), stream[: rows.size])
-    shuffled = data.token_windows(docs, tokenizer, length=33, max_rows=5)
+    shuffled = tokenization.token_windows(docs, tokenizer, length=33, max_rows=5)
     assert shuffled.shape == (5, 33)
     assert {tuple(r) for r in shuffled} <= {tuple(r) for r in rows}
     with pytest.raises(ValueError, match="fewer than one row"):
-        data.token_windows(docs[:1], tokenizer, length=10**6)
+        tokenization.token_windows(docs[:1], tokenizer, length=10**6)
 
 
 def test_reddit_tifu_unavailable_offline_is_a_clear_error(tmp_path):
@@ -106,7 +106,7 @@ def test_one_architecture_table_with_gpt2_shapes():
 
 
 def test_random_task_checks_tokenizer_and_length():
-    tokenizer = data.train_tokenizer(data.default_corpus(max_documents=20), 300)
+    tokenizer = tokenization.train_tokenizer(data.default_corpus(max_documents=20), 300)
     lm, config = models.random_task("tiny", tokenizer, 16, seed=0)
     assert config["vocabulary_size"] == 1024
     assert lm.backbone.token_embedding.embeddings.shape == (1024, 64)
@@ -254,11 +254,11 @@ def test_configs_normalise_and_default_to_the_family():
     )
     with pytest.raises(ValueError, match="unknown run"):
         DemoConfig(runs=("qlora",))
-    compare = engine.CompareConfig(
+    compare = compare_config.CompareConfig(
         out="o", backends=("jax", "jax"), runs=("lora", "full"), targets=("all",)
     )
     assert compare.backends == ("jax",)
-    assert compare.runs == ("full", "lora")  # Always in engine.RUNS order.
+    assert compare.runs == ("full", "lora")  # Always in compare_config.RUNS order.
     assert compare.targets == GPT2.roles
 
 

@@ -22,6 +22,7 @@ import platform
 import time
 
 from keras_lora.bench import engine
+from keras_lora.bench.compare_config import BACKENDS
 from keras_lora.families import GPT2
 from keras_lora.files import atomic_write
 from keras_lora.recipes.models import architecture
@@ -35,7 +36,7 @@ class MixedConfig:
 
     Args:
         out: output directory.
-        backends: Keras backends (`engine.BACKENDS`).
+        backends: Keras backends (`BACKENDS`).
         peft: also run PEFT (torch) as the outside peer.
         arch: a random-weight GPT-2 architecture (`recipes.models`).
         adapters: adapters in the model; row i uses adapter i mod adapters.
@@ -68,11 +69,11 @@ class MixedConfig:
     command: str = "keras_lora.bench.mixed.compare_mixed"
 
     def __post_init__(self):
-        bad = [b for b in self.backends if b not in engine.BACKENDS]
+        bad = [b for b in self.backends if b not in BACKENDS]
         if bad or not self.backends:
             raise ValueError(
                 f"unknown backend {bad or list(self.backends)}: choose from "
-                f"{', '.join(engine.BACKENDS)}"
+                f"{', '.join(BACKENDS)}"
             )
         for name in ("adapters", "rank", "batch", "seq", "new_tokens", "repeats"):
             if getattr(self, name) < 1:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 
-from keras_lora.bench import engine, mixed
+from keras_lora.bench import compare_config, engine, mixed
+from keras_lora.bench.compare_config import CompareConfig, ConfigError
 from keras_lora.cli.arguments import (
     non_negative_int,
     positive_float,
@@ -18,6 +20,9 @@ from keras_lora.recipes.models import ALIASES, ARCHITECTURES
 
 # --backend when not given (--mode speed: every installed backend).
 TRAIN_BACKENDS = ("jax", "tensorflow")
+# The `CompareConfig` fields whose flag has another name (a field's flag is
+# otherwise --field-name).
+FIELD_ARGUMENTS = {"backends": "backend", "base_dtypes": "base_dtype", "losses": "loss"}
 
 
 def add_compare(sub) -> None:
@@ -33,8 +38,9 @@ def add_compare(sub) -> None:
     parser.add_argument(
         "--backend",
         nargs="+",
-        help=f"Keras backends for the Keras runs ({', '.join(engine.BACKENDS)}; "
-        "default jax tensorflow, --mode speed: every installed one).",
+        help="Keras backends for the Keras runs "
+        f"({', '.join(compare_config.BACKENDS)}; default jax tensorflow, "
+        "--mode speed: every installed one).",
     )
     model = parser.add_mutually_exclusive_group()
     model.add_argument(
@@ -76,14 +82,14 @@ def add_compare(sub) -> None:
     )
     parser.add_argument(
         "--dtype-policy",
-        choices=engine.DTYPE_POLICIES,
+        choices=compare_config.DTYPE_POLICIES,
         default="float32",
         help="Keras dtype policy (the PEFT run uses torch autocast to match).",
     )
     parser.add_argument(
         "--runs",
         nargs="+",
-        help=f"which runs ({', '.join(engine.RUNS)}; default all, --mode "
+        help=f"which runs ({', '.join(compare_config.RUNS)}; default all, --mode "
         "speed: lora floor peft).",
     )
     parser.add_argument(
@@ -95,7 +101,8 @@ def add_compare(sub) -> None:
         metavar="NPY",
         help="train (and evaluate) on these token ids instead of random ones: "
         "a .npy int array of shape (rows, seq + 1), e.g. tokenized text "
-        "(keras_lora.recipes.data.token_windows). Every run reads the same rows.",
+        "(keras_lora.recipes.tokenization.token_windows). Every run reads the "
+        "same rows.",
     )
     parser.add_argument(
         "--eval-batches",
@@ -124,7 +131,7 @@ def add_compare(sub) -> None:
         "--base-dtype",
         nargs="+",
         help="the LoRA run's whole-model dtype, one row each "
-        f"({', '.join(engine.BASE_DTYPES)}; default float32, --mode speed: "
+        f"({', '.join(compare_config.BASE_DTYPES)}; default float32, --mode speed: "
         "both). A bfloat16 base keeps the LoRA factors float32.",
     )
     parser.add_argument(
@@ -146,14 +153,14 @@ def add_compare(sub) -> None:
         nargs="+",
         default=["none"],
         help="quantize the LoRA run's frozen base before injecting, one row "
-        f"each ({', '.join(engine.QUANTIZE_MODES)}).",
+        f"each ({', '.join(compare_config.QUANTIZE_MODES)}).",
     )
     parser.add_argument(
         "--remat",
         nargs="+",
         default=["none"],
         help="build and inject the LoRA run inside keras.RematScope, one row "
-        f"each ({', '.join(engine.REMAT_MODES)}; Keras's 'full' and "
+        f"each ({', '.join(compare_config.REMAT_MODES)}; Keras's 'full' and "
         "'larger_than' fail on keras-hub GPT-2). The LoRA run is repeated "
         "for every combination of --base-dtype, --quantize and --remat.",
     )
@@ -237,50 +244,38 @@ def compare(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     args.rank = args.rank or 4
     speed = args.mode == "speed"
     if args.backend is None:
-        args.backend = engine.installed_backends() if speed else list(TRAIN_BACKENDS)
+        args.backend = (
+            compare_config.installed_backends() if speed else list(TRAIN_BACKENDS)
+        )
     if args.runs is None:
-        args.runs = ["lora", "floor", "peft"] if speed else list(engine.RUNS)
+        args.runs = ["lora", "floor", "peft"] if speed else list(compare_config.RUNS)
     if args.base_dtype is None:
-        args.base_dtype = list(engine.BASE_DTYPES) if speed else ["float32"]
+        args.base_dtype = list(compare_config.BASE_DTYPES) if speed else ["float32"]
     if args.peft_autocast is None:
-        args.peft_autocast = list(engine.PEFT_AUTOCAST) if speed else ["none"]
-    config = engine.CompareConfig(
-        out=args.out,
-        backends=tuple(split_list(args.backend)),
-        runs=tuple(split_list(args.runs)),
-        arch="tiny" if args.tiny else args.arch,
-        preset=args.preset,
-        batch=args.batch,
-        seq=args.seq,
-        steps=args.steps,
-        warmup=args.warmup,
-        rank=args.rank,
-        alpha=args.alpha,
-        targets=tuple(split_list(args.targets)),
-        dtype_policy=args.dtype_policy,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-        tokens=args.tokens,
-        eval_batches=args.eval_batches,
-        inference_runs=args.inference_runs,
-        rounds=args.rounds,
-        timeout=args.timeout,
-        base_dtypes=tuple(split_list(args.base_dtype)),
-        quantize=tuple(split_list(args.quantize)),
-        remat=tuple(split_list(args.remat)),
-        quantize_build=tuple(split_list(args.quantize_build)),
-        losses=tuple(split_list(args.loss)),
-        loss_chunks=args.loss_chunks,
-        peft_autocast=tuple(split_list(args.peft_autocast)),
-        dropout=args.dropout,
-        command=shlex.join(["keras-lora", *(argv or ["compare"])]),
-    )
+        args.peft_autocast = list(compare_config.PEFT_AUTOCAST) if speed else ["none"]
+    values = {}
+    for field in dataclasses.fields(CompareConfig):
+        name = FIELD_ARGUMENTS.get(field.name, field.name)
+        if not hasattr(args, name):
+            continue  # No flag: the field's default, or set below.
+        value = getattr(args, name)
+        # A field holding several values takes a list flag.
+        values[field.name] = (
+            tuple(split_list(value)) if isinstance(field.default, tuple) else value
+        )
+    values["arch"] = "tiny" if args.tiny else args.arch
+    values["command"] = shlex.join(["keras-lora", *(argv or ["compare"])])
+    try:
+        config = CompareConfig(**values)
+    except ConfigError as error:
+        flag = "--" + FIELD_ARGUMENTS.get(error.field, error.field).replace("_", "-")
+        raise ValueError(f"{flag} {error.detail}") from None
     return 0 if engine.succeeded(engine.compare(config)) else 1
 
 
 def compare_mixed(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """`keras-lora compare --mode mixed`: exit 1 when a run failed."""
-    runs = split_list(args.runs or list(engine.RUNS))
+    runs = split_list(args.runs or list(compare_config.RUNS))
     config = mixed.MixedConfig(
         out=args.out,
         backends=tuple(dict.fromkeys(split_list(args.backend or list(TRAIN_BACKENDS)))),

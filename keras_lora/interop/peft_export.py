@@ -79,7 +79,7 @@ def export_peft(
     Example (a tiny GPT-2 and back):
 
     >>> import json, os, tempfile, keras_hub
-    >>> from keras_lora import inject_lora, lora_layers
+    >>> from keras_lora import import_peft, inject_lora, lora_layers
     >>> def tiny_gpt2():
     ...     backbone = keras_hub.models.GPT2Backbone(
     ...         vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,

@@ -10,9 +10,8 @@ Three corpora:
   example, through tensorflow-datasets. Needs the dataset downloaded once
   (network) or already prepared under `data_dir`.
 
-`train_tokenizer` builds a GPT-2-style byte-level BPE tokenizer from a corpus
-for models without a GPT-2 vocabulary at hand (random-weight architectures),
-and `text_dataset` batches strings for `GPT2CausalLM.fit`.
+Tokenizers, batches and token windows of these texts are
+`keras_lora.recipes.tokenization`'s.
 """
 
 from __future__ import annotations
@@ -23,9 +22,7 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Iterable, Sequence
-
-END_OF_TEXT = "<|endoftext|>"
+from collections.abc import Iterable
 
 # A fixed list (not sys.stdlib_module_names) so the corpus is the same on
 # every run of one Python version; none of these has import side effects.
@@ -73,8 +70,8 @@ def default_corpus(
     >>> len(docs)
     3
     """
-    _check_positive("max_documents", max_documents, allow_none=True)
-    _check_positive("max_chars", max_chars)
+    check_positive("max_documents", max_documents, allow_none=True)
+    check_positive("max_chars", max_chars)
     documents: list[str] = []
     total = 0
     for text in _stdlib_docstrings():
@@ -157,6 +154,7 @@ CODE_MODULES = (
     "tarfile", "tempfile", "textwrap", "threading", "tokenize", "traceback",
     "typing", "unittest.case", "urllib.parse", "zipfile",
 )  # fmt: skip
+
 HELDOUT_CODE_MODULES = ("calendar", "fractions", "pprint", "shlex", "textwrap")
 
 
@@ -210,7 +208,7 @@ def python_code_split(max_chars: int = 600_000) -> tuple[list[str], list[str]]:
     >>> set(train).isdisjoint(heldout)
     True
     """
-    _check_positive("max_chars", max_chars)
+    check_positive("max_chars", max_chars)
     sides: dict[bool, list[str]] = {False: [], True: []}
     sizes = {False: 0, True: 0}
     seen: set[str] = set()
@@ -356,8 +354,8 @@ def reddit_tifu_dataset(
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    _check_positive("batch_size", batch_size)
-    _check_positive("num_batches", num_batches, allow_none=True)
+    check_positive("batch_size", batch_size)
+    check_positive("num_batches", num_batches, allow_none=True)
     try:
         reddit_ds = tfds.load(
             "reddit_tifu",
@@ -400,168 +398,18 @@ def dataset_texts(dataset, max_documents: int = 2000) -> list[str]:
     return texts[:max_documents]
 
 
-def train_tokenizer(
-    texts: Sequence[str], vocabulary_size: int = 8192, min_frequency: int = 2
-):
-    """Train a GPT-2-style byte-level BPE tokenizer on `texts`.
-
-    For models without a GPT-2 vocabulary at hand (random-weight
-    architectures, offline machines). Uses the `tokenizers` package's
-    `ByteLevelBPETokenizer` (the algorithm and pre-tokenisation of GPT-2)
-    and returns a `keras_hub.models.GPT2Tokenizer` holding the learned
-    vocabulary and merges in memory. `<|endoftext|>` is in the vocabulary,
-    as GPT-2's preprocessor needs it.
+def check_positive(name: str, value, allow_none: bool = False) -> None:
+    """Refuse a count argument that is not a positive integer.
 
     Args:
-        texts: the training corpus.
-        vocabulary_size: the largest vocabulary to learn (at least 257: the
-            256 byte symbols plus `<|endoftext|>`); a small corpus may give
-            fewer.
-        min_frequency: merge only pairs seen this often.
+        name: the argument's name, for the message.
+        value: its value.
+        allow_none: whether None (no limit) is accepted.
 
-    Returns:
-        A `keras_hub.models.GPT2Tokenizer`.
-
-    Example:
-
-    >>> tokenizer = train_tokenizer(default_corpus(max_documents=200), 1000)
-    >>> tokenizer.vocabulary_size() <= 1000
-    True
+    Raises:
+        ValueError: for anything but an int of at least 1 (or an allowed
+            None); a bool is not a count.
     """
-    import json
-
-    import keras_hub
-    from tokenizers import ByteLevelBPETokenizer
-
-    if int(vocabulary_size) < 257:
-        raise ValueError(
-            f"vocabulary_size must be at least 257 (256 bytes and "
-            f"{END_OF_TEXT}), got {vocabulary_size}"
-        )
-    texts = list(texts)
-    if not texts:
-        raise ValueError("cannot train a tokenizer on an empty corpus")
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        texts,
-        vocab_size=int(vocabulary_size),
-        min_frequency=min_frequency,
-        special_tokens=[END_OF_TEXT],
-        show_progress=False,
-    )
-    model = json.loads(bpe.to_str())["model"]
-    # Older `tokenizers` write merges as "a b" strings, newer as pairs.
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    return keras_hub.models.GPT2Tokenizer(vocabulary=model["vocab"], merges=merges)
-
-
-def make_preprocessor(tokenizer, sequence_length: int = 128):
-    """A `GPT2CausalLMPreprocessor` over `tokenizer` at `sequence_length`."""
-    import keras_hub
-
-    _check_positive("sequence_length", sequence_length)
-    return keras_hub.models.GPT2CausalLMPreprocessor(
-        tokenizer=tokenizer, sequence_length=sequence_length
-    )
-
-
-def text_dataset(
-    texts: Sequence[str],
-    batch_size: int = 32,
-    repeat: bool = False,
-    shuffle_seed: int | None = None,
-):
-    """Batch strings into a `tf.data.Dataset` for `GPT2CausalLM.fit`.
-
-    The task model's preprocessor tokenizes each batch, as in the keras.io
-    example (`fit` on a dataset of raw strings).
-
-    Args:
-        texts: documents.
-        batch_size: strings per batch.
-        repeat: repeat forever (then pass `steps_per_epoch` to `fit`).
-        shuffle_seed: shuffle the documents with this seed; `None` keeps
-            their order.
-
-    Returns:
-        A `tf.data.Dataset` of string batches, prefetched.
-    """
-    import tensorflow as tf
-
-    _check_positive("batch_size", batch_size)
-    texts = list(texts)
-    if not texts:
-        raise ValueError("no training documents: the corpus is empty")
-    ds = tf.data.Dataset.from_tensor_slices(texts)
-    if shuffle_seed is not None:
-        ds = ds.shuffle(len(texts), seed=shuffle_seed)
-    # No .cache(): the strings are in memory already, and a cache read only
-    # partly (fewer steps than one pass) makes TensorFlow warn.
-    ds = ds.batch(batch_size)
-    if repeat:
-        ds = ds.repeat()
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def token_windows(
-    texts: Sequence[str],
-    tokenizer,
-    length: int,
-    max_rows: int | None = None,
-    shuffle_seed: int | None = 0,
-):
-    """Cut tokenized text into rows of `length` consecutive token ids.
-
-    The documents are tokenized, joined with the tokenizer's end-of-text
-    token between them (as GPT-2 was trained) and cut into non-overlapping
-    windows; a row of `seq + 1` ids gives inputs `row[:-1]` and next-token
-    labels `row[1:]`. For token-level training and benchmarks that bypass
-    the preprocessor (`keras-lora compare --tokens`).
-
-    Args:
-        texts: documents.
-        tokenizer: a keras-hub tokenizer (e.g. from `train_tokenizer`).
-        length: ids per row.
-        max_rows: keep at most this many rows (after shuffling).
-        shuffle_seed: shuffle the rows with this seed; `None` keeps the
-            order of the text.
-
-    Returns:
-        An int32 NumPy array of shape `(rows, length)`.
-
-    Example:
-
-    >>> texts = default_corpus(max_documents=50)
-    >>> rows = token_windows(texts, train_tokenizer(texts, 500), length=33)
-    >>> rows.shape[1]
-    33
-    """
-    import numpy as np
-
-    _check_positive("length", length)
-    _check_positive("max_rows", max_rows, allow_none=True)
-    texts = list(texts)
-    if not texts:
-        raise ValueError("no documents to tokenize: the corpus is empty")
-    end = tokenizer.token_to_id(END_OF_TEXT)
-    stream: list[int] = []
-    # Tokenize in chunks: one call per document is slow in TensorFlow.
-    for start in range(0, len(texts), 256):
-        for ids in tokenizer(texts[start : start + 256]):
-            stream.extend(np.asarray(ids).tolist())
-            stream.append(end)
-    rows = len(stream) // length
-    if rows == 0:
-        raise ValueError(
-            f"the corpus has {len(stream)} tokens, fewer than one row of {length}"
-        )
-    windows = np.asarray(stream[: rows * length], dtype="int32").reshape(rows, length)
-    if shuffle_seed is not None:
-        windows = windows[np.random.default_rng(shuffle_seed).permutation(rows)]
-    return windows[:max_rows] if max_rows else windows
-
-
-def _check_positive(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -32,8 +32,9 @@ import time
 import keras
 
 from keras_lora.bench import engine
+from keras_lora.bench.compare_config import CompareConfig
 from keras_lora.files import atomic_write
-from keras_lora.recipes import data, models, pretrain
+from keras_lora.recipes import data, models, pretrain, tokenization
 from keras_lora.recipes.quality_config import RUNS, QualityConfig
 
 COMPARE_RUNS = RUNS
@@ -165,7 +166,7 @@ def demo(config: DemoConfig) -> dict:
         f"\n== 2/2 cost: {', '.join(runs)} on the {config.arch} architecture ==",
         flush=True,
     )
-    compare_config = engine.CompareConfig(
+    compare_config = CompareConfig(
         out=compare_dir,
         backends=(backend,),
         runs=tuple(runs),
@@ -196,7 +197,7 @@ def demo(config: DemoConfig) -> dict:
     return {"quality": quality, "compare": results, "report": report_path}
 
 
-def compare_command(config: engine.CompareConfig) -> str:
+def compare_command(config: CompareConfig) -> str:
     """The `keras-lora compare` line that repeats the demo's cost table."""
     argv = ["keras-lora", "compare", "--arch", config.arch, "--backend"]
     argv += [*config.backends, "--runs", *config.runs]
@@ -251,7 +252,7 @@ def write_tokens(config: DemoConfig, path: str, needed_rows: int) -> str:
     )
     chars = needed_rows * (config.seq + 1) * CHARS_PER_TOKEN
     texts, _ = data.python_code_split(max_chars=chars)
-    rows = data.token_windows(
+    rows = tokenization.token_windows(
         texts, tokenizer, config.seq + 1, shuffle_seed=config.seed
     )
     if len(rows) < needed_rows:

@@ -19,7 +19,7 @@ import keras
 
 from keras_lora.families import GPT2
 from keras_lora.recipes import data as data_lib
-from keras_lora.recipes import models, training
+from keras_lora.recipes import models, tokenization, training
 
 DEFAULT_PROMPTS = ("I like basketball", "That Italian restaurant is")
 DTYPE_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16", "bfloat16")
@@ -170,7 +170,7 @@ def _model(config: FinetuneConfig, texts, dataset):
     else:
         sample = texts if texts is not None else data_lib.dataset_texts(dataset)
         vocab = config.vocab_size or (1024 if config.arch == "tiny" else 8192)
-        tokenizer = data_lib.train_tokenizer(sample[:2000], vocabulary_size=vocab)
+        tokenizer = tokenization.train_tokenizer(sample[:2000], vocabulary_size=vocab)
         tokenizer_label = (
             f"byte-level BPE trained on the corpus "
             f"({tokenizer.vocabulary_size()} tokens, asked {vocab})"
@@ -225,7 +225,7 @@ def _finetune(config: FinetuneConfig) -> dict:
         lm.save_to_preset(base_preset)
 
     if texts is not None:
-        dataset = data_lib.text_dataset(
+        dataset = tokenization.text_dataset(
             texts, config.batch, repeat=steps is not None, shuffle_seed=config.seed
         )
     elif steps is not None:

@@ -29,7 +29,7 @@ import time
 import keras
 
 from keras_lora.files import atomic_write
-from keras_lora.recipes import data
+from keras_lora.recipes import data, tokenization
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 FILES = ("model.safetensors", "vocab.json", "merges.txt", "card.json")
@@ -116,11 +116,13 @@ def pretrain(config: PretrainConfig) -> dict:
 
     started = time.perf_counter()
     train_docs, heldout_docs = data.docstring_split()
-    tokenizer = data.train_tokenizer(train_docs, vocabulary_size=config.vocab_size)
-    rows = data.token_windows(
+    tokenizer = tokenization.train_tokenizer(
+        train_docs, vocabulary_size=config.vocab_size
+    )
+    rows = tokenization.token_windows(
         train_docs, tokenizer, config.seq + 1, shuffle_seed=config.seed
     )
-    heldout = data.token_windows(heldout_docs, tokenizer, config.seq + 1)
+    heldout = tokenization.token_windows(heldout_docs, tokenizer, config.seq + 1)
     keras.utils.set_random_seed(config.seed)
     backbone = keras_hub.models.GPT2Backbone(
         vocabulary_size=tokenizer.vocabulary_size(),

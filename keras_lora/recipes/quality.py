@@ -33,7 +33,7 @@ import keras
 from keras_lora.callbacks import host_peak_rss_bytes, reset_host_peak_rss
 from keras_lora.families import GPT2
 from keras_lora.files import atomic_write
-from keras_lora.recipes import data, pretrain, training
+from keras_lora.recipes import data, pretrain, tokenization, training
 from keras_lora.recipes.quality_config import (
     WEIGHTED,
     QualityConfig,
@@ -371,7 +371,7 @@ def quality(config: QualityConfig) -> dict:
     del base
     code_train, code_heldout = data.python_code_split()
     _, doc_heldout = data.docstring_split()
-    windows = data.token_windows(
+    windows = tokenization.token_windows(
         code_train, tokenizer, config.seq + 1, shuffle_seed=config.seed
     )
     order = np.random.default_rng(config.seed).integers(
@@ -379,10 +379,10 @@ def quality(config: QualityConfig) -> dict:
     )
     rows = {
         "train": windows[order],
-        "code_heldout": data.token_windows(
+        "code_heldout": tokenization.token_windows(
             code_heldout, tokenizer, config.seq + 1, max_rows=config.eval_rows
         ),
-        "doc_heldout": data.token_windows(
+        "doc_heldout": tokenization.token_windows(
             doc_heldout, tokenizer, config.seq + 1, max_rows=config.eval_rows
         ),
     }

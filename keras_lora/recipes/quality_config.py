@@ -10,23 +10,19 @@ import dataclasses
 from keras_lora.families import GPT2
 
 PROMPTS = ("def __init__(self, ", "    for key, value in ", "class ")
-
 RUNS = ("lora", "full", "builtin", "peft")
-
 LABELS = {
     "lora": "keras-lora",
     "full": "full fine-tuning",
     "builtin": "keras-hub enable_lora",
     "peft": "HF PEFT (torch)",
 }
-
 # All six projections of every block at rank 1 and the tied token
 # embedding at rank 4 (alpha 1): 26,112 parameters, 1.96% of the base.
 # The projections alone (rank 2, 18,432 parameters) recovered a third of
 # full fine-tuning's gain: most of it is the code's token frequencies, which
 # reach the logits through the tied output head (README, "The main job").
 LORA_TARGETS = (*GPT2.roles, GPT2.embedding)
-
 WEIGHTED = "weighted_update"  # quality.json: losses with the update times w.
 
 

@@ -1,15 +1,15 @@
 import os, sys; os.environ.setdefault("KERAS_BACKEND","jax")
 import numpy as np, keras
-from keras_lora.recipes import pretrain, data, quality, training
+from keras_lora.recipes import pretrain, data, quality, training, tokenization
 lr = 1e-3
 base = pretrain.load_pretrained(128); tok = base.preprocessor.tokenizer
 code_train, code_held = data.python_code_split(); doc_train, doc_held = data.docstring_split()
 keras.utils.set_random_seed(0)
 lm = pretrain.load_pretrained(128, with_preprocessor=False)
 opt, loss = training.optimizer_and_loss(lr); lm.compile(optimizer=opt, loss=loss)
-windows = data.token_windows(code_train, tok, 129, shuffle_seed=0)
+windows = tokenization.token_windows(code_train, tok, 129, shuffle_seed=0)
 order = np.random.default_rng(0).integers(0, len(windows), size=120 * 8)
-ch = data.token_windows(code_held, tok, 129, max_rows=64); dh = data.token_windows(doc_held, tok, 129, max_rows=64)
+ch = tokenization.token_windows(code_held, tok, 129, max_rows=64); dh = tokenization.token_windows(doc_held, tok, 129, max_rows=64)
 ev = lambda r: quality._evaluate(lm, r, 8)
 c0, d0 = ev(ch), ev(dh)
 w0 = [w.numpy() for w in lm.weights]

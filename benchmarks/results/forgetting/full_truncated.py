@@ -1,11 +1,11 @@
 import os, sys; os.environ.setdefault("KERAS_BACKEND","jax")
 import numpy as np, keras
-from keras_lora.recipes import pretrain, data, quality, training
+from keras_lora.recipes import pretrain, data, quality, training, tokenization
 base = pretrain.load_pretrained(128); tok = base.preprocessor.tokenizer
 code_train, code_held = data.python_code_split(); doc_train, doc_held = data.docstring_split()
 lm = pretrain.load_pretrained(128, with_preprocessor=False)
 opt, loss = training.optimizer_and_loss(1e-3); lm.compile(optimizer=opt, loss=loss)
-ch = data.token_windows(code_held, tok, 129, max_rows=64); dh = data.token_windows(doc_held, tok, 129, max_rows=64)
+ch = tokenization.token_windows(code_held, tok, 129, max_rows=64); dh = tokenization.token_windows(doc_held, tok, 129, max_rows=64)
 ev = lambda r: quality._evaluate(lm, r, 8)
 z = np.load("/tmp/fg/full_w.npz"); n = len(lm.weights)
 w0 = [z[f"w0_{i}"] for i in range(n)]; w1 = [z[f"w1_{i}"] for i in range(n)]

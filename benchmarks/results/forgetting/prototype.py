@@ -1,6 +1,6 @@
 import os, sys; os.environ.setdefault("KERAS_BACKEND","jax")
 import numpy as np, keras, scipy.linalg as sl
-from keras_lora.recipes import pretrain, data, quality, training
+from keras_lora.recipes import pretrain, data, quality, training, tokenization
 from keras_lora.embedding import LoraEmbedding
 from keras_lora.layer import LoraLayer
 k = int(os.environ.get("K", 2)); lr = float(os.environ.get("LR", 5e-3)); steps = int(os.environ.get("STEPS", 120))
@@ -15,7 +15,7 @@ quality._inject(lm, cfg)
 bb = lm.backbone
 feat = keras.Model(bb.inputs, bb.output)
 def H(texts, n):
-    r = data.token_windows(texts, tok, 129, max_rows=n)
+    r = tokenization.token_windows(texts, tok, 129, max_rows=n)
     x, _ = pretrain.as_inputs(r); x = {kk: x[kk] for kk in ("token_ids","padding_mask")}
     h = feat.predict(x, batch_size=16, verbose=0); return h[x["padding_mask"].astype(bool)].astype(np.float64)
 hd, hc = H(doc_train, 256), H(code_train, 256)
@@ -36,7 +36,7 @@ if mode.startswith("both"):
         return _lcall(self, inputs, *a, **kw)
     LoraLayer.call = lcall
     def acts(texts):
-        rec.clear(); r = data.token_windows(texts, tok, 129, max_rows=64)
+        rec.clear(); r = tokenization.token_windows(texts, tok, 129, max_rows=64)
         x, _ = pretrain.as_inputs(r); x = {kk: x[kk] for kk in ("token_ids","padding_mask")}
         for i in range(0, len(r), 16): bb({kk: v[i:i+16] for kk, v in x.items()})
         return {kk: np.concatenate(v).astype(np.float64) for kk, v in rec.items()}
@@ -58,9 +58,9 @@ if os.environ.get("HEAD_ONLY"):
         return self.original_layer(inputs)
     LoraEmbedding.call = _ho
 opt, loss = training.optimizer_and_loss(lr); lm.compile(optimizer=opt, loss=loss)
-windows = data.token_windows(code_train, tok, 129, shuffle_seed=0)
+windows = tokenization.token_windows(code_train, tok, 129, shuffle_seed=0)
 order = np.random.default_rng(0).integers(0, len(windows), size=steps * 8)
-ch = data.token_windows(code_held, tok, 129, max_rows=64); dh = data.token_windows(doc_held, tok, 129, max_rows=64)
+ch = tokenization.token_windows(code_held, tok, 129, max_rows=64); dh = tokenization.token_windows(doc_held, tok, 129, max_rows=64)
 ev = lambda r: quality._evaluate(lm, r, 8)
 c0, d0 = ev(ch), ev(dh)
 x, y = pretrain.as_inputs(windows[order])

@@ -1,7 +1,7 @@
 import os, sys, zlib; os.environ.setdefault("KERAS_BACKEND","jax")
 import numpy as np, keras
 from pydoc_data.topics import topics
-from keras_lora.recipes import pretrain, data, quality, training
+from keras_lora.recipes import pretrain, data, quality, training, tokenization
 run = sys.argv[1]; lr = float(sys.argv[2]); extra = sys.argv[3] if len(sys.argv) > 3 else ""
 kw = dict(lora_learning_rate=lr)
 if extra == "proj": kw.update(lora_targets=quality.GPT2.roles, lora_rank=2, embedding_rank=None, embedding_alpha=None)
@@ -16,9 +16,9 @@ keras.utils.set_random_seed(0)
 lm = pretrain.load_pretrained(128, with_preprocessor=False)
 if run == "lora": quality._inject(lm, cfg)
 opt, loss = training.optimizer_and_loss(lr); lm.compile(optimizer=opt, loss=loss)
-windows = data.token_windows(train, tok, 129, shuffle_seed=0)
+windows = tokenization.token_windows(train, tok, 129, shuffle_seed=0)
 order = np.random.default_rng(0).integers(0, len(windows), size=120 * 8)
-ch = data.token_windows(held, tok, 129, max_rows=64); dh = data.token_windows(doc_held, tok, 129, max_rows=64)
+ch = tokenization.token_windows(held, tok, 129, max_rows=64); dh = tokenization.token_windows(doc_held, tok, 129, max_rows=64)
 print("windows", len(windows), len(ch), len(dh))
 ev = lambda r: quality._evaluate(lm, r, 8)
 c0, d0 = ev(ch), ev(dh)

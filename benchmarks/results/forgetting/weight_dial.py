@@ -1,6 +1,6 @@
 import os, sys; os.environ.setdefault("KERAS_BACKEND","jax")
 import numpy as np, keras
-from keras_lora.recipes import pretrain, data, quality, training
+from keras_lora.recipes import pretrain, data, quality, training, tokenization
 from keras_lora.layer import LoraLayer
 from keras_lora.embedding import LoraEmbedding
 import json
@@ -18,11 +18,11 @@ keras.utils.set_random_seed(0)
 lm = load(with_preprocessor=False)
 if run == "lora": quality._inject(lm, cfg)
 opt, loss = training.optimizer_and_loss(lr); lm.compile(optimizer=opt, loss=loss)
-windows = data.token_windows(code_train, tok, 129, shuffle_seed=0)
+windows = tokenization.token_windows(code_train, tok, 129, shuffle_seed=0)
 print("code train windows", len(windows), "trainable", sum(int(np.prod(w.shape)) for w in lm.trainable_weights), lm.count_params())
 order = np.random.default_rng(0).integers(0, len(windows), size=120 * 8)
-ch = data.token_windows(code_held, tok, 129, max_rows=64); dh = data.token_windows(doc_held, tok, 129, max_rows=64)
-dv = data.token_windows(doc_train, tok, 129, max_rows=64)
+ch = tokenization.token_windows(code_held, tok, 129, max_rows=64); dh = tokenization.token_windows(doc_held, tok, 129, max_rows=64)
+dv = tokenization.token_windows(doc_train, tok, 129, max_rows=64)
 ev = lambda r: quality._evaluate(lm, r, 8)
 c0, d0, v0 = ev(ch), ev(dh), ev(dv)
 w0 = [w.numpy() for w in lm.weights]
