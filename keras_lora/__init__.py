@@ -10,10 +10,8 @@ from keras_lora.families.gpt2 import gpt2_layout_map
 from keras_lora.injection import (
     freeze_non_lora,
     inject_lora,
-    layer_paths,
     lora_layers,
     print_trainable_parameters,
-    target_layers,
     trainable_summary,
     wrap_layers,
 )
@@ -32,6 +30,7 @@ from keras_lora.switching import (
     disable_lora,
     set_adapter,
 )
+from keras_lora.targeting import layer_paths, target_layers
 from keras_lora.version import __version__ as __version__
 from keras_lora.weighted import add_weighted_adapter
 

@@ -1,8 +1,13 @@
-"""Model surgery: `inject_lora`, `freeze_non_lora`, `lora_layers`."""
+"""Adding LoRA to a model: `inject_lora` and `wrap_layers` wrap layers,
+`add_named_adapter` adds an adapter beside others, and `freeze_non_lora`
+leaves only the LoRA factors trainable (`lora_layers`, trainable counts).
+
+Which layers are chosen is `keras_lora.targeting`'s; finding and swapping
+them in the layer tree is `keras_lora.surgery`'s.
+"""
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 
@@ -21,6 +26,7 @@ from keras_lora.surgery import (
     drop_compiled_functions,
     refresh_torch_params,
 )
+from keras_lora.targeting import all_linear_layers, target_layers
 
 
 def inject_lora(
@@ -211,147 +217,6 @@ def wrap_layers(
     return model
 
 
-def target_layers(
-    model: keras.layers.Layer,
-    targets: Sequence[str],
-    *,
-    index: LayerIndex | None = None,
-) -> list[keras.layers.Layer]:
-    """The layers under `model` that `targets` match, in walk order.
-
-    Args:
-        model: a built model.
-        targets: layer names, path suffixes or path regexes (see
-            `inject_lora`).
-        index: the caller's `LayerIndex(model)`, to save a walk of the tree.
-
-    Returns:
-        The matching layers, each once.
-
-    Raises:
-        ValueError: if `targets` is empty, a target is not a string, or a
-            target matches no layer (the message lists the layers with
-            kernels that could match).
-    """
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(
-            "`targets` must be a non-empty sequence of layer names or path "
-            f"regexes, e.g. ('query', 'value'). Received: targets={targets!r}"
-        )
-    if not model.built:
-        raise ValueError(
-            f"Model '{model.name}' is not built. Build it first (call it on "
-            "a batch of data, or `model.build(input_shape)`), then add LoRA."
-        )
-    if index is None:
-        index = LayerIndex(model)
-    index.check_model(model)
-    paths = index.items()
-    # A regex matches a whole path suffix that starts at a "/" boundary: the
-    # layer's name alone, or any tail of its path.
-    patterns = {
-        t: re.compile(rf"(?:.*/)?(?:{t})") if _is_regex(t) else None for t in targets
-    }
-    matched, hits = [], dict.fromkeys(targets, 0)
-    for path, layer in paths:
-        found = False
-        for target, pattern in patterns.items():
-            if (
-                layer.name == target
-                or path == target
-                or path.endswith("/" + target)
-                or (pattern is not None and pattern.fullmatch(path))
-            ):
-                hits[target] += 1
-                found = True
-        if found:
-            matched.append(layer)
-    missing = [t for t, n in hits.items() if n == 0]
-    if missing:
-        candidates = dict.fromkeys(
-            layer.name
-            for _, layer in paths
-            if isinstance(layer, LoraLayer)
-            or hasattr(layer, "kernel")
-            or isinstance(layer, keras.layers.Embedding)
-        )
-        raise ValueError(
-            f"No layer matched targets {tuple(missing)!r}; layers with "
-            f"kernels or embedding tables: {', '.join(candidates) or 'none'}. "
-            "Use a layer name, "
-            "a path suffix, or a regex over the full path (see "
-            "keras_lora.layer_paths(model))."
-        )
-    return matched
-
-
-def all_linear_layers(
-    model: keras.layers.Layer, index: LayerIndex | None = None
-) -> list[keras.layers.Layer]:
-    """What `targets="all-linear"` wraps, in walk order (PEFT's rule).
-
-    Every Dense and EinsumDense whose kernel LoRA can factor, except those
-    producing one of the model's outputs (a functional model's output
-    head; keras-hub language models tie theirs to the embedding, which is
-    no Dense). Nothing here knows any model family.
-
-    Args:
-        model: a built model.
-        index: a `LayerIndex` of `model` the caller already built.
-
-    Raises:
-        ValueError: if the model is not built or has no such layer.
-    """
-    if not model.built:
-        raise ValueError(
-            f"Model '{model.name}' is not built. Build it first (call it on "
-            "a batch of data, or `model.build(input_shape)`), then add LoRA."
-        )
-    heads = set()
-    try:
-        outputs = keras.tree.flatten(model.outputs or [])
-    except (AttributeError, ValueError):  # A subclassed model or a layer.
-        outputs = []
-    for tensor in outputs:
-        history = getattr(tensor, "_keras_history", None)
-        if history is not None:
-            heads.add(id(history.operation))
-    layers = []
-    for _, layer in (index or LayerIndex(model)).items():
-        if isinstance(layer, LoraEmbedding):  # Not linear, as in PEFT.
-            continue
-        if isinstance(layer, LoraLayer):  # Linear, and wrapped already.
-            layers.append(layer)
-            continue
-        if not isinstance(layer, (keras.layers.Dense, keras.layers.EinsumDense)):
-            continue
-        if id(layer) in heads or getattr(layer, "kernel", None) is None:
-            continue
-        try:
-            split_kernel(layer)
-        except ValueError:  # Not one input-to-output matrix: not linear.
-            continue
-        layers.append(layer)
-    if not layers:
-        raise ValueError(
-            f"Model '{model.name}' has no Dense or EinsumDense layer besides "
-            "its output layers, so `targets='all-linear'` matches nothing."
-        )
-    return layers
-
-
-def layer_paths(model: keras.layers.Layer) -> list[str]:
-    """The paths `inject_lora` matches targets against, in walk order.
-
-    Example:
-
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
-    >>> layer_paths(model)
-    ['input_layer...', 'd']
-    """
-    return LayerIndex(model).paths()
-
-
 def lora_layers(
     model: keras.layers.Layer, *, index: LayerIndex | None = None
 ) -> list[LoraLayer]:
@@ -457,10 +322,6 @@ def _size(variable) -> int:
     for dim in variable.shape:
         size *= int(dim)
     return size
-
-
-def _is_regex(target: str) -> bool:
-    return any(c in target for c in ".*+?[](){}|^$\\")
 
 
 def refresh_compile_state(model: keras.Model) -> None:
