@@ -10,6 +10,8 @@ import numpy as np
 
 VOCAB = 64
 SEQ = 8
+# The backend tests/test_install.py runs the installed demo under.
+DEMO_BACKEND = "jax"
 
 
 def tiny_gpt2_backbone(**overrides) -> keras_hub.models.GPT2Backbone:
@@ -143,3 +145,93 @@ def count_walks(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(surgery, "walk_layers", counting)
     return calls
+
+
+def expected_axes(path: str, ndim: int, shard_embeddings: bool = True) -> list:
+    """The layout gpt2_layout_map should give a GPT-2 weight, written out
+    independently of its regexes."""
+    layer, variable = path.split("/")[-2:]
+    m = "model"
+    h = m if shard_embeddings else None  # the factors' hidden-size axes
+    if layer in ("query", "key", "value"):
+        layer = "qkv"
+    table = {
+        ("token_embedding", "embeddings"): (None, h),
+        ("position_embedding", "embeddings"): (None, h),
+        ("qkv", "kernel"): (None, m, None),
+        ("qkv", "lora_a"): (h, None),
+        ("qkv", "lora_b"): (None, m, None),
+        ("attention_output", "kernel"): (m, None, None),
+        ("attention_output", "lora_a"): (m, None, None),
+        ("attention_output", "lora_b"): (None, h),
+        ("feedforward_intermediate_dense", "kernel"): (None, m),
+        ("feedforward_intermediate_dense", "lora_a"): (h, None),
+        ("feedforward_intermediate_dense", "lora_b"): (None, m),
+        ("feedforward_output_dense", "kernel"): (m, None),
+        ("feedforward_output_dense", "lora_a"): (m, None),
+        ("feedforward_output_dense", "lora_b"): (None, h),
+    }
+    return list(table.get((layer, variable), (None,) * ndim))
+
+
+def device_mesh(names=("batch", "model")) -> keras.distribution.DeviceMesh:
+    """A (2, 4) mesh of device names: a LayoutMap never touches the devices."""
+    return keras.distribution.DeviceMesh((2, 4), names, [f"cpu:{i}" for i in range(8)])
+
+
+def small_mlp() -> keras.Sequential:
+    """An 8 -> 16 -> 4 MLP ("up", "down"), the same random base each call."""
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu", name="up"),
+            keras.layers.Dense(4, name="down"),
+        ],
+        name="small_mlp",
+    )
+    rng = np.random.default_rng(0)
+    for w in model.weights:  # The same base in every model built here.
+        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
+    return model
+
+
+def randomize_adapter(model, name, seed):
+    """Give adapter `name`'s B factors non-zero values, as training would."""
+    from keras_lora import lora_layers
+
+    rng = np.random.default_rng(seed)
+    for layer in lora_layers(model):
+        if name in layer.adapters:
+            b = layer.adapters[name].lora_b
+            b.assign(rng.normal(0, 0.3, b.shape).astype("float32"))
+
+
+# A batch for `small_mlp`.
+MLP_X = np.random.default_rng(1).normal(size=(6, 8)).astype("float32")
+
+
+def two_adapters():
+    """MLP with "default" (rank 2, on up) and "b" (rank 3, on up and down),
+    and each adapter's outputs when it was the model's only adapter."""
+    from keras_lora import inject_lora, lora_layers
+
+    model = small_mlp()
+    base = to_numpy(model(MLP_X))
+    inject_lora(model, rank=2, alpha=4.0, targets="up", seed=1)
+    randomize_adapter(model, "default", 1)
+    out_a = to_numpy(model(MLP_X))
+    alone_b = small_mlp()
+    inject_lora(alone_b, rank=3, alpha=6.0, targets=("up", "down"), seed=2)
+    randomize_adapter(alone_b, "default", 2)
+    out_b = to_numpy(alone_b(MLP_X))
+    inject_lora(model, rank=3, alpha=6.0, targets=("up", "down"), adapter_name="b")
+    # "b" gets the factors the lone model trained.
+    lone = {layer.name: layer for layer in lora_layers(alone_b)}
+    for layer in lora_layers(model):
+        for ours, theirs in zip(
+            layer.adapters["b"].variables,
+            lone[layer.name].adapters["default"].variables,
+            strict=True,
+        ):
+            ours.assign(theirs.value)
+    return model, base, out_a, out_b

@@ -1,4 +1,5 @@
-"""A tiny random transformers GPT-2 on disk, and logits from both sides.
+"""Tiny random transformers models on disk (GPT-2, and any family's:
+`save_tiny_model`, `Side`), and logits from both sides.
 
 Imports torch, transformers and peft: import this module only after
 `pytest.importorskip("torch")`.
@@ -14,6 +15,8 @@ import keras_hub
 import numpy as np
 import torch
 import transformers
+
+from tests.family_cases import VOCAB
 
 HF_CONFIG = dict(
     vocab_size=96,
@@ -82,3 +85,49 @@ def torch_outputs(model, ids) -> np.ndarray:
 def keras_outputs(model, ids) -> np.ndarray:
     inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     return np.asarray(keras.ops.convert_to_numpy(model(inputs, training=False)))
+
+
+class Side:
+    """One family's tiny model on disk, its ids, and base logits."""
+
+    def __init__(self, case, hf_dir):
+        self.case = case
+        self.family = case.family
+        self.hf_dir = hf_dir
+        self.ids = np.random.default_rng(0).integers(0, VOCAB, (2, 10)).astype("int32")
+        self.hf_base = self.hf_logits(self.hf_model())
+
+    def hf_model(self):
+        cls = getattr(transformers, self.case.hf_class)
+        return cls.from_pretrained(self.hf_dir).eval()
+
+    def hf_logits(self, model) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.as_tensor(self.ids, dtype=torch.long)).logits.numpy()
+
+    def keras_lm(self):
+        cls = getattr(keras_hub.models, self.case.causal_lm)
+        return cls.from_preset(self.hf_dir, preprocessor=None)
+
+    def keras_logits(self, lm) -> np.ndarray:
+        inputs = {"token_ids": self.ids, "padding_mask": np.ones_like(self.ids)}
+        return np.asarray(keras.ops.convert_to_numpy(lm(inputs, training=False)))
+
+    def module(self, role: str) -> str:
+        """The Hugging Face module name of a role, without its block."""
+        return self.family.projection(role).hf_module.rpartition(".")[2]
+
+
+def save_tiny_model(case, path) -> str:
+    """A random transformers model with weights of order one (stddev 0.2,
+    norm scales near 1), rounded to float16-representable values."""
+    name, config = case.hf_config
+    torch.manual_seed(0)
+    model = getattr(transformers, case.hf_class)(getattr(transformers, name)(**config))
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            noise = torch.randn_like(param)
+            value = 1.0 + 0.1 * noise if "norm" in param_name else 0.2 * noise
+            param.copy_(value.half().float())
+    model.save_pretrained(path)
+    return os.fspath(path)

@@ -23,7 +23,7 @@ import pytest
 from keras_lora import cli, load_adapter
 from keras_lora.recipes import data, tokenization
 from keras_lora.recipes import demo as demo_lib
-from tests.test_install import DEMO_BACKEND
+from tests.helpers import DEMO_BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # TensorFlow's C++ runtime logs to stderr before Python can stop it; those

@@ -25,7 +25,12 @@ import pytest
 
 from keras_lora import distribute_lora, gpt2_layout_map, inject_lora
 from keras_lora.families import GPT2
-from tests.helpers import tiny_gpt2_backbone, tiny_gpt2_lm
+from tests.helpers import (
+    device_mesh,
+    expected_axes,
+    tiny_gpt2_backbone,
+    tiny_gpt2_lm,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
@@ -35,33 +40,6 @@ WORKER_TIMEOUT = 240
 # The JAX worker sets its own backend; the JAX pass is the suite's slowest
 # (the installed demo runs there), so the torch pass judges it.
 JAX_WORKER = pytest.mark.worker_backend("jax", judged_in="torch")
-
-
-def expected_axes(path: str, ndim: int, shard_embeddings: bool = True) -> list:
-    """The layout gpt2_layout_map should give a GPT-2 weight, written out
-    independently of its regexes."""
-    layer, variable = path.split("/")[-2:]
-    m = "model"
-    h = m if shard_embeddings else None  # the factors' hidden-size axes
-    if layer in ("query", "key", "value"):
-        layer = "qkv"
-    table = {
-        ("token_embedding", "embeddings"): (None, h),
-        ("position_embedding", "embeddings"): (None, h),
-        ("qkv", "kernel"): (None, m, None),
-        ("qkv", "lora_a"): (h, None),
-        ("qkv", "lora_b"): (None, m, None),
-        ("attention_output", "kernel"): (m, None, None),
-        ("attention_output", "lora_a"): (m, None, None),
-        ("attention_output", "lora_b"): (None, h),
-        ("feedforward_intermediate_dense", "kernel"): (None, m),
-        ("feedforward_intermediate_dense", "lora_a"): (h, None),
-        ("feedforward_intermediate_dense", "lora_b"): (None, m),
-        ("feedforward_output_dense", "kernel"): (m, None),
-        ("feedforward_output_dense", "lora_a"): (m, None),
-        ("feedforward_output_dense", "lora_b"): (None, h),
-    }
-    return list(table.get((layer, variable), (None,) * ndim))
 
 
 def _worker_env() -> dict:
@@ -171,11 +149,6 @@ def _assert_specs(specs: dict, shard_embeddings: bool = True) -> None:
 # ------------------------------------------------- the layout map, in-process
 
 
-def _mesh(names=("batch", "model")):
-    # A mesh of device names: a LayoutMap never touches the devices.
-    return keras.distribution.DeviceMesh((2, 4), names, [f"cpu:{i}" for i in range(8)])
-
-
 def _gpt2_paths() -> list[tuple[str, int]]:
     lm = tiny_gpt2_lm(num_heads=4)
     inject_lora(lm, rank=4, targets=GPT2.roles)
@@ -184,7 +157,7 @@ def _gpt2_paths() -> list[tuple[str, int]]:
 
 @pytest.mark.parametrize("shard_embeddings", [True, False])
 def test_layout_map_gives_each_weight_its_layout(shard_embeddings):
-    layout_map = gpt2_layout_map(_mesh(), shard_embeddings=shard_embeddings)
+    layout_map = gpt2_layout_map(device_mesh(), shard_embeddings=shard_embeddings)
     paths = _gpt2_paths()
     assert len(paths) == 60
     for path, ndim in paths:
@@ -207,7 +180,7 @@ def test_layout_map_leaves_keras_builtin_lora_replicated():
     # ".../query/lora_kernel_a" and gave it the kernel's 3-D layout.
     backbone = tiny_gpt2_backbone(num_heads=4)
     backbone.enable_lora(4)
-    layout_map = gpt2_layout_map(_mesh())
+    layout_map = gpt2_layout_map(device_mesh())
     builtin = [v.path for v in backbone.weights if "lora_kernel" in v.path]
     assert builtin
     for path in builtin:
@@ -216,7 +189,7 @@ def test_layout_map_leaves_keras_builtin_lora_replicated():
 
 def test_layout_map_custom_axis_names():
     layout_map = gpt2_layout_map(
-        _mesh(("data", "tp")), batch_dim_name="data", model_dim_name="tp"
+        device_mesh(("data", "tp")), batch_dim_name="data", model_dim_name="tp"
     )
     query = layout_map["transformer_layer_0/self_attention/query/kernel"]
     assert tuple(query.axes) == (None, "tp", None)
@@ -224,13 +197,13 @@ def test_layout_map_custom_axis_names():
 
 def test_layout_map_validates_the_mesh():
     with pytest.raises(ValueError, match="missing: 'batch'"):
-        gpt2_layout_map(_mesh(("data", "model")))
+        gpt2_layout_map(device_mesh(("data", "model")))
     with pytest.raises(ValueError, match="missing: 'model'"):
-        gpt2_layout_map(_mesh(("batch", "tensor")))
+        gpt2_layout_map(device_mesh(("batch", "tensor")))
     with pytest.raises(ValueError, match="DeviceMesh"):
         gpt2_layout_map((2, 4))
     with pytest.raises(ValueError, match="two different"):
-        gpt2_layout_map(_mesh(), batch_dim_name="model")
+        gpt2_layout_map(device_mesh(), batch_dim_name="model")
 
 
 def test_distribute_lora_errors():

@@ -347,7 +347,7 @@ def llama(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     from tests.family_cases import CASES
-    from tests.test_family_peft import Side, save_tiny_model
+    from tests.peft_helpers import Side, save_tiny_model
 
     case = next(c for c in CASES if c.family.name == "llama")
     return Side(case, save_tiny_model(case, tmp_path_factory.mktemp("llama_dora")))

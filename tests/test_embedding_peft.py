@@ -27,7 +27,7 @@ from keras_lora.interop import export_peft, import_peft  # noqa: E402
 from tests import peft_helpers  # noqa: E402
 from tests.family_cases import CASES  # noqa: E402
 from tests.helpers import snapshot  # noqa: E402
-from tests.test_family_peft import Side, save_tiny_model  # noqa: E402
+from tests.peft_helpers import Side, save_tiny_model  # noqa: E402
 
 ATOL = 1e-4
 TARGETS = ("query", "value", "token_embedding")

@@ -17,71 +17,22 @@ exact and every family's base logits are compared directly.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-import keras  # noqa: E402
-import keras_hub  # noqa: E402
 import peft  # noqa: E402
 import transformers  # noqa: E402
 
 from keras_lora import inject_lora, lora_layers, merge_lora  # noqa: E402
 from keras_lora.interop import export_hf_model, export_peft, import_peft  # noqa: E402
-from tests.family_cases import CASES, VOCAB  # noqa: E402
+from tests.family_cases import CASES  # noqa: E402
 from tests.helpers import randomize_lora_b, snapshot  # noqa: E402
+from tests.peft_helpers import Side, save_tiny_model  # noqa: E402
 
 ATOL = 1e-4
 HF_CASES = [case for case in CASES if case.hf_config is not None]
-
-
-class Side:
-    """One family's tiny model on disk, its ids, and base logits."""
-
-    def __init__(self, case, hf_dir):
-        self.case = case
-        self.family = case.family
-        self.hf_dir = hf_dir
-        self.ids = np.random.default_rng(0).integers(0, VOCAB, (2, 10)).astype("int32")
-        self.hf_base = self.hf_logits(self.hf_model())
-
-    def hf_model(self):
-        cls = getattr(transformers, self.case.hf_class)
-        return cls.from_pretrained(self.hf_dir).eval()
-
-    def hf_logits(self, model) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.as_tensor(self.ids, dtype=torch.long)).logits.numpy()
-
-    def keras_lm(self):
-        cls = getattr(keras_hub.models, self.case.causal_lm)
-        return cls.from_preset(self.hf_dir, preprocessor=None)
-
-    def keras_logits(self, lm) -> np.ndarray:
-        inputs = {"token_ids": self.ids, "padding_mask": np.ones_like(self.ids)}
-        return np.asarray(keras.ops.convert_to_numpy(lm(inputs, training=False)))
-
-    def module(self, role: str) -> str:
-        """The Hugging Face module name of a role, without its block."""
-        return self.family.projection(role).hf_module.rpartition(".")[2]
-
-
-def save_tiny_model(case, path) -> str:
-    """A random transformers model with weights of order one (stddev 0.2,
-    norm scales near 1), rounded to float16-representable values."""
-    name, config = case.hf_config
-    torch.manual_seed(0)
-    model = getattr(transformers, case.hf_class)(getattr(transformers, name)(**config))
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            noise = torch.randn_like(param)
-            value = 1.0 + 0.1 * noise if "norm" in param_name else 0.2 * noise
-            param.copy_(value.half().float())
-    model.save_pretrained(path)
-    return os.fspath(path)
 
 
 @pytest.fixture(scope="module", params=HF_CASES, ids=lambda case: case.id)

@@ -18,8 +18,9 @@ import sys
 import numpy as np
 import pytest
 
+from tests.helpers import DEMO_BACKEND
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_BACKEND = "jax"
 # What these tests check is the install, not a backend: the children run
 # JAX (KERAS_BACKEND set for them) once per suite, judged in the torch pass
 # (tests/conftest.py): the JAX pass is the slowest, the torch pass the

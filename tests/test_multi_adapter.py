@@ -20,59 +20,18 @@ from keras_lora import (
     set_adapter,
 )
 from keras_lora.switching import active_adapters
-from tests.helpers import snapshot, tiny_gpt2_lm, to_numpy, token_batch
-
-
-def small_mlp():
-    model = keras.Sequential(
-        [
-            keras.Input((8,)),
-            keras.layers.Dense(16, activation="relu", name="up"),
-            keras.layers.Dense(4, name="down"),
-        ],
-        name="small_mlp",
-    )
-    rng = np.random.default_rng(0)
-    for w in model.weights:  # The same base in every model built here.
-        w.assign(rng.normal(0, 0.3, w.shape).astype("float32"))
-    return model
-
-
-def randomize(model, name, seed):
-    """Give adapter `name`'s B factors non-zero values, as training would."""
-    rng = np.random.default_rng(seed)
-    for layer in lora_layers(model):
-        if name in layer.adapters:
-            b = layer.adapters[name].lora_b
-            b.assign(rng.normal(0, 0.3, b.shape).astype("float32"))
-
-
-X = np.random.default_rng(1).normal(size=(6, 8)).astype("float32")
-
-
-def two_adapters():
-    """MLP with "default" (rank 2, on up) and "b" (rank 3, on up and down),
-    and each adapter's outputs when it was the model's only adapter."""
-    model = small_mlp()
-    base = to_numpy(model(X))
-    inject_lora(model, rank=2, alpha=4.0, targets="up", seed=1)
-    randomize(model, "default", 1)
-    out_a = to_numpy(model(X))
-    alone_b = small_mlp()
-    inject_lora(alone_b, rank=3, alpha=6.0, targets=("up", "down"), seed=2)
-    randomize(alone_b, "default", 2)
-    out_b = to_numpy(alone_b(X))
-    inject_lora(model, rank=3, alpha=6.0, targets=("up", "down"), adapter_name="b")
-    # "b" gets the factors the lone model trained.
-    lone = {layer.name: layer for layer in lora_layers(alone_b)}
-    for layer in lora_layers(model):
-        for ours, theirs in zip(
-            layer.adapters["b"].variables,
-            lone[layer.name].adapters["default"].variables,
-            strict=True,
-        ):
-            ours.assign(theirs.value)
-    return model, base, out_a, out_b
+from tests.helpers import (
+    MLP_X,
+    device_mesh,
+    expected_axes,
+    randomize_adapter,
+    small_mlp,
+    snapshot,
+    tiny_gpt2_lm,
+    to_numpy,
+    token_batch,
+    two_adapters,
+)
 
 
 def test_second_adapter_is_added_inactive_with_its_own_settings():
@@ -86,7 +45,7 @@ def test_second_adapter_is_added_inactive_with_its_own_settings():
     assert up.lora_a.path == "small_mlp/up/lora_a"
     assert up.adapters["b"].lora_a.path == "small_mlp/up/lora_a_b"
     assert down.adapter_name == "b"  # Newly wrapped: "b" is its first.
-    np.testing.assert_array_equal(to_numpy(model(X)), out_a)
+    np.testing.assert_array_equal(to_numpy(model(MLP_X)), out_a)
     assert [w.path for w in model.trainable_weights] == [
         "small_mlp/up/lora_a",
         "small_mlp/up/lora_b",
@@ -96,7 +55,7 @@ def test_second_adapter_is_added_inactive_with_its_own_settings():
 def test_set_adapter_reproduces_each_adapter_and_their_sum():
     model, base, out_a, out_b = two_adapters()
     set_adapter(model, "b")
-    np.testing.assert_allclose(to_numpy(model(X)), out_b, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(model(MLP_X)), out_b, atol=1e-6)
     assert sorted(w.path for w in model.trainable_weights) == [
         "small_mlp/down/lora_a",
         "small_mlp/down/lora_b",
@@ -104,31 +63,31 @@ def test_set_adapter_reproduces_each_adapter_and_their_sum():
         "small_mlp/up/lora_b_b",
     ]
     set_adapter(model, ["default"])
-    np.testing.assert_allclose(to_numpy(model(X)), out_a, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(model(MLP_X)), out_a, atol=1e-6)
     # Both: the updates add (checked on the first layer's pre-activation).
     set_adapter(model, ["default", "b"])
     up = lora_layers(model)[0]
-    h = to_numpy(up.original_layer(X))
+    h = to_numpy(up.original_layer(MLP_X))
     both = (
         h
-        + to_numpy(up.lora_update(X))
-        + to_numpy(up.lora_update(X, adapter=up.adapters["b"]))
+        + to_numpy(up.lora_update(MLP_X))
+        + to_numpy(up.lora_update(MLP_X, adapter=up.adapters["b"]))
     )
-    np.testing.assert_allclose(to_numpy(up(X)), np.maximum(both, 0), atol=1e-5)
+    np.testing.assert_allclose(to_numpy(up(MLP_X)), np.maximum(both, 0), atol=1e-5)
     # Compiled predict follows the switch (traced steps are dropped).
     set_adapter(model, "default")
-    np.testing.assert_allclose(model.predict(X, verbose=0), out_a, atol=1e-5)
+    np.testing.assert_allclose(model.predict(MLP_X, verbose=0), out_a, atol=1e-5)
     set_adapter(model, "b")
-    np.testing.assert_allclose(model.predict(X, verbose=0), out_b, atol=1e-5)
+    np.testing.assert_allclose(model.predict(MLP_X, verbose=0), out_b, atol=1e-5)
 
 
 def test_disable_lora_gives_the_base_outputs_exactly():
     model, base, out_a, _ = two_adapters()
     set_adapter(model, ["default", "b"])
     with disable_lora(model):
-        np.testing.assert_array_equal(to_numpy(model(X)), base)
-        np.testing.assert_array_equal(model.predict(X, verbose=0), base)
-    assert not np.allclose(to_numpy(model(X)), base)
+        np.testing.assert_array_equal(to_numpy(model(MLP_X)), base)
+        np.testing.assert_array_equal(model.predict(MLP_X, verbose=0), base)
+    assert not np.allclose(to_numpy(model(MLP_X)), base)
 
 
 def test_fit_with_b_active_changes_only_b():
@@ -137,7 +96,7 @@ def test_fit_with_b_active_changes_only_b():
     before = snapshot(model)
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     y = np.ones((6, 4), "float32")
-    model.fit(X, y, epochs=2, batch_size=6, verbose=0)
+    model.fit(MLP_X, y, epochs=2, batch_size=6, verbose=0)
     after = snapshot(model)
     changed = sorted(p for p in before if not np.array_equal(before[p], after[p]))
     assert changed == [
@@ -166,7 +125,7 @@ def test_bad_names_are_value_errors_and_change_nothing():
             pass
     with pytest.raises(ValueError, match="6 rows"):
         with adapter_batch(model, ["default", "b"]):
-            model(X)
+            model(MLP_X)
     assert adapter_names(model) == ["default", "b"]
     assert active_adapters(model) == ["default"]
     after = snapshot(model)
@@ -179,7 +138,7 @@ def test_bad_names_are_value_errors_and_change_nothing():
         "small_mlp/down/adapter_rows",
         "small_mlp/up/adapter_rows",
     ]
-    np.testing.assert_array_equal(to_numpy(model(X)), out_a)
+    np.testing.assert_array_equal(to_numpy(model(MLP_X)), out_a)
 
 
 def test_delete_adapter_promotes_the_next_and_the_last_unwraps():
@@ -194,11 +153,11 @@ def test_delete_adapter_promotes_the_next_and_the_last_unwraps():
     )
     assert not any("lora_a" == w.path.rpartition("/")[2] and "up" in w.path
                    for w in model.weights)  # fmt: skip
-    np.testing.assert_allclose(to_numpy(model(X)), out_b, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(model(MLP_X)), out_b, atol=1e-6)
     delete_adapter(model, "b")
     assert lora_layers(model) == []
     assert [type(x).__name__ for x in model.layers] == ["Dense", "Dense"]
-    np.testing.assert_array_equal(to_numpy(model(X)), base)
+    np.testing.assert_array_equal(to_numpy(model(MLP_X)), base)
 
 
 def test_save_and_load_one_adapter_each_and_merge_a_chosen_one(tmp_path):
@@ -209,15 +168,15 @@ def test_save_and_load_one_adapter_each_and_merge_a_chosen_one(tmp_path):
     save_adapter(model, tmp_path / "b", adapter_name="b")
     fresh = small_mlp()
     load_adapter(fresh, tmp_path / "b")  # A fresh base: "b" is active.
-    np.testing.assert_allclose(to_numpy(fresh(X)), out_b, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(fresh(MLP_X)), out_b, atol=1e-6)
     load_adapter(fresh, tmp_path / "a", adapter_name="task_a")  # Added beside.
     assert adapter_names(fresh) == ["b", "task_a"]
-    np.testing.assert_allclose(to_numpy(fresh(X)), out_b, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(fresh(MLP_X)), out_b, atol=1e-6)
     set_adapter(fresh, "task_a")
-    np.testing.assert_allclose(to_numpy(fresh(X)), out_a, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(fresh(MLP_X)), out_a, atol=1e-6)
     merge_lora(fresh, adapter_names="b")
     assert lora_layers(fresh) == []
-    np.testing.assert_allclose(to_numpy(fresh(X)), out_b, atol=1e-4)
+    np.testing.assert_allclose(to_numpy(fresh(MLP_X)), out_b, atol=1e-4)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -225,12 +184,12 @@ def test_mixed_batch_matches_each_adapter_row_by_row(compiled):
     model, base, out_a, out_b = two_adapters()
     names = ["b", None, "default", "b", "default", None]
     with adapter_batch(model, names):
-        mixed = model.predict(X, verbose=0) if compiled else to_numpy(model(X))
+        mixed = model.predict(MLP_X, verbose=0) if compiled else to_numpy(model(MLP_X))
     expected = {"default": out_a, "b": out_b, None: base}
     for i, name in enumerate(names):
         np.testing.assert_allclose(mixed[i], expected[name][i], atol=1e-5)
     # Outside the context the active adapter is back.
-    np.testing.assert_allclose(to_numpy(model(X)), out_a, atol=1e-6)
+    np.testing.assert_allclose(to_numpy(model(MLP_X)), out_a, atol=1e-6)
 
 
 def test_gpt2_mixed_batch_and_switch_match_single_adapters():
@@ -239,8 +198,8 @@ def test_gpt2_mixed_batch_and_switch_match_single_adapters():
     base = to_numpy(lm(batch))
     inject_lora(lm, rank=2, targets=("query", "value"), seed=1)
     inject_lora(lm, rank=4, targets=("query", "attention_output"), adapter_name="b")
-    randomize(lm, "default", 3)
-    randomize(lm, "b", 4)
+    randomize_adapter(lm, "default", 3)
+    randomize_adapter(lm, "b", 4)
     out_a = to_numpy(lm(batch))
     set_adapter(lm, "b")
     out_b = to_numpy(lm(batch))
@@ -332,7 +291,7 @@ def adapter_settings(model) -> dict:
 def test_model_save_keeps_every_adapter(tmp_path, delete_first):
     model, _, _, _ = two_adapters()
     inject_lora(model, rank=1, alpha=3.0, dropout=0.2, targets="down", adapter_name="c")
-    randomize(model, "c", 5)
+    randomize_adapter(model, "c", 5)
     if delete_first:  # "b" becomes the first adapter of "up".
         delete_adapter(model, "default")
     set_adapter(model, ["b", "c"])
@@ -347,24 +306,24 @@ def test_model_save_keeps_every_adapter(tmp_path, delete_first):
     if not delete_first:
         names = [w.name for w in model.trainable_weights]
     assert [w.name for w in restored.trainable_weights] == names
-    np.testing.assert_array_equal(to_numpy(restored(X)), to_numpy(model(X)))
+    np.testing.assert_array_equal(to_numpy(restored(MLP_X)), to_numpy(model(MLP_X)))
     for name in adapter_names(model):
         set_adapter(model, name)
         set_adapter(restored, name)
-        np.testing.assert_array_equal(to_numpy(restored(X)), to_numpy(model(X)))
+        np.testing.assert_array_equal(to_numpy(restored(MLP_X)), to_numpy(model(MLP_X)))
 
 
 def test_merge_lora_adds_exactly_the_chosen_adapters():
     model, base, out_a, out_b = two_adapters()
     assert active_adapters(model) == ["default"]
     merge_lora(model, adapter_names="b")  # Not the active one.
-    np.testing.assert_allclose(to_numpy(model(X)), out_b, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(model(MLP_X)), out_b, atol=1e-5)
     model, base, out_a, out_b = two_adapters()
     set_adapter(model, ["default", "b"])
-    both = to_numpy(model(X))
+    both = to_numpy(model(MLP_X))
     set_adapter(model, "b")
     merge_lora(model, adapter_names=["default", "b"])
-    np.testing.assert_allclose(to_numpy(model(X)), both, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(model(MLP_X)), both, atol=1e-5)
     model, _, _, _ = two_adapters()
     with pytest.raises(ValueError, match=r"\['default', 'b'\]"):
         merge_lora(model, adapter_names="c")
@@ -373,12 +332,11 @@ def test_merge_lora_adds_exactly_the_chosen_adapters():
 
 def test_layout_map_lays_out_every_adapter_like_the_first():
     from keras_lora import gpt2_layout_map
-    from tests.test_distribution import _mesh, expected_axes
 
     lm = tiny_gpt2_lm(num_heads=4)
     inject_lora(lm, rank=2, targets=("query", "value"))
     inject_lora(lm, rank=4, targets=("query", "attention_output"), adapter_name="b")
-    layout_map = gpt2_layout_map(_mesh())
+    layout_map = gpt2_layout_map(device_mesh())
     later = 0
     for variable in lm.weights:
         path, ndim = variable.path, len(variable.shape)
@@ -415,17 +373,17 @@ def test_mixed_batches_and_switches_reuse_the_traced_predict():
     model, base, out_a, out_b = two_adapters()
     set_adapter(model, "default")  # The first switch creates the gates.
     runs = count_calls(lora_layers(model)[0])
-    np.testing.assert_allclose(model.predict(X, verbose=0), out_a, atol=1e-5)
+    np.testing.assert_allclose(model.predict(MLP_X, verbose=0), out_a, atol=1e-5)
     traced = len(runs)
     assert traced == 1 or not TRACES
     step = model.predict_function
     # Switching assigns variables: the same traced step serves "b".
     set_adapter(model, "b")
-    np.testing.assert_allclose(model.predict(X, verbose=0), out_b, atol=1e-5)
+    np.testing.assert_allclose(model.predict(MLP_X, verbose=0), out_b, atol=1e-5)
     with disable_lora(model):
-        np.testing.assert_array_equal(model.predict(X, verbose=0), base)
+        np.testing.assert_array_equal(model.predict(MLP_X, verbose=0), base)
     set_adapter(model, "default")
-    np.testing.assert_allclose(model.predict(X, verbose=0), out_a, atol=1e-5)
+    np.testing.assert_allclose(model.predict(MLP_X, verbose=0), out_a, atol=1e-5)
     assert len(runs) == (traced if TRACES else 4)
     if keras.backend.backend() != "jax":  # (JAX wraps it: see traces.py.)
         assert model.predict_function is step
@@ -437,26 +395,26 @@ def test_mixed_batches_and_switches_reuse_the_traced_predict():
         ["b"] * 6,
     ):
         with adapter_batch(model, names):
-            mixed = model.predict(X, verbose=0)
+            mixed = model.predict(MLP_X, verbose=0)
         for i, name in enumerate(names):
             np.testing.assert_allclose(mixed[i], expected[name][i], atol=1e-5)
     assert len(runs) == (traced + 1 if TRACES else 7)
     # Back outside: the plain step is kept. JAX traces it once more: the
     # first mixed batch of this size added rows variables to its state.
-    np.testing.assert_allclose(model.predict(X, verbose=0), out_a, atol=1e-5)
+    np.testing.assert_allclose(model.predict(MLP_X, verbose=0), out_a, atol=1e-5)
     traced += keras.backend.backend() == "jax"
     assert len(runs) == (traced + 1 if TRACES else 8)
     # From then on each mode keeps its step.
     with adapter_batch(model, [None] * 3 + ["default"] * 3):
-        mixed = model.predict(X, verbose=0)
+        mixed = model.predict(MLP_X, verbose=0)
     np.testing.assert_allclose(mixed[:3], base[:3], atol=1e-5)
     np.testing.assert_allclose(mixed[3:], out_a[3:], atol=1e-5)
     set_adapter(model, "b")
-    np.testing.assert_allclose(model.predict(X, verbose=0), out_b, atol=1e-5)
+    np.testing.assert_allclose(model.predict(MLP_X, verbose=0), out_b, atol=1e-5)
     assert len(runs) == (traced + 1 if TRACES else 10)
     # Another size: the mixed step is traced for it, the plain one kept.
     with adapter_batch(model, ["b", "default", None]):
-        mixed = model.predict(X[:3], verbose=0)
+        mixed = model.predict(MLP_X[:3], verbose=0)
     np.testing.assert_allclose(mixed[0], out_b[0], atol=1e-5)
     np.testing.assert_allclose(mixed[1], out_a[1], atol=1e-5)
     np.testing.assert_allclose(mixed[2], base[2], atol=1e-5)
@@ -498,10 +456,14 @@ def test_a_switched_model_saves_and_loads_as_keras_file(tmp_path):
     # rebuilt from its config has none.
     model = small_mlp()
     inject_lora(model, rank=2, targets="up", seed=1)
-    randomize(model, "default", 1)
+    randomize_adapter(model, "default", 1)
     with disable_lora(model):
-        np.testing.assert_array_equal(to_numpy(model(X)), to_numpy(small_mlp()(X)))
+        np.testing.assert_array_equal(
+            to_numpy(model(MLP_X)), to_numpy(small_mlp()(MLP_X))
+        )
     assert "small_mlp/up/adapter_gates" in snapshot(model)
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
-    np.testing.assert_allclose(to_numpy(loaded(X)), to_numpy(model(X)), atol=1e-6)
+    np.testing.assert_allclose(
+        to_numpy(loaded(MLP_X)), to_numpy(model(MLP_X)), atol=1e-6
+    )

@@ -17,8 +17,14 @@ from keras_lora import (
     set_adapter,
 )
 from keras_lora.switching import active_adapters
-from tests.helpers import snapshot, to_numpy
-from tests.test_multi_adapter import X, randomize, small_mlp, two_adapters
+from tests.helpers import (
+    MLP_X,
+    randomize_adapter,
+    small_mlp,
+    snapshot,
+    to_numpy,
+    two_adapters,
+)
 
 
 def updates(model, name) -> dict:
@@ -40,7 +46,7 @@ def matrices(layer, name):
 def test_cat_is_exact_and_concatenates_the_ranks():
     model, _, _, _ = two_adapters()  # "default" r2 on up; "b" r3 on up, down.
     set_adapter(model, ["default", "b"])
-    both = to_numpy(model(X))
+    both = to_numpy(model(MLP_X))
     add_weighted_adapter(model, ["default", "b"], [1.0, 1.0], "sum")
     add_weighted_adapter(model, ["default", "b"], [0.5, -2.0], "mix", "cat")
     # Added inactive and frozen, like any adapter.
@@ -54,7 +60,7 @@ def test_cat_is_exact_and_concatenates_the_ranks():
     a, b = matrices(down, "mix")
     assert np.all(a[:, 3:] == 0) and np.all(b[3:] == 0)
     set_adapter(model, "sum")
-    np.testing.assert_allclose(to_numpy(model(X)), both, atol=1e-5)
+    np.testing.assert_allclose(to_numpy(model(MLP_X)), both, atol=1e-5)
     mine = updates(model, "mix")
     d, e = updates(model, "default"), updates(model, "b")
     np.testing.assert_allclose(mine["up"], 0.5 * d["up"] - 2 * e["up"], atol=1e-5)
@@ -73,8 +79,8 @@ def test_linear_weights_the_factors_as_peft():
     model = small_mlp()
     inject_lora(model, rank=2, alpha=4.0, targets=("up", "down"), seed=1)
     inject_lora(model, rank=2, alpha=8.0, targets="up", adapter_name="b", seed=2)
-    randomize(model, "default", 1)
-    randomize(model, "b", 2)
+    randomize_adapter(model, "default", 1)
+    randomize_adapter(model, "b", 2)
     add_weighted_adapter(model, ["default", "b"], [0.7, -0.3], "lin", "linear")
     up, down = lora_layers(model)
     (a1, b1), (a2, b2) = matrices(up, "default"), matrices(up, "b")
@@ -148,7 +154,7 @@ def test_bad_input_is_a_value_error_and_changes_nothing(args, kwargs, match):
     assert after.keys() == before.keys()
     for path, value in before.items():
         np.testing.assert_array_equal(after[path], value)
-    np.testing.assert_array_equal(to_numpy(model(X)), out_a)
+    np.testing.assert_array_equal(to_numpy(model(MLP_X)), out_a)
 
 
 def test_linear_keeps_each_layers_rank_and_refuses_mixed_ranks():
@@ -169,7 +175,7 @@ def test_linear_keeps_each_layers_rank_and_refuses_mixed_ranks():
         add_weighted_adapter(model, ["default", "b"], [1, 1], "m", "linear")
     assert adapter_names(model) == ["default", "b"]
     # One adapter with a rank per layer (PEFT's rank_pattern) keeps them.
-    randomize(model, "default", 3)
+    randomize_adapter(model, "default", 3)
     add_weighted_adapter(model, ["default"], [-2.0], "m", "cat")
     p, q = lora_layers(model)
     assert (p.adapters["m"].rank, q.adapters["m"].rank) == (2, 1)
