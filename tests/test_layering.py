@@ -15,6 +15,9 @@ import pytest
 
 PACKAGE = "keras_lora"
 ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
+TESTS = pathlib.Path(__file__).resolve().parent
+# A module longer than this holds more than one concept: split it.
+MAX_LINES = 500
 # Subpackages above the core, and who may import whom among them.
 FAMILIES, INTEROP, CLI = "families", "interop", "cli"
 RECIPES, BENCH = "recipes", "bench"
@@ -49,6 +52,15 @@ def module_files(root: pathlib.Path = ROOT) -> dict[str, pathlib.Path]:
     return modules
 
 
+def import_source(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a `from ... import` reads, from inside `package`."""
+    if not node.level:
+        return node.module
+    base = package.split(".")
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def imports_of(name: str, path: pathlib.Path, modules) -> set[str]:
     """Every module `name` imports: package modules by their name, outside
     ones by their top-level name ("keras_hub")."""
@@ -70,12 +82,7 @@ def imports_of(name: str, path: pathlib.Path, modules) -> set[str]:
             for alias in node.names:
                 add(alias.name)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                source = ".".join(base + ([node.module] if node.module else []))
-            else:
-                source = node.module
+            source = import_source(node, package)
             for alias in node.names:
                 # `from pkg import submodule` imports the submodule.
                 candidate = f"{source}.{alias.name}"
@@ -217,3 +224,135 @@ def test_projection_names_live_in_family_modules(name):
     assert set(holders) <= FAMILY_DATA_MODULES, (
         f"{name!r} appears in {holders}; read it from keras_lora.families"
     )
+
+
+def long_modules(root: pathlib.Path = ROOT, limit: int = MAX_LINES) -> list[str]:
+    """The package's modules over `limit` lines, with their length."""
+    found = []
+    for name, path in module_files(root).items():
+        lines = len(path.read_text("utf-8").splitlines())
+        if lines > limit:
+            found.append(f"{name}: {lines} lines")
+    return found
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_uses(root: pathlib.Path = ROOT) -> list[str]:
+    """Private names (`_x`) of one package module used in another: imported
+    (`from keras_lora.a import _x`) or read off the module (`a._x`,
+    `keras_lora.a._x`). A private module itself (`keras_lora._m`) may be
+    imported; its public names are its interface."""
+    modules = module_files(root)
+    found = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text("utf-8"), str(path))
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        bound = {}  # Local name -> the package module it is bound to.
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in modules:
+                        local = alias.asname or alias.name.split(".")[0]
+                        bound[local] = alias.name if alias.asname else local
+            elif isinstance(node, ast.ImportFrom):
+                source = import_source(node, package)
+                for alias in node.names:
+                    if f"{source}.{alias.name}" in modules:
+                        bound[alias.asname or alias.name] = f"{source}.{alias.name}"
+                    elif (
+                        source in modules and source != name and is_private(alias.name)
+                    ):
+                        found.append(f"{name} imports {source}.{alias.name}")
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and is_private(node.attr)):
+                continue
+            parts, value = [], node.value
+            while isinstance(value, ast.Attribute):
+                parts.append(value.attr)
+                value = value.value
+            if isinstance(value, ast.Name) and value.id in bound:
+                target = ".".join([bound[value.id], *reversed(parts)])
+                if target in modules and target != name:
+                    found.append(f"{name} uses {target}.{node.attr}")
+    return sorted(found)
+
+
+def imported_test_files(tests: pathlib.Path = TESTS) -> list[str]:
+    """Test files (`test_*.py`) that another file of the suite imports;
+    what tests share lives in tests/helpers.py (or another helper module)
+    and tests/conftest.py."""
+    test_modules = {path.stem for path in tests.glob("test_*.py")}
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        tree = ast.parse(path.read_text("utf-8"), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                source = import_source(node, tests.name) if node.level else node.module
+                names = [source, *(f"{source}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for imported in names:
+                stem = imported.removeprefix(tests.name + ".")
+                if stem in test_modules:
+                    found.append(f"{path.name} imports {imported}")
+    return sorted(set(found))
+
+
+def test_no_module_is_over_the_line_limit():
+    assert long_modules() == []
+
+
+def test_no_module_uses_another_modules_private_names():
+    """A helper another module needs is public (no underscore, a
+    docstring) in the module that owns its concept."""
+    assert private_uses() == []
+
+
+def test_no_test_file_imports_another():
+    assert imported_test_files() == []
+
+
+def test_checks_on_a_made_up_package(tmp_path):
+    """Each check reports what it must, and leaves alone what it may."""
+    root = tmp_path / PACKAGE
+    (root / "sub").mkdir(parents=True)
+    (root / "__init__.py").write_text("from keras_lora import _private_module\n")
+    (root / "_private_module.py").write_text("def helper():\n    pass\n")
+    (root / "a.py").write_text("def _f():\n    pass\n\n\nX = _f\n")
+    (root / "b.py").write_text("from keras_lora.a import _f\n")
+    (root / "c.py").write_text("from keras_lora import a\n\na._f()\na.__name__\n")
+    (root / "d.py").write_text(
+        "import keras_lora.a as m\nimport keras_lora.a\n\nm._g\nkeras_lora.a._h\n"
+    )
+    (root / "sub" / "__init__.py").write_text("")
+    (root / "sub" / "e.py").write_text(
+        "from ..a import _f\nfrom .. import a\n"
+        "from keras_lora._private_module import helper\n"
+    )
+    (root / "sub" / "long.py").write_text("x = 1\n" * 501)
+    assert private_uses(root) == [
+        "keras_lora.b imports keras_lora.a._f",
+        "keras_lora.c uses keras_lora.a._f",
+        "keras_lora.d uses keras_lora.a._g",
+        "keras_lora.d uses keras_lora.a._h",
+        "keras_lora.sub.e imports keras_lora.a._f",
+    ]
+    assert long_modules(root) == ["keras_lora.sub.long: 501 lines"]
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "helpers.py").write_text("X = 1\n")
+    (tests / "test_a.py").write_text("from tests.helpers import X\n")
+    (tests / "test_b.py").write_text("from tests.test_a import X\n")
+    (tests / "test_c.py").write_text("def f():\n    from tests import test_a\n")
+    (tests / "test_d.py").write_text("import tests.test_b\nfrom . import test_c\n")
+    assert imported_test_files(tests) == [
+        "test_b.py imports tests.test_a",
+        "test_c.py imports tests.test_a",
+        "test_d.py imports tests.test_b",
+        "test_d.py imports tests.test_c",
+    ]
