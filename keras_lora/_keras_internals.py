@@ -397,11 +397,6 @@ def stored_weight(layer: keras.layers.Layer) -> keras.Variable:
     return layer._kernel
 
 
-# A layer's `variable_serialization_spec` names the stored weight by its
-# public name; these name a layer's float weights.
-_FLOAT_WEIGHTS = ("kernel", "embeddings", "reverse_embeddings", "bias")
-
-
 def quantization_variables(layer: keras.layers.Layer) -> dict[str, keras.Variable]:
     """The variables a quantized layer holds under its mode, by the name of
     the attribute that holds each: the stored weight (by its public name,
@@ -430,16 +425,6 @@ def quantization_variables(layer: keras.layers.Layer) -> dict[str, keras.Variabl
         if isinstance(variable, keras.Variable):
             found[name] = variable
     return found
-
-
-def is_float_weight_name(name: str) -> bool:
-    """Whether a `quantization_variables` key is a weight the float layer
-    also has (kernel, embeddings, reverse embeddings, bias).
-
-    Args:
-        name: a key of `quantization_variables(layer)`.
-    """
-    return name in _FLOAT_WEIGHTS
 
 
 def dequantize_kernel(layer: keras.layers.Layer) -> Tensor:

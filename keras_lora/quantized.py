@@ -31,6 +31,9 @@ from keras_lora import _keras_internals
 SUPPORTED_MODES = ("int8", "int4", "float8")
 # Modes `merge_lora(..., quantized="requantize")` can write back.
 REQUANTIZABLE_MODES = ("int8", "int4")
+# The weights of a quantized layer (by `quantization_variables` key) that
+# the float layer has too; the others are quantization state.
+_FLOAT_WEIGHTS = ("kernel", "embeddings", "reverse_embeddings", "bias")
 
 
 def quantization_mode(layer: keras.layers.Layer) -> str | None:
@@ -161,7 +164,7 @@ def base_weight_entries(model: keras.layers.Layer, skip_ids: set) -> list[str]:
             continue
         shape, (layer, name) = tuple(v.shape), quantized.get(id(v), (None, None))
         if layer is not None:
-            if not _keras_internals.is_float_weight_name(name):
+            if name not in _FLOAT_WEIGHTS:
                 continue
             if name == "kernel":
                 shape = tuple(int(d) for d in layer.kernel.shape)

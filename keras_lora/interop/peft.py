@@ -57,6 +57,7 @@ import re
 import keras
 import numpy as np
 
+from keras_lora import _keras_internals
 from keras_lora.adapter_state import check_adapter_name, names_in
 from keras_lora.embedding import LoraEmbedding, is_tied
 from keras_lora.families import FAMILIES, Family, family_of
@@ -123,7 +124,7 @@ class _Located:
         original = self.layers[path]
         parent_path = path.rpartition("/")[0]
         parent = self.layers[parent_path] if parent_path else self.backbone
-        for child in parent._layers:
+        for child in _keras_internals.sublayers(parent):
             if isinstance(child, LoraLayer) and child.original_layer is original:
                 return child
         raise RuntimeError(f"No LoraLayer wraps '{path}' after wrapping it.")
