@@ -21,7 +21,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_lora import dora
+from keras_lora import _keras_internals, dora
 from keras_lora.initialization import a_initializer, check_init, rewrites_kernel
 
 _ALONE = (
@@ -163,10 +163,8 @@ def _replace_control(layer, attribute: str, shape: tuple, dtype: str) -> None:
     state = layer.adapters
     old = getattr(state, attribute)
     if old is not None:
-        layer._untrack_variable(old)
-    locked = layer._tracker.locked
-    layer._tracker.unlock()
-    try:
+        _keras_internals.untrack_variable(layer, old)
+    with _keras_internals.unlocked_tracker(layer):
         variable = layer.add_weight(
             name=f"adapter_{attribute}",
             shape=shape,
@@ -174,9 +172,6 @@ def _replace_control(layer, attribute: str, shape: tuple, dtype: str) -> None:
             dtype=dtype,
             trainable=False,
         )
-    finally:
-        if locked:
-            layer._tracker.lock()
     setattr(state, attribute, variable)
     # Model files hold the factors only, as a layer never switched does (a
     # `LoraLayer` rebuilt from its config has no control variables).
@@ -192,7 +187,7 @@ def control_variables(layer) -> list:
 
 def _factors(layer) -> list:
     controls = {id(v) for v in control_variables(layer)}
-    own = layer._trainable_variables + layer._non_trainable_variables
+    own = _keras_internals.own_variables(layer)
     return [v for v in own if id(v) not in controls]
 
 
@@ -276,13 +271,12 @@ def add_adapter(
     if dropout:
         dropout_layer = keras.layers.Dropout(dropout, seed=seed)
         # Tracked, so its seed state is part of the model's state.
-        locked = layer._tracker.locked
-        layer._tracker.unlock()
-        setattr(
-            layer, f"_dropout_{name}".replace(".", "_").replace("-", "_"), dropout_layer
-        )
-        if locked:
-            layer._tracker.lock()
+        with _keras_internals.unlocked_tracker(layer):
+            setattr(
+                layer,
+                f"_dropout_{name}".replace(".", "_").replace("-", "_"),
+                dropout_layer,
+            )
     scale = alpha / (math.sqrt(rank) if use_rslora else rank)
     magnitude = None
     if use_dora:
@@ -308,7 +302,7 @@ def remove_adapter(layer, name: str) -> None:
     state = layer.adapters
     adapter = state.by_name.pop(name)
     for variable in adapter.variables:
-        layer._untrack_variable(variable)
+        _keras_internals.untrack_variable(layer, variable)
     if state.gates is not None:
         ensure_controls(layer)  # One gate fewer.
     state.active = tuple(n for n in state.active if n != name)

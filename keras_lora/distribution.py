@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import keras
 
+from keras_lora import _keras_internals
 from keras_lora.injection import lora_layers
 from keras_lora.surgery import drop_compiled_functions
 
@@ -79,8 +80,7 @@ def distribute_lora(
         for variable in (layer.lora_a, layer.lora_b):
             # A layout set earlier (by another distribution) would be
             # returned as it is: ask for this distribution's.
-            variable._layout = None
-            variable._layout = distribution.get_variable_layout(variable)
+            _keras_internals.lay_out_variable(variable, distribution)
             variable.assign(variable.value)  # Lays the value out.
     drop_compiled_functions(model)
     return model

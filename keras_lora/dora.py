@@ -35,8 +35,7 @@ from keras import ops
 # Keras's own scope (public Layer(autocast=False) enters the same one): the
 # norm reads the float32 kernel and magnitude as float32 under a mixed
 # policy, where they would otherwise be cast to float16/bfloat16.
-from keras.src.backend import AutocastScope
-
+from keras_lora._keras_internals import autocast_scope
 from keras_lora.initialization import rewrites_kernel
 from keras_lora.kernel_split import KernelSplit
 from keras_lora.quantized import quantization_mode
@@ -159,7 +158,7 @@ def _float32(value):
     The value is read here, inside the scope: a variable handed on to an op
     would be read there, under the layer's autocast to float16/bfloat16.
     """
-    with AutocastScope(None):
+    with autocast_scope(None):
         if isinstance(value, keras.Variable):
             value = value.value
         return ops.cast(ops.convert_to_tensor(value), "float32")

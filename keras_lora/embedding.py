@@ -35,7 +35,7 @@ import math
 import keras
 from keras import ops
 
-from keras_lora import adapter_state
+from keras_lora import _keras_internals, adapter_state
 from keras_lora.initialization import check_init, rewrites_kernel
 from keras_lora.kernel_split import KernelSplit
 from keras_lora.layer import LoraLayer, check_hyperparameters
@@ -226,7 +226,7 @@ class LoraEmbedding(LoraLayer):
         # Factor paths follow the table's ("token_embedding/lora_a"), as a
         # LoraLayer's follow its kernel's.
         layer_path = kernel_path(original_layer).rpartition("/")[0]
-        self._parent_path = layer_path.rpartition("/")[0]
+        _keras_internals.set_weight_path_prefix(self, layer_path.rpartition("/")[0])
         a_init, b_init = factor_initializers(seed)
         self.lora_a = self.add_weight(
             name="lora_a",

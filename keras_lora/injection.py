@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import keras
 
-from keras_lora import adapter_state, dora
+from keras_lora import _keras_internals, adapter_state, dora
 from keras_lora.adapter_state import check_adapter_name, names_in
 from keras_lora.embedding import LoraEmbedding, check_embedding, wrapper_for
 from keras_lora.initialization import check_init, check_layer_init
@@ -266,7 +266,7 @@ def freeze_non_lora(
     lora_ids = {id(v) for layer in wrapped for v in layer.lora_variables(True)}
     model.trainable = True
     for _, layer in index.items():
-        if not layer._layers and not isinstance(layer, LoraLayer):
+        if not _keras_internals.sublayers(layer) and not isinstance(layer, LoraLayer):
             layer.trainable = False
     for layer in wrapped:
         layer.original_layer.trainable = False
@@ -340,10 +340,7 @@ def refresh_compile_state(model: keras.Model) -> None:
     if optimizer is None or not optimizer.built:
         # The optimizer is built from `trainable_variables` at the first
         # `fit`, which now lists the LoRA factors: nothing to redo.
-        if hasattr(model, "_compiled_trainable_state"):
-            model._compiled_trainable_state = {
-                layer: layer.trainable for layer in model._flatten_layers()
-            }
+        _keras_internals.refresh_compiled_trainable_state(model)
         return
     # The optimizer was built for the old trainable variables; running it
     # would not train the LoRA factors.

@@ -7,7 +7,7 @@ import math
 import keras
 from keras import ops
 
-from keras_lora import adapter_state, dora, initialization
+from keras_lora import _keras_internals, adapter_state, dora, initialization
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.quantized import check_quantization_mode, float_policy, kernel_path
 
@@ -125,7 +125,7 @@ class LoraLayer(keras.layers.Layer):
         # stored kernel variable gives the path (an int4 layer's `kernel`
         # is a computed tensor with no path).
         layer_path = kernel_path(original_layer).rpartition("/")[0]
-        self._parent_path = layer_path.rpartition("/")[0]
+        _keras_internals.set_weight_path_prefix(self, layer_path.rpartition("/")[0])
         self.init = init
         self.lora_a = self.add_weight(
             name="lora_a",

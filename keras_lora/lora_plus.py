@@ -19,6 +19,8 @@ import re
 import keras
 from keras import ops
 
+from keras_lora import _keras_internals
+
 # Every adapter's B factor: "lora_b" (the first), "lora_b_<name>" (others).
 B_FACTOR = re.compile(r"lora_b(_.+)?")
 
@@ -110,7 +112,9 @@ class LoraPlusOptimizer(keras.optimizers.Optimizer):
         self.base_optimizer = optimizer
         config = optimizer.get_config()
         config["name"] = f"{optimizer.name}_b"
-        config["learning_rate"] = self._scaled(optimizer._learning_rate)
+        config["learning_rate"] = self._scaled(
+            _keras_internals.optimizer_learning_rate(optimizer)
+        )
         self.b_optimizer = type(optimizer).from_config(config)
 
     def _scaled(self, learning_rate):
@@ -135,7 +139,9 @@ class LoraPlusOptimizer(keras.optimizers.Optimizer):
     def variables(self):
         # The JAX trainer maps optimizer state by this list: own first.
         return (
-            self._variables + self.base_optimizer.variables + self.b_optimizer.variables
+            _keras_internals.optimizer_own_variables(self)
+            + self.base_optimizer.variables
+            + self.b_optimizer.variables
         )
 
     def apply(self, grads, trainable_variables=None):
@@ -145,7 +151,7 @@ class LoraPlusOptimizer(keras.optimizers.Optimizer):
                     "Build the optimizer (`optimizer.build(variables)`) or pass "
                     "`trainable_variables` before applying gradients."
                 )
-            trainable_variables = self._trainable_variables
+            trainable_variables = _keras_internals.optimizer_built_variables(self)
         trainable_variables = list(trainable_variables)
         if not self.built:
             with keras.name_scope(self.name):
@@ -162,7 +168,7 @@ class LoraPlusOptimizer(keras.optimizers.Optimizer):
         ):
             if group_vars:
                 optimizer.apply(group_grads, group_vars)
-        self._iterations.assign_add(1)
+        self.iterations.assign_add(1)
 
     @property
     def learning_rate(self):

@@ -3,8 +3,8 @@
 A `LoraLayer` never touches a quantized kernel: the wrapped layer runs its
 own quantized call and LoRA adds a float path beside it, so the kernel
 stays int8/int4/float8 and is never dequantized into a persistent float
-copy. This module holds what that needs and keeps Keras's private
-quantization attributes in one place:
+copy. This module holds what that needs (the private Keras attributes it
+reads are behind `keras_lora._keras_internals`):
 
 - which modes LoRA accepts, and the float policy a wrapper runs under;
 - the straight-through input gradient Keras's int8 `ReversibleEmbedding`
@@ -22,6 +22,8 @@ import contextlib
 import keras
 from keras import ops
 
+from keras_lora import _keras_internals
+
 # Modes whose quantized call computes `x @ dequantized(kernel)` with a
 # correct input gradient, so a float LoRA path beside it trains as over the
 # float kernel. GPTQ and AWQ are calibrated post-training formats whose
@@ -29,22 +31,9 @@ from keras import ops
 SUPPORTED_MODES = ("int8", "int4", "float8")
 # Modes `merge_lora(..., quantized="requantize")` can write back.
 REQUANTIZABLE_MODES = ("int8", "int4")
-# Variables a quantized layer adds beside its kernel and bias; they are not
-# part of the float model an adapter is trained for.
-_QUANTIZATION_VARIABLES = (
-    "kernel_scale",
-    "kernel_zero",
-    "g_idx",
-    "inputs_scale",
-    "inputs_amax_history",
-    "kernel_amax_history",
-    "outputs_grad_scale",
-    "outputs_grad_amax_history",
-    "embeddings_scale",
-    "embeddings_zero",
-    "reverse_embeddings_scale",
-    "reverse_embeddings_zero",
-)
+# The weights of a quantized layer (by `quantization_variables` key) that
+# the float layer has too; the others are quantization state.
+_FLOAT_WEIGHTS = ("kernel", "embeddings", "reverse_embeddings", "bias")
 
 
 def quantization_mode(layer: keras.layers.Layer) -> str | None:
@@ -116,31 +105,7 @@ def dequantized_kernel(layer: keras.layers.Layer):
         return ops.cast(ops.convert_to_tensor(layer.kernel), "float32")
     if mode not in REQUANTIZABLE_MODES:
         check_quantization_mode(layer)
-    einsum = isinstance(layer, keras.layers.EinsumDense)
-    stored = ops.convert_to_tensor(layer._kernel)
-    scale = ops.cast(ops.convert_to_tensor(layer.kernel_scale), "float32")
-    if mode == "int8":
-        if einsum:
-            scale = layer._adjust_scale_for_dequant(scale)
-        return ops.divide(ops.cast(stored, "float32"), scale)
-    # int4: two values per byte along the last axis of a (rows, columns)
-    # matrix; per-channel scales, or per-block scales with zero points.
-    # Not exported by Keras: the sub-channel (block) dequantization.
-    from keras.src.quantizers.quantizers import dequantize_with_sz_map
-
-    columns = layer._int4_unpacked_column_size if einsum else layer._orig_output_dim
-    unpacked = keras.quantizers.unpack_int4(stored, columns, axis=-1)
-    block_size = getattr(layer, "_int4_block_size", None)
-    if block_size is None or block_size == -1:
-        kernel = ops.divide(ops.cast(unpacked, "float32"), scale)
-    else:
-        kernel = dequantize_with_sz_map(
-            unpacked, scale, layer.kernel_zero, layer.g_idx, group_axis=0
-        )
-        kernel = ops.cast(kernel, "float32")
-    if einsum:
-        kernel = ops.reshape(kernel, layer.original_kernel_shape)
-    return kernel
+    return _keras_internals.dequantize_kernel(layer)
 
 
 def float_twin(layer: keras.layers.Layer, kernel) -> keras.layers.Layer:
@@ -174,10 +139,10 @@ def requantize(layer: keras.layers.Layer, kernel) -> None:
     """
     twin = float_twin(layer, kernel)
     twin.quantize(quantization_mode(layer), config=layer.quantization_config)
-    values = {v.name: v for v in twin.weights}
-    for variable in layer.weights:
-        if variable.name in ("kernel",) + _QUANTIZATION_VARIABLES:
-            variable.assign(values[variable.name].value)
+    values = _keras_internals.quantization_variables(twin)
+    for name, variable in _keras_internals.quantization_variables(layer).items():
+        if name != "bias":
+            variable.assign(values[name].value)
 
 
 def base_weight_entries(model: keras.layers.Layer, skip_ids: set) -> list[str]:
@@ -188,24 +153,24 @@ def base_weight_entries(model: keras.layers.Layer, skip_ids: set) -> list[str]:
     variables beside it are left out, so a model fingerprints the same
     whether its kernels are float, int8, int4 or float8.
     """
+    # id(variable) -> (its layer, the attribute holding it)
     quantized = {}
-    for layer in model._flatten_layers(include_self=True):
-        if quantization_mode(layer) is not None:
-            for v in layer.weights:
-                quantized[id(v)] = layer
+    for layer in _keras_internals.flatten_layers(model):
+        for name, v in _keras_internals.quantization_variables(layer).items():
+            quantized[id(v)] = (layer, name)
     entries = []
     for v in model.weights:
         if id(v) in skip_ids:
             continue
-        shape, layer = tuple(v.shape), quantized.get(id(v))
+        shape, (layer, name) = tuple(v.shape), quantized.get(id(v), (None, None))
         if layer is not None:
-            if v.name in _QUANTIZATION_VARIABLES:
+            if name not in _FLOAT_WEIGHTS:
                 continue
-            if v.name == "kernel":
+            if name == "kernel":
                 shape = tuple(int(d) for d in layer.kernel.shape)
-            elif v.name == "embeddings":
+            elif name == "embeddings":
                 shape = (layer.input_dim, layer.output_dim)
-            elif v.name == "reverse_embeddings":
+            elif name == "reverse_embeddings":
                 shape = (layer.output_dim, layer.input_dim)
         entries.append(f"{v.path}:{shape}")
     return sorted(entries)
@@ -230,7 +195,7 @@ def install_straight_through_gradients(model: keras.layers.Layer) -> int:
         The number of layers given the gradient.
     """
     count = 0
-    for layer in model._flatten_layers(include_self=True):
+    for layer in _keras_internals.flatten_layers(model):
         if isinstance(layer, keras.layers.ReversibleEmbedding) and not getattr(
             layer, "_keras_lora_straight_through", False
         ):
@@ -240,30 +205,32 @@ def install_straight_through_gradients(model: keras.layers.Layer) -> int:
 
 
 def _set_straight_through(layer) -> None:
-    class_call = type(layer)._int8_call
+    def with_straight_through(keras_call):
+        def quantized_call(inputs, reverse=False):
+            if not reverse or quantization_mode(layer) != "int8":
+                return keras_call(inputs, reverse=reverse)
+            # The head multiplies by the table's transpose: one row per
+            # vocabulary entry, one scale per row.
+            if layer.tie_weights:
+                table = _keras_internals.stored_weight(layer)
+                scale = layer.embeddings_scale
+            else:
+                table = ops.transpose(layer.reverse_embeddings)
+                scale = layer.reverse_embeddings_scale
+            logits = _reverse_int8(
+                layer,
+                inputs,
+                ops.convert_to_tensor(table),
+                ops.convert_to_tensor(scale),
+            )
+            if layer.logit_soft_cap is not None:
+                cap = layer.logit_soft_cap
+                logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
+            return logits
 
-    def _int8_call(inputs, reverse=False):
-        if not reverse:
-            return class_call(layer, inputs)
-        # The head multiplies by the table's transpose: one row per
-        # vocabulary entry, one scale per row.
-        if layer.tie_weights:
-            table = layer._embeddings
-            scale = layer.embeddings_scale
-        else:
-            table = ops.transpose(layer.reverse_embeddings)
-            scale = layer.reverse_embeddings_scale
-        logits = _reverse_int8(
-            layer, inputs, ops.convert_to_tensor(table), ops.convert_to_tensor(scale)
-        )
-        if layer.logit_soft_cap is not None:
-            cap = layer.logit_soft_cap
-            logits = ops.multiply(ops.tanh(ops.divide(logits, cap)), cap)
-        return logits
+        return quantized_call
 
-    # Plain attributes on the instance: Keras's `quantized_call` looks up
-    # `self._int8_call`, so this shadows the class method for this layer.
-    object.__setattr__(layer, "_int8_call", _int8_call)
+    _keras_internals.intercept_quantized_call(layer, with_straight_through)
     object.__setattr__(layer, "_keras_lora_straight_through", True)
 
 
@@ -357,7 +324,7 @@ def quantized_dtype_policy(
     >>> policy = quantized_dtype_policy("int8", ["dense_.*"])
     >>> layer = keras.layers.Dense(3, dtype=policy, name="dense_1")
     >>> layer.build((None, 2))
-    >>> layer.quantization_mode, str(layer._kernel.dtype)
+    >>> layer.quantization_mode, keras.backend.standardize_dtype(layer.kernel.dtype)
     ('int8', 'int8')
     """
     if mode not in REQUANTIZABLE_MODES:
@@ -405,8 +372,9 @@ def initialize_quantized(model: keras.layers.Layer) -> int:
     """
     layers = [
         layer
-        for layer in model._flatten_layers(include_self=True)
-        if quantization_mode(layer) is not None and not layer._layers
+        for layer in _keras_internals.flatten_layers(model)
+        if quantization_mode(layer) is not None
+        and not _keras_internals.sublayers(layer)
     ]
     for layer in layers:
         if quantization_mode(layer) not in REQUANTIZABLE_MODES:

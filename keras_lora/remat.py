@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import keras
 
+from keras_lora import _keras_internals
+
 _FLAG = "_keras_lora_remat"
 
 
@@ -128,9 +130,8 @@ def _recompute_jax(layer, seeds, run, tensors):
     be moved before the cotangent arrives.
     """
     import jax
-    from keras.src.backend.common.stateless_scope import get_stateless_scope
 
-    scope = get_stateless_scope()
+    scope = _keras_internals.current_stateless_scope()
     if scope is None:
         # Eager: no backward pass to save memory for.
         return run(*tensors), [v.value for v in seeds]
@@ -138,7 +139,9 @@ def _recompute_jax(layer, seeds, run, tensors):
     values = []
     for variable in variables:
         value = scope.get_current_value(variable)
-        values.append(variable._value if value is None else value)
+        values.append(
+            _keras_internals.stored_value(variable) if value is None else value
+        )
 
     seed_ids = {id(v) for v in seeds}
     seed_positions = [i for i, v in enumerate(variables) if id(v) in seed_ids]

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import keras
 
+from keras_lora import _keras_internals
 from keras_lora.layer import LoraLayer
 
 
@@ -42,7 +43,7 @@ def walk_layers(model: keras.layers.Layer) -> Iterator[tuple[str, keras.layers.L
 
 def _walk_below(layer, prefix, seen):
     def visit(layer, prefix):
-        for child in layer._layers:
+        for child in _keras_internals.sublayers(layer):
             if id(child) in seen:
                 continue
             seen.add(id(child))
@@ -157,7 +158,7 @@ def containers(model: keras.layers.Layer) -> list[keras.layers.Layer]:
         if id(layer) in found:
             continue
         found[id(layer)] = layer
-        stack.extend(layer._layers)
+        stack.extend(_keras_internals.sublayers(layer))
         stack.extend(
             v
             for v in vars(layer).values()
@@ -185,21 +186,9 @@ def replace_layers(
         for key, old in olds.items():
             _replace_in(container, old, replacements[key])
     for old_id, old in olds.items():
-        new = replacements[old_id]
         # Functional graph nodes point at their operation; the new layer
         # takes over the old one's nodes so graph configs still serialise.
-        for node in old._inbound_nodes:
-            node.operation = new
-            # The tensors a node made name their operation too; a model's
-            # outputs are serialised through them.
-            for tensor in node.outputs:
-                history = getattr(tensor, "_keras_history", None)
-                if history is not None and history.operation is old:
-                    tensor._keras_history = history._replace(operation=new)
-        new._inbound_nodes = old._inbound_nodes
-        new._outbound_nodes = old._outbound_nodes
-        old._inbound_nodes = []
-        old._outbound_nodes = []
+        _keras_internals.move_graph_nodes(old, replacements[old_id])
     if keras.backend.backend() == "torch":
         # The tree after the swap: the new layers' subtrees instead of the
         # old layers (a wrapped layer comes back, inside its wrapper).
@@ -230,15 +219,11 @@ def drop_compiled_functions(model: keras.layers.Layer) -> None:
 
 
 def _replace_in(container, old, new) -> None:
-    tracker = container._tracker
-    was_locked = tracker.locked
-    tracker.unlock()
-    try:
-        if tracker.is_in_store("layers", old):
-            tracker.replace_tracked_value("layers", old, new)
+    with _keras_internals.unlocked_tracker(container):
+        _keras_internals.replace_tracked_layer(container, old, new)
         # Attributes (on torch, sublayers live in the module registry).
         attributes = dict(vars(container))
-        attributes.update(getattr(container, "_modules", None) or {})
+        attributes.update(_keras_internals.torch_modules(container))
         for name, value in attributes.items():
             if value is old:
                 setattr(container, name, new)
@@ -252,16 +237,7 @@ def _replace_in(container, old, new) -> None:
                     if item is old:
                         value[item_key] = new
         # A functional graph keys its nodes by the id of their operation.
-        node_keys = vars(container).get("_nodes")
-        if isinstance(node_keys, set):
-            prefix = f"{id(old)}_ib-"
-            for key in [k for k in node_keys if isinstance(k, str)]:
-                if key.startswith(prefix):
-                    node_keys.remove(key)
-                    node_keys.add(f"{id(new)}_ib-{key[len(prefix) :]}")
-    finally:
-        if was_locked:
-            tracker.lock()
+        _keras_internals.rekey_graph_nodes(container, old, new)
 
 
 def _replace_in_list(items: list, old, new) -> None:
@@ -281,7 +257,4 @@ def refresh_torch_params(layers: Iterable[keras.layers.Layer]) -> None:
         layers: the layers to refresh, usually `containers(model)`.
     """
     for layer in layers:
-        if "_torch_params" in vars(layer) or "_torch_params" in getattr(
-            layer, "_modules", {}
-        ):
-            layer._track_variables()
+        _keras_internals.refresh_torch_params(layer)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import keras
 
+from keras_lora import _keras_internals
 from keras_lora.embedding import LoraEmbedding
 from keras_lora.kernel_split import split_kernel
 from keras_lora.layer import LoraLayer
@@ -118,9 +119,9 @@ def all_linear_layers(
     except (AttributeError, ValueError):  # A subclassed model or a layer.
         outputs = []
     for tensor in outputs:
-        history = getattr(tensor, "_keras_history", None)
-        if history is not None:
-            heads.add(id(history.operation))
+        operation = _keras_internals.producing_operation(tensor)
+        if operation is not None:
+            heads.add(id(operation))
     layers = []
     for _, layer in (index or LayerIndex(model)).items():
         if isinstance(layer, LoraEmbedding):  # Not linear, as in PEFT.

@@ -182,9 +182,12 @@ def test_optimizer_matches_the_keras_io_example():
     assert isinstance(loss, training.TokenCrossEntropy)
     bias = keras.Variable(np.zeros(2), name="bias")
     kernel = keras.Variable(np.zeros(2), name="kernel")
+    # Keras 3.16 asks for a built optimizer here.
+    optimizer.build([bias, kernel])
     assert optimizer._use_weight_decay(kernel)
     assert not optimizer._use_weight_decay(bias)
     plain, _ = training.optimizer_and_loss(1e-3, exclude_from_decay=False)
+    plain.build([bias, kernel])
     assert plain._use_weight_decay(bias)
 
 

@@ -209,13 +209,9 @@ def compiled_train_step(model, data):
     taken, or `model._symbolic_build(data_batch=data)`)."""
     import jax
 
-    state = model._get_jax_state(
-        trainable_variables=True,
-        non_trainable_variables=True,
-        optimizer_variables=True,
-        metrics_variables=True,
-        purge_model_variables=False,
-    )
+    from keras_lora import _keras_internals
+
+    state = _keras_internals.jax_train_state(model)
     return jax.jit(model.train_step).lower(state, data).compile()
 
 

@@ -58,6 +58,7 @@ from collections.abc import Iterable
 import keras
 import numpy as np
 
+from keras_lora import _keras_internals
 from keras_lora.families import FAMILIES, Family, family_of
 from keras_lora.interop.hf_layout import HfLayout, hf_layout
 from keras_lora.kernel_split import KernelSplit, split_kernel
@@ -117,7 +118,7 @@ class Located:
         original = self.layers[path]
         parent_path = path.rpartition("/")[0]
         parent = self.layers[parent_path] if parent_path else self.backbone
-        for child in parent._layers:
+        for child in _keras_internals.sublayers(parent):
             if isinstance(child, LoraLayer) and child.original_layer is original:
                 return child
         raise RuntimeError(f"No LoraLayer wraps '{path}' after wrapping it.")
