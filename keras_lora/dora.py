@@ -16,9 +16,9 @@ recomputes `x'·W`) and `x` otherwise (`x·W` is the output less its bias).
 
 The magnitude is shaped like the layer's output features
 (`KernelSplit.out_shape`) and named after the kernel
-(".../query/lora_magnitude"). This module holds the math only;
-`LoraLayer`, `keras_lora.adapter_state` and `merge_lora` call it for adapters that
-have a magnitude.
+(".../query/lora_magnitude"). An adapter record holds a `Dora` piece as
+its `variant` (`keras_lora.adapter_record`); the layer's call, the
+mixed-batch check and `merge_lora` call the piece, never test for DoRA.
 
 >>> from keras_lora import inject_lora
 >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
@@ -39,6 +39,7 @@ from keras.src.backend import AutocastScope
 
 from keras_lora.initialization import rewrites_kernel
 from keras_lora.kernel_split import KernelSplit
+from keras_lora.low_rank import delta
 from keras_lora.quantized import quantization_mode
 
 MAGNITUDE = "lora_magnitude"
@@ -150,7 +151,34 @@ def kernel_update(layer, adapter, kernel):
     f = _float32(adapter.magnitude) / norm
     size = dict(zip(split.out_axes, split.out_shape, strict=True))
     f = ops.reshape(f, tuple(size.get(c, 1) for c in split.kernel_spec))
-    return (f - 1) * kernel + f * layer.delta(adapter.name)
+    return (f - 1) * kernel + f * delta(split, adapter)
+
+
+class Dora:
+    """The DoRA variant of an adapter record: its magnitude, and the math
+    above as the calls the record makes.
+
+    Args:
+        magnitude: the trainable float32 magnitude (`add_magnitude`).
+    """
+
+    # DoRA rescales the whole output per adapter: its path runs alone.
+    fusable = False
+
+    def __init__(self, magnitude: keras.Variable):
+        self.magnitude = magnitude
+
+    @property
+    def variables(self) -> tuple:
+        return (self.magnitude,)
+
+    def update(self, layer, adapter, inputs, base, training=None):
+        """What `adapter` adds to `base`, the wrapped layer's output."""
+        return update(layer, adapter, inputs, base, training)
+
+    def kernel_update(self, layer, adapter, kernel):
+        """What `adapter` adds to the float32 `kernel` when merged."""
+        return kernel_update(layer, adapter, kernel)
 
 
 def _float32(value):

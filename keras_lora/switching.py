@@ -22,7 +22,6 @@ import keras
 import numpy as np  # noqa: F401 (the examples use it)
 
 from keras_lora import adapter_state, traces
-from keras_lora.initialization import restore_kernel
 from keras_lora.injection import (
     _refresh_compile_state as refresh_compile_state,
 )
@@ -171,7 +170,7 @@ def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
             unwrap[id(layer)] = layer
     for layer in unwrap.values():
         mode = quantization_mode(layer.original_layer)
-        if layer.adapters.first.initial is not None and mode is not None:
+        if layer.adapters.first.rewrites_kernel and mode is not None:
             raise ValueError(
                 f"Layer '{layer.name}' holds PiSSA/OLoRA adapter '{name}' over "
                 f"a kernel quantized ({mode}) after it was added: the original "
@@ -184,7 +183,7 @@ def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
     if unwrap:
         for layer in unwrap.values():
             # A PiSSA/OLoRA kernel is the residual: the original comes back.
-            restore_kernel(layer)
+            layer.adapters.first.initial.restore_kernel(layer)
         index.swap({key: layer.unwrap() for key, layer in unwrap.items()})
     refresh_after_adapter_change(model)
     return model

@@ -60,7 +60,6 @@ import numpy as np
 from keras_lora.adapter_state import check_adapter_name, names_in
 from keras_lora.embedding import LoraEmbedding, is_tied
 from keras_lora.families import FAMILIES, Family, family_of
-from keras_lora.initialization import plain_factors
 from keras_lora.injection import add_named_adapter, wrap_layers
 from keras_lora.interop import peft_format
 from keras_lora.interop.hf_layout import HfLayout, hf_layout
@@ -149,8 +148,8 @@ def export_peft(
     `alpha_pattern`.
 
     A PiSSA/OLoRA adapter (residual kernels) is written as PEFT converts
-    one: a plain LoRA of twice its rank that applies to the ORIGINAL base
-    weights (see `keras_lora.initialization.plain_factors`).
+    one: a LoRA of twice its rank that applies to the ORIGINAL base
+    weights (see `keras_lora.initialization.ResidualKernel`).
 
     Args:
         model: a keras-hub backbone or task model of a family in
@@ -479,8 +478,8 @@ def _fused_module(found, block, module, layers, use_rslora, use_dora) -> PeftMod
         )
     # PiSSA/OLoRA layers export their rank-2r equivalent for the original
     # base weights (PEFT's conversion); other layers are themselves.
-    plain = {role: plain_factors(adapter) for role, adapter in layers.items()}
-    rank = sum(p[2] for p in plain.values())
+    converted = {role: a.factors_for_original_kernel() for role, a in layers.items()}
+    rank = sum(p[2] for p in converted.values())
     # Choose lora_alpha so that PEFT's scaling is the Keras scale.
     alpha = peft_format.tidy(scale * (math.sqrt(rank) if use_rslora else rank))
     layouts = [found.hf_layout(block, role) for role in roles]
@@ -492,7 +491,7 @@ def _fused_module(found, block, module, layers, use_rslora, use_dora) -> PeftMod
         adapter = layers.get(role)
         rows = slice(row, row + layout.fan_out)
         if adapter is not None:
-            a, b, role_rank, _ = plain[role]
+            a, b, role_rank, _ = converted[role]
             cols = slice(col, col + role_rank)
             lora_a[cols] = layout.a_to_hf(a)
             lora_b[rows, cols] = layout.b_to_hf(b)
@@ -524,7 +523,7 @@ def _common_dora(wrapped, name: str) -> bool:
     """PEFT's one `use_dora` flag for adapter `name`, or `ValueError` if
     the layers differ."""
     dora = {
-        layer.name: layer.adapters[name].magnitude is not None
+        layer.name: layer.adapters[name].use_dora
         for layer in wrapped
         if name in layer.adapters
     }
