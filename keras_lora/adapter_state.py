@@ -278,7 +278,7 @@ def add_adapter(layer, name: str, **settings) -> Adapter:
         # The caller checks first (`check_beside`); this is the last guard.
         raise ValueError(f"Layer '{layer.name}': {_ALONE}")
     if settings.use_dora:
-        dora.check_base(layer.original_layer, layer.split)
+        dora.check_base(layer.original_layer, layer.split, settings.init)
     adapter = new_adapter(layer, name, settings, first=False)
     layer.adapters.by_name[name] = adapter
     # Several adapters: the active set becomes state the call reads.
@@ -361,7 +361,7 @@ def check_batchable(layer) -> None:
     if alone:
         raise ValueError(
             f"Layer '{layer.name}' holds DoRA adapters {alone}; "
-            "adapter_batch mixes plain LoRA adapters only (DoRA rescales "
+            "adapter_batch mixes LoRA adapters without DoRA only (DoRA rescales "
             "the whole output per adapter). Run each DoRA adapter's rows "
             "in their own batch, with `set_adapter`."
         )

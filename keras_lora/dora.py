@@ -45,9 +45,7 @@ from keras_lora.quantized import quantization_mode
 MAGNITUDE = "lora_magnitude"
 
 
-def check_base(
-    layer: keras.layers.Layer, split: KernelSplit, init: str = "kaiming"
-) -> None:
+def check_base(layer: keras.layers.Layer, split: KernelSplit, init: str) -> None:
     """Raise `ValueError` unless DoRA can wrap `layer` (split as `split`).
 
     DoRA needs the float kernel on every call (its column norms), which a
@@ -68,7 +66,7 @@ def check_base(
         raise ValueError(
             f"Layer '{layer.name}' is quantized ({mode}); DoRA rescales each "
             "output feature by the norm of the float kernel on every call, "
-            "which a quantized kernel does not hold. Use plain LoRA "
+            "which a quantized kernel does not hold. Use LoRA without DoRA "
             "(`use_dora=False`) over a quantized base, or `merge_lora` a "
             "DoRA adapter before quantizing."
         )
@@ -121,7 +119,8 @@ def update(layer, adapter, inputs, outputs, training=None):
     activation), as PEFT's `result`.
     """
     original = layer.original_layer
-    check_base(original, layer.split)  # The base may be quantized later.
+    # The base may be quantized later.
+    check_base(original, layer.split, adapter.init)
     perm, shape = _output_plan(layer.split, layer.name)
     f = factor(layer, adapter)
     if perm:
@@ -206,7 +205,7 @@ def _output_plan(split: KernelSplit, name: str) -> tuple[tuple[int, ...], tuple]
         raise ValueError(
             f"Layer '{name}' has output subscripts '{spec}' with an ellipsis "
             "after its output features; DoRA needs the output features to be "
-            "the output's trailing axes. Use plain LoRA (`use_dora=False`) "
+            "the output's trailing axes. Use LoRA without DoRA (`use_dora=False`) "
             "for this layer."
         )
     order = [c for c in tail if c in split.out_axes]

@@ -226,14 +226,22 @@ class LoraEmbedding(LoraLayer):
     check_settings = staticmethod(_check_table_settings)
 
     def take_over(self, original_layer: keras.layers.Layer) -> None:
-        """Read how the embedding is called: reversible, tied, masking."""
+        """Read how the embedding is called: reversible, tied, masking.
+
+        Args:
+            original_layer: the embedding being wrapped.
+        """
         self.reversible = is_reversible(original_layer)
         self.tied = is_tied(original_layer)
         self.supports_masking = original_layer.supports_masking
 
     def factor_initializers(self, settings: LoraSettings) -> tuple:
         """A's and B's initializers: zeros and standard normal (PEFT's
-        `reset_lora_parameters` for `lora_embedding_A/B`), whatever `init`."""
+        `reset_lora_parameters` for `lora_embedding_A/B`), whatever `init`.
+
+        Args:
+            settings: the adapter's settings (`seed`).
+        """
         return keras.initializers.Zeros(), keras.initializers.RandomNormal(
             stddev=1.0, seed=settings.seed
         )

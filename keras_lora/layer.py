@@ -132,28 +132,46 @@ class LoraLayer(keras.layers.Layer):
     @staticmethod
     def check_layer(layer: keras.layers.Layer) -> KernelSplit:
         """Raise `ValueError` unless this class can wrap `layer`; return its
-        split. Changes nothing."""
+        split. Changes nothing.
+
+        Args:
+            layer: the layer to wrap.
+        """
         return check_wrappable(layer)
 
     @staticmethod
     def check_settings(
         layer: keras.layers.Layer, split: KernelSplit, settings: LoraSettings
     ) -> None:
-        """Raise `ValueError` unless `layer` (split as `split`) can take an
-        adapter with `settings`. Changes nothing."""
+        """Raise `ValueError` unless `layer` can take an adapter with
+        `settings`. Changes nothing.
+
+        Args:
+            layer: the layer to wrap.
+            split: its split (`check_layer`'s result).
+            settings: the adapter's settings.
+        """
         check_layer_init(layer, split, settings.init, settings.rank)
         if settings.use_dora:
             dora.check_base(layer, split, settings.init)
 
     def take_over(self, original_layer: keras.layers.Layer) -> None:
-        """Take what the wrapper applies from `original_layer`."""
+        """Take what the wrapper applies from `original_layer`.
+
+        Args:
+            original_layer: the layer being wrapped.
+        """
         # The update must go in before the activation: the wrapper applies
         # it, and the wrapped layer computes its linear part only.
         self.activation = original_layer.activation
         original_layer.activation = keras.activations.linear
 
     def factor_initializers(self, settings: LoraSettings) -> tuple:
-        """A's and B's initializers for an adapter with `settings`."""
+        """A's and B's initializers for an adapter with `settings`.
+
+        Args:
+            settings: the adapter's settings (`init`, `rank`, `seed`).
+        """
         return (
             a_initializer(
                 settings.init, self.split.fan_in, settings.rank, settings.seed

@@ -244,23 +244,23 @@ def adapter_batch(
     if _ensure_controls(layers):
         _after_new_controls(model)
     if any([adapter_state.ensure_controls(layer, len(names)) for layer in layers]):
-        # First mixed batch of this size: new rows variables. Plain steps
+        # First mixed batch of this size: new rows variables. Uniform steps
         # do not read them (JAX traces them once more, for the new state);
         # mixed steps traced for another size read the old ones.
         if keras.backend.backend() == "torch":
             refresh_torch_params(containers(model))
-        traces.forget(model, lambda mode: mode != "plain")
+        traces.forget(model, lambda mode: mode != "uniform")
     for layer in layers:
         adapter_state.write_rows(layer, names)
     # The mixed call is Python state a trace bakes in: each mode keeps its
     # own traced steps, so later batches (other names, same size) reuse them.
     mixed = ("mixed", len(names))
-    traces.switch_mode(model, "plain", mixed)
+    traces.switch_mode(model, "uniform", mixed)
     try:
         with _adapter_state(model, layers, "batching", [True] * len(layers)):
             yield model
     finally:
-        traces.switch_mode(model, mixed, "plain")
+        traces.switch_mode(model, mixed, "uniform")
 
 
 def _lora_layers_or_raise(model) -> list[LoraLayer]:
