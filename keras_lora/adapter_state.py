@@ -1,28 +1,30 @@
 """Several adapters in one `LoraLayer`: their records, state and math.
 
-A `LoraLayer` holds its adapters in an `AdapterState`: the first one is the
-layer's own `lora_a`/`lora_b` (paths ".../query/lora_a"), later ones add
-factors named ".../query/lora_a_<name>". While the layer has one adapter
-and was never switched, `LoraLayer.call` takes its plain path (reshape and
-two matmuls); every other case (several adapters, LoRA disabled, a mixed
-batch) runs `apply` here, which reads the choice of adapters from
-variables so that switching never traces the model again. The public
-functions are in `keras_lora.switching`.
+A `LoraLayer` holds its adapters' records (`keras_lora.adapter_record`) in
+an `AdapterState`: the first one's factors are named ".../query/lora_a",
+later ones' ".../query/lora_a_<name>"; `new_adapter` here is the one
+factory of records. While the layer has one adapter and was never
+switched, `LoraLayer.call` takes its fast path (reshape and two matmuls);
+every other case (several adapters, LoRA disabled, a mixed batch) runs
+`apply` here, which reads the choice of adapters from variables so that
+switching never traces the model again. The public functions are in
+`keras_lora.switching`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import re
-from dataclasses import dataclass
 
 import keras
 import numpy as np
 from keras import ops
 
 from keras_lora import _keras_internals, dora
-from keras_lora.initialization import a_initializer, check_init, rewrites_kernel
+from keras_lora.adapter_record import LORA, Adapter
+from keras_lora.initialization import initialize_from_kernel
+from keras_lora.low_rank import project
+from keras_lora.settings import LoraSettings
 
 _ALONE = (
     "a PiSSA/OLoRA adapter rewrites the kernel into a residual, so it must "
@@ -43,41 +45,12 @@ def check_adapter_name(name) -> None:
         )
 
 
-@dataclass
-class Adapter:
-    """One adapter's factors and settings inside a `LoraLayer`."""
-
-    name: str
-    lora_a: keras.Variable
-    lora_b: keras.Variable
-    rank: int
-    alpha: float
-    dropout: float
-    use_rslora: bool
-    seed: int | None
-    scale: float
-    dropout_layer: keras.layers.Layer | None = None
-    # How the factors started (`keras_lora.initialization`).
-    init: str = "kaiming"
-    # PiSSA/OLoRA: the frozen initial factors, as an adapter record (same
-    # rank and scale, no dropout); the wrapped kernel is the original
-    # minus their update.
-    initial: Adapter | None = None
-    magnitude: keras.Variable | None = None  # DoRA's (see `keras_lora.dora`).
-
-    @property
-    def variables(self) -> tuple:
-        if self.magnitude is not None:
-            return (self.lora_a, self.lora_b, self.magnitude)
-        return (self.lora_a, self.lora_b)
-
-
 class AdapterState:
     """The adapters of one layer, which are active, and the call mode.
 
     Until a layer's adapters are first switched (`set_adapter`,
     `disable_lora`, `adapter_batch`, or a second adapter), the active set
-    is Python state and the first adapter alone takes the layer's plain
+    is Python state and the first adapter alone takes the layer's fast
     path. From then on the layer holds `gates`, a non-trainable float32
     variable with one entry per adapter (1: active, 0: not), and the call
     reads it: switching assigns the variable, so traced steps stay valid
@@ -124,12 +97,14 @@ class AdapterState:
         self.write_gates()
 
     @property
-    def plain(self) -> bool:
-        """Whether the call is the first adapter's alone (the fast path)."""
+    def fast_path(self) -> bool:
+        """Whether the call is the first adapter's alone, as LoRA (no
+        gates, not disabled, the first adapter active and not DoRA)."""
         return (
             self.gates is None
             and not self._disabled
             and self._active == (self.first.name,)
+            and self.first.variant.fusable
         )
 
     def write_gates(self) -> None:
@@ -217,59 +192,41 @@ def write_rows(layer, names) -> None:
 def check_beside(layer, init: str) -> None:
     """Raise `ValueError` if an adapter started by `init` cannot be added
     to `layer`, a `LoraLayer` holding adapters already."""
-    if rewrites_kernel(check_init(init)) or layer.adapters.first.initial is not None:
+    if LoraSettings(init=init).rewrites_kernel or layer.adapters.first.rewrites_kernel:
         raise ValueError(
             f"Cannot add an adapter to layer '{layer.name}' (adapters "
             f"{list(layer.adapters.names)}; init={init!r}): {_ALONE}"
         )
 
 
-def add_adapter(
-    layer,
-    name: str,
-    rank: int,
-    alpha: float,
-    dropout: float = 0.0,
-    use_rslora: bool = False,
-    seed: int | None = None,
-    init: str = "kaiming",
-    use_dora: bool = False,
-) -> Adapter:
-    """Give `layer` (a `LoraLayer`) another adapter's factors.
+def new_adapter(layer, name: str, settings: LoraSettings, first: bool) -> Adapter:
+    """Create adapter `name`'s variables in `layer` and return its record.
 
-    A is kaiming-uniform (or gaussian, see `keras_lora.initialization`) and
-    B zero. They are created trainable (a TensorFlow variable made
-    non-trainable is never watched by the gradient tape, whatever Keras's
-    flag says later); the caller freezes the inactive ones.
+    The one factory of adapter records. The factors are float32, named
+    "lora_a"/"lora_b" for the `first` adapter and "lora_a_<name>"/... for
+    later ones (the names adapter and model files use). They start as the
+    layer says (`factor_initializers`: A kaiming-uniform or gaussian, B
+    zero; an embedding's, PEFT's) and are created trainable (a TensorFlow
+    variable made non-trainable is never watched by the gradient tape,
+    whatever Keras's flag says later); the caller freezes inactive ones.
+    A DoRA adapter gets its magnitude, a PiSSA/OLoRA one (first only) its
+    initial factors and the residual kernel.
+
+    Args:
+        layer: the `LoraLayer`, its `split` set.
+        name: the adapter's name.
+        settings: its `LoraSettings`.
+        first: whether it is the layer's first adapter.
     """
     split = layer.split
-    if rewrites_kernel(check_init(init)) or layer.adapters.first.initial is not None:
-        # The caller checks first (`check_beside`); this is the last guard.
-        raise ValueError(f"Layer '{layer.name}': {_ALONE}")
-    if use_dora:
-        dora.check_base(layer.original_layer, split)
-    # A layer may start its factors its own way (an embedding: PEFT's A
-    # zeros, B normal; see `keras_lora.embedding`).
-    initializers = getattr(layer, "factor_initializers", None)
-    if initializers is not None:
-        a_init, b_init = initializers(seed)
-    else:
-        a_init, b_init = a_initializer(init, split.fan_in, rank, seed), "zeros"
-    lora_a = layer.add_weight(
-        name=f"lora_a_{name}",
-        shape=split.in_shape + (rank,),
-        initializer=a_init,
-        dtype="float32",
-    )
-    lora_b = layer.add_weight(
-        name=f"lora_b_{name}",
-        shape=(rank,) + split.out_shape,
-        initializer=b_init,
-        dtype="float32",
-    )
+    suffix = "" if first else f"_{name}"
     dropout_layer = None
-    if dropout:
-        dropout_layer = keras.layers.Dropout(dropout, seed=seed)
+    if settings.dropout and layer.applies_dropout:
+        dropout_layer = keras.layers.Dropout(settings.dropout, seed=settings.seed)
+    if first:
+        # Tracked under the name model files give it.
+        layer.dropout_layer = dropout_layer
+    elif dropout_layer is not None:
         # Tracked, so its seed state is part of the model's state.
         with _keras_internals.unlocked_tracker(layer):
             setattr(
@@ -277,16 +234,46 @@ def add_adapter(
                 f"_dropout_{name}".replace(".", "_").replace("-", "_"),
                 dropout_layer,
             )
-    scale = alpha / (math.sqrt(rank) if use_rslora else rank)
-    magnitude = None
-    if use_dora:
+    a_init, b_init = layer.factor_initializers(settings)
+    lora_a = layer.add_weight(
+        name=f"lora_a{suffix}",
+        shape=split.in_shape + (settings.rank,),
+        initializer=a_init,
+        dtype="float32",
+    )
+    lora_b = layer.add_weight(
+        name=f"lora_b{suffix}",
+        shape=(settings.rank,) + split.out_shape,
+        initializer=b_init,
+        dtype="float32",
+    )
+    variant = LORA
+    if settings.use_dora:
         magnitude = dora.add_magnitude(
-            layer, f"{dora.MAGNITUDE}_{name}", lora_a, lora_b, scale
+            layer, f"{dora.MAGNITUDE}{suffix}", lora_a, lora_b, settings.scale
         )
-    adapter = Adapter(
-        name, lora_a, lora_b, int(rank), float(alpha), float(dropout),
-        bool(use_rslora), seed, scale, dropout_layer, init, magnitude=magnitude,
-    )  # fmt: skip
+        variant = dora.Dora(magnitude)
+    adapter = Adapter(name, settings, lora_a, lora_b, dropout_layer, variant)
+    if settings.rewrites_kernel:
+        adapter.initial = initialize_from_kernel(layer, adapter)
+    return adapter
+
+
+def add_adapter(layer, name: str, **settings) -> Adapter:
+    """Give `layer` (a `LoraLayer`) another adapter, inactive.
+
+    Args:
+        layer: a `LoraLayer`.
+        name: the new adapter's name.
+        **settings: `LoraSettings` fields (rank, alpha, dropout, ...).
+    """
+    settings = LoraSettings(**settings)
+    if settings.rewrites_kernel or layer.adapters.first.rewrites_kernel:
+        # The caller checks first (`check_beside`); this is the last guard.
+        raise ValueError(f"Layer '{layer.name}': {_ALONE}")
+    if settings.use_dora:
+        dora.check_base(layer.original_layer, layer.split, settings.init)
+    adapter = new_adapter(layer, name, settings, first=False)
     layer.adapters.by_name[name] = adapter
     # Several adapters: the active set becomes state the call reads.
     ensure_controls(layer)
@@ -307,19 +294,7 @@ def remove_adapter(layer, name: str) -> None:
         ensure_controls(layer)  # One gate fewer.
     state.active = tuple(n for n in state.active if n != name)
     if state.first.name == name:
-        first = state.by_name[next(iter(state.by_name))]
-        state.first = first
-        layer.adapter_name = first.name
-        object.__setattr__(layer, "lora_a", first.lora_a)
-        object.__setattr__(layer, "lora_b", first.lora_b)
-        layer.rank, layer.alpha, layer.dropout = first.rank, first.alpha, first.dropout
-        layer.use_rslora, layer.seed, layer.scale = (
-            first.use_rslora,
-            first.seed,
-            first.scale,
-        )
-        layer.init = first.init
-        object.__setattr__(layer, "dropout_layer", first.dropout_layer)
+        state.first = state.by_name[next(iter(state.by_name))]
 
 
 def apply(layer, inputs, outputs, training=None):
@@ -334,62 +309,53 @@ def apply(layer, inputs, outputs, training=None):
         weights = weights[:, 1:]
     else:
         weights = state.gates
-    initial = state.first.initial
-    if initial is not None:
-        # A PiSSA/OLoRA kernel is the residual (its adapter is the layer's
-        # only one): where that adapter is off, add the initial update back.
-        off = ops.subtract(1.0, weights[..., :1])
-        outputs = ops.add(outputs, gated_update(layer, inputs, [initial], off))
+    # A PiSSA/OLoRA kernel is the residual (its adapter is the layer's only
+    # one): where that adapter is off, the initial update goes back in.
+    off = ops.subtract(1.0, weights[..., :1])
+    outputs = state.first.initial.add_back(layer, inputs, outputs, off)
     base = outputs  # DoRA rescales the base output, not other adapters'.
-    plain = [i for i, a in enumerate(adapters) if a.magnitude is None]
+    fused = [i for i, a in enumerate(adapters) if a.variant.fusable]
     for i, adapter in enumerate(adapters):
-        if adapter.magnitude is not None:  # Refused in a mixed batch.
-            update = dora.update(layer, adapter, inputs, base, training)
+        if not adapter.variant.fusable:  # Refused in a mixed batch.
+            update = adapter.update(layer, inputs, base, training)
             outputs = ops.add(outputs, update * ops.cast(weights[i], update.dtype))
-    if not plain:
+    if not fused:
         return outputs
-    if training and any(adapters[i].dropout_layer is not None for i in plain):
+    if training and any(adapters[i].dropout_layer is not None for i in fused):
         # Each adapter drops its own input: one path per adapter.
-        for i in plain:
-            update = layer.lora_update(inputs, training=training, adapter=adapters[i])
+        for i in fused:
+            update = adapters[i].update(layer, inputs, base, training)
             outputs = ops.add(outputs, update * ops.cast(weights[i], update.dtype))
         return outputs
-    if len(plain) < len(adapters):
-        weights = ops.take(weights, ops.convert_to_tensor(plain, "int32"), axis=-1)
-    plain_adapters = [adapters[i] for i in plain]
-    return ops.add(outputs, gated_update(layer, inputs, plain_adapters, weights))
+    if len(fused) < len(adapters):
+        weights = ops.take(weights, ops.convert_to_tensor(fused, "int32"), axis=-1)
+    fused_adapters = [adapters[i] for i in fused]
+    return ops.add(outputs, gated_update(layer, inputs, fused_adapters, weights))
 
 
 def _apply_active(layer, inputs, outputs, training):
     """`apply` for a layer never switched: its active set is Python state."""
     state = layer.adapters
-    initial = state.first.initial
-    if initial is not None and (state.disabled or state.first.name not in state.active):
+    if state.disabled or state.first.name not in state.active:
         # A PiSSA/OLoRA kernel is the residual: the base model adds back
         # the initial update (its adapter is the layer's only one).
-        outputs = ops.add(outputs, layer.lora_update(inputs, adapter=initial))
+        outputs = state.first.initial.add_back(layer, inputs, outputs)
     if state.disabled:
         return outputs
     base = outputs  # DoRA rescales the base output, not other adapters'.
     for name in state.active:
-        adapter = state[name]
-        if adapter.magnitude is not None:
-            update = dora.update(layer, adapter, inputs, base, training)
-        else:
-            update = layer.lora_update(inputs, training=training, adapter=adapter)
-        outputs = ops.add(outputs, update)
+        outputs = ops.add(outputs, state[name].update(layer, inputs, base, training))
     return outputs
 
 
 def check_batchable(layer) -> None:
-    """Raise `ValueError` if `layer` holds a DoRA adapter (no mixed batch)."""
-    dora_names = [
-        a.name for a in layer.adapters.by_name.values() if a.magnitude is not None
-    ]
-    if dora_names:
+    """Raise `ValueError` if `layer` holds an adapter whose path cannot run
+    fused (DoRA): no mixed batch."""
+    alone = [a.name for a in layer.adapters.by_name.values() if not a.variant.fusable]
+    if alone:
         raise ValueError(
-            f"Layer '{layer.name}' holds DoRA adapters {dora_names}; "
-            "adapter_batch mixes plain LoRA adapters only (DoRA rescales "
+            f"Layer '{layer.name}' holds DoRA adapters {alone}; "
+            "adapter_batch mixes LoRA adapters without DoRA only (DoRA rescales "
             "the whole output per adapter). Run each DoRA adapter's rows "
             "in their own batch, with `set_adapter`."
         )
@@ -407,51 +373,12 @@ def gated_update(layer, inputs, adapters, weights):
     a trace serves every choice. Inactive adapters cost their share of
     rank: small beside the wrapped kernel.
     """
-    split = layer.split
-    dtype = layer.compute_dtype
-    per_row = len(weights.shape) == 2
-    x = inputs
-    input_perm, num_batch_axes, output_perm = split.call_plan(len(x.shape))
-    if input_perm:
-        x = ops.transpose(x, input_perm)
-    batch_shape = tuple(ops.shape(x)[:num_batch_axes])
-    if per_row:
-        rows, batch = weights.shape[0], x.shape[0]
-        if batch is not None and rows is not None and batch != rows:
-            raise ValueError(
-                f"adapter_batch was given {rows} adapter names, but layer "
-                f"'{layer.name}' got a batch of {batch} rows. Pass one name "
-                "(or None) per row."
-            )
-        x = ops.reshape(x, (batch_shape[0], -1, split.fan_in))
-    else:
-        x = ops.reshape(x, (-1, split.fan_in))
-    lora_a = ops.concatenate(
-        [
-            ops.reshape(ops.cast(a.lora_a, dtype), (split.fan_in, a.rank))
-            for a in adapters
-        ],
-        axis=1,
-    )
-    lora_b = ops.concatenate(
-        [
-            ops.reshape(ops.cast(a.lora_b, dtype), (a.rank, split.fan_out))
-            for a in adapters
-        ],
-        axis=0,
-    )
-    owner = np.repeat(np.arange(len(adapters)), [a.rank for a in adapters])
-    scales = np.repeat([a.scale for a in adapters], [a.rank for a in adapters])
+    ranks = [a.rank for a in adapters]
+    owner = np.repeat(np.arange(len(adapters)), ranks)
+    scales = np.repeat([a.scale for a in adapters], ranks)
     columns = ops.take(weights, ops.convert_to_tensor(owner, "int32"), axis=-1)
     columns = ops.multiply(columns, ops.convert_to_tensor(scales, "float32"))
-    columns = ops.cast(columns, dtype)
-    if per_row:
-        columns = ops.expand_dims(columns, 1)  # (batch, 1, rank): per row.
-    x = ops.matmul(ops.matmul(x, lora_a) * columns, lora_b)
-    x = ops.reshape(x, batch_shape + split.out_shape)
-    if output_perm:
-        x = ops.transpose(x, output_perm)
-    return x
+    return project(layer, inputs, adapters, ops.cast(columns, layer.compute_dtype))
 
 
 def names_in(layers) -> dict:

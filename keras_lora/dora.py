@@ -16,9 +16,9 @@ recomputes `x'·W`) and `x` otherwise (`x·W` is the output less its bias).
 
 The magnitude is shaped like the layer's output features
 (`KernelSplit.out_shape`) and named after the kernel
-(".../query/lora_magnitude"). This module holds the math only;
-`LoraLayer`, `keras_lora.adapter_state` and `merge_lora` call it for adapters that
-have a magnitude.
+(".../query/lora_magnitude"). An adapter record holds a `Dora` piece as
+its `variant` (`keras_lora.adapter_record`); the layer's call, the
+mixed-batch check and `merge_lora` call the piece, never test for DoRA.
 
 >>> from keras_lora import inject_lora
 >>> model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d")])
@@ -38,14 +38,13 @@ from keras import ops
 from keras_lora._keras_internals import autocast_scope
 from keras_lora.initialization import rewrites_kernel
 from keras_lora.kernel_split import KernelSplit
+from keras_lora.low_rank import delta
 from keras_lora.quantized import quantization_mode
 
 MAGNITUDE = "lora_magnitude"
 
 
-def check_base(
-    layer: keras.layers.Layer, split: KernelSplit, init: str = "kaiming"
-) -> None:
+def check_base(layer: keras.layers.Layer, split: KernelSplit, init: str) -> None:
     """Raise `ValueError` unless DoRA can wrap `layer` (split as `split`).
 
     DoRA needs the float kernel on every call (its column norms), which a
@@ -66,7 +65,7 @@ def check_base(
         raise ValueError(
             f"Layer '{layer.name}' is quantized ({mode}); DoRA rescales each "
             "output feature by the norm of the float kernel on every call, "
-            "which a quantized kernel does not hold. Use plain LoRA "
+            "which a quantized kernel does not hold. Use LoRA without DoRA "
             "(`use_dora=False`) over a quantized base, or `merge_lora` a "
             "DoRA adapter before quantizing."
         )
@@ -119,7 +118,8 @@ def update(layer, adapter, inputs, outputs, training=None):
     activation), as PEFT's `result`.
     """
     original = layer.original_layer
-    check_base(original, layer.split)  # The base may be quantized later.
+    # The base may be quantized later.
+    check_base(original, layer.split, adapter.init)
     perm, shape = _output_plan(layer.split, layer.name)
     f = factor(layer, adapter)
     if perm:
@@ -149,7 +149,34 @@ def kernel_update(layer, adapter, kernel):
     f = _float32(adapter.magnitude) / norm
     size = dict(zip(split.out_axes, split.out_shape, strict=True))
     f = ops.reshape(f, tuple(size.get(c, 1) for c in split.kernel_spec))
-    return (f - 1) * kernel + f * layer.delta(adapter.name)
+    return (f - 1) * kernel + f * delta(split, adapter)
+
+
+class Dora:
+    """The DoRA variant of an adapter record: its magnitude, and the math
+    above as the calls the record makes.
+
+    Args:
+        magnitude: the trainable float32 magnitude (`add_magnitude`).
+    """
+
+    # DoRA rescales the whole output per adapter: its path runs alone.
+    fusable = False
+
+    def __init__(self, magnitude: keras.Variable):
+        self.magnitude = magnitude
+
+    @property
+    def variables(self) -> tuple:
+        return (self.magnitude,)
+
+    def update(self, layer, adapter, inputs, base, training=None):
+        """What `adapter` adds to `base`, the wrapped layer's output."""
+        return update(layer, adapter, inputs, base, training)
+
+    def kernel_update(self, layer, adapter, kernel):
+        """What `adapter` adds to the float32 `kernel` when merged."""
+        return kernel_update(layer, adapter, kernel)
 
 
 def _float32(value):
@@ -177,7 +204,7 @@ def _output_plan(split: KernelSplit, name: str) -> tuple[tuple[int, ...], tuple]
         raise ValueError(
             f"Layer '{name}' has output subscripts '{spec}' with an ellipsis "
             "after its output features; DoRA needs the output features to be "
-            "the output's trailing axes. Use plain LoRA (`use_dora=False`) "
+            "the output's trailing axes. Use LoRA without DoRA (`use_dora=False`) "
             "for this layer."
         )
     order = [c for c in tail if c in split.out_axes]

@@ -30,16 +30,15 @@ this layer (a `dropout` setting is kept, and ignored).
 from __future__ import annotations
 
 import inspect
-import math
+from collections.abc import Mapping
 
 import keras
 from keras import ops
 
-from keras_lora import _keras_internals, adapter_state
-from keras_lora.initialization import check_init, rewrites_kernel
 from keras_lora.kernel_split import KernelSplit
-from keras_lora.layer import LoraLayer, check_hyperparameters
-from keras_lora.quantized import kernel_path, quantization_mode
+from keras_lora.layer import LoraLayer
+from keras_lora.quantized import quantization_mode
+from keras_lora.settings import LoraSettings
 
 
 def is_reversible(layer: keras.layers.Layer) -> bool:
@@ -58,13 +57,24 @@ def is_tied(layer: keras.layers.Layer) -> bool:
     return is_reversible(layer) and bool(layer.tie_weights)
 
 
-def check_embedding(layer: keras.layers.Layer, settings: dict | None = None) -> None:
+def check_embedding(
+    layer: keras.layers.Layer, settings: Mapping | LoraSettings | None = None
+) -> None:
     """Raise `ValueError` unless `LoraEmbedding(layer, **settings)` can be built.
 
     Checked before any layer changes (by `inject_lora`, `load_adapter`,
     `import_peft`): the message names the fix.
+
+    Args:
+        layer: the embedding to wrap.
+        settings: `LoraEmbedding` keyword arguments, or a `LoraSettings`.
     """
-    settings = settings or {}
+    _check_table_settings(layer, _check_table(layer), LoraSettings.of(settings or {}))
+
+
+def _check_table(layer: keras.layers.Layer) -> KernelSplit:
+    """Raise `ValueError` unless `layer` is an embedding LoRA can wrap;
+    return its table's split."""
     name = getattr(layer, "name", layer)
     if isinstance(layer, LoraLayer):
         raise ValueError(
@@ -96,17 +106,22 @@ def check_embedding(layer: keras.layers.Layer, settings: dict | None = None) -> 
             "the float model and quantize after `merge_lora`, or leave "
             f"'{name}' out of `targets`."
         )
-    get = settings.get
-    check_hyperparameters(get("rank", 4), get("alpha", 32.0), get("dropout", 0.0))
-    init = check_init(settings.get("init", "kaiming"))
-    if rewrites_kernel(init):
+    return table_split(layer)
+
+
+def _check_table_settings(
+    layer: keras.layers.Layer, split: KernelSplit, settings: LoraSettings
+) -> None:
+    """Raise `ValueError` for settings an embedding refuses."""
+    name, init = layer.name, settings.init
+    if settings.rewrites_kernel:
         raise ValueError(
             f"Embedding '{name}': init={init!r} (PiSSA/OLoRA) is not supported "
             "on embeddings. Use init='kaiming' or 'gaussian' (an embedding's "
             "factors start as PEFT's: A zeros, B normal), or leave "
             f"'{name}' out of `targets`."
         )
-    if settings.get("use_dora"):
+    if settings.use_dora:
         raise ValueError(
             f"Embedding '{name}': DoRA (use_dora=True) is not supported on "
             "embeddings. Leave the embedding out of `targets` for DoRA, or "
@@ -125,14 +140,6 @@ def table_split(layer: keras.layers.Embedding) -> KernelSplit:
         out_axes="b",
         in_shape=(int(layer.input_dim),),
         out_shape=(int(layer.output_dim),),
-    )
-
-
-def factor_initializers(seed=None) -> tuple[keras.Initializer, keras.Initializer]:
-    """A's and B's initializers for an embedding: zeros and standard normal
-    (PEFT's `reset_lora_parameters` for `lora_embedding_A/B`)."""
-    return keras.initializers.Zeros(), keras.initializers.RandomNormal(
-        stddev=1.0, seed=seed
     )
 
 
@@ -185,72 +192,59 @@ class LoraEmbedding(LoraLayer):
     True
     """
 
+    applies_dropout = False
+
     def __init__(
         self,
         original_layer: keras.layers.Layer,
-        rank: int = 4,
-        alpha: float = 32.0,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        seed: int | None = None,
+        rank: int = LoraSettings.rank,
+        alpha: float = LoraSettings.alpha,
+        dropout: float = LoraSettings.dropout,
+        use_rslora: bool = LoraSettings.use_rslora,
+        seed: int | None = LoraSettings.seed,
         adapter_name: str = "default",
-        init: str = "kaiming",
-        use_dora: bool = False,
+        init: str = LoraSettings.init,
+        use_dora: bool = LoraSettings.use_dora,
         adapt_head: bool = True,
         **kwargs,
     ):
-        check_embedding(
+        super().__init__(
             original_layer,
-            dict(rank=rank, alpha=alpha, dropout=dropout, init=init, use_dora=use_dora),
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            seed=seed,
+            adapter_name=adapter_name,
+            init=init,
+            use_dora=use_dora,
+            **kwargs,
         )
-        adapter_state.check_adapter_name(adapter_name)
-        kwargs.setdefault("name", original_layer.name)
-        kwargs.setdefault("dtype", original_layer.dtype_policy)
-        # Not `LoraLayer.__init__`: that one is for Dense/EinsumDense kernels.
-        keras.layers.Layer.__init__(self, **kwargs)
-        self.original_layer = original_layer
-        self.rank = int(rank)
-        self.alpha = float(alpha)
-        self.dropout = float(dropout)
-        self.use_rslora = bool(use_rslora)
-        self.seed = seed
-        self.init = init
-        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
-        self.split = table_split(original_layer)
+        self.adapt_head = bool(adapt_head)
+
+    check_layer = staticmethod(_check_table)
+    check_settings = staticmethod(_check_table_settings)
+
+    def take_over(self, original_layer: keras.layers.Layer) -> None:
+        """Read how the embedding is called: reversible, tied, masking.
+
+        Args:
+            original_layer: the embedding being wrapped.
+        """
         self.reversible = is_reversible(original_layer)
         self.tied = is_tied(original_layer)
-        self.adapt_head = bool(adapt_head)
         self.supports_masking = original_layer.supports_masking
-        original_layer.trainable = False
-        self.dropout_layer = None
-        # Factor paths follow the table's ("token_embedding/lora_a"), as a
-        # LoraLayer's follow its kernel's.
-        layer_path = kernel_path(original_layer).rpartition("/")[0]
-        _keras_internals.set_weight_path_prefix(self, layer_path.rpartition("/")[0])
-        a_init, b_init = factor_initializers(seed)
-        self.lora_a = self.add_weight(
-            name="lora_a",
-            shape=self.split.in_shape + (self.rank,),
-            initializer=a_init,
-            dtype="float32",
-        )
-        self.lora_b = self.add_weight(
-            name="lora_b",
-            shape=(self.rank,) + self.split.out_shape,
-            initializer=b_init,
-            dtype="float32",
-        )
-        self.adapter_name = adapter_name
-        self.adapters = adapter_state.AdapterState(
-            adapter_state.Adapter(
-                adapter_name, self.lora_a, self.lora_b, self.rank, self.alpha,
-                self.dropout, self.use_rslora, seed, self.scale, None, init,
-            )
-        )  # fmt: skip
-        self.built = True
 
-    # Named adapters (`keras_lora.adapter_state.add_adapter`) start like the first.
-    factor_initializers = staticmethod(factor_initializers)
+    def factor_initializers(self, settings: LoraSettings) -> tuple:
+        """A's and B's initializers: zeros and standard normal (PEFT's
+        `reset_lora_parameters` for `lora_embedding_A/B`), whatever `init`.
+
+        Args:
+            settings: the adapter's settings (`seed`).
+        """
+        return keras.initializers.Zeros(), keras.initializers.RandomNormal(
+            stddev=1.0, seed=settings.seed
+        )
 
     def call(self, inputs, reverse=False, training=None):
         self.check_float()
@@ -308,7 +302,7 @@ class LoraEmbedding(LoraLayer):
         """`(adapter, weight)` for each adapter whose update applies now:
         weight None (Python-active), a gate (scalar) or per-row weights."""
         state = self.adapters
-        if state.plain:
+        if state.fast_path:
             return [(state.first, None)]
         if state.gates is None:  # Never switched: the Python active set.
             return [] if state.disabled else [(state[n], None) for n in state.active]
@@ -401,11 +395,28 @@ class LoraEmbedding(LoraLayer):
         return self.original_layer
 
 
-def wrapper_for(layer: keras.layers.Layer, **settings) -> LoraLayer:
+def wrapper_class(layer: keras.layers.Layer) -> type[LoraLayer]:
     """`LoraEmbedding` for an embedding, `LoraLayer` for anything else."""
     if isinstance(layer, keras.layers.Embedding):
-        return LoraEmbedding(layer, **settings)
-    return LoraLayer(layer, **settings)
+        return LoraEmbedding
+    return LoraLayer
+
+
+def wrapper_for(layer: keras.layers.Layer, **settings) -> LoraLayer:
+    """`layer` wrapped by its `wrapper_class`, with `settings`."""
+    return wrapper_class(layer)(layer, **settings)
+
+
+def check_target(layer: keras.layers.Layer, options: Mapping) -> None:
+    """Raise `ValueError` unless `wrapper_for(layer, **options)` can be
+    built, with the message the constructor would give. Changes nothing.
+
+    Args:
+        layer: a layer to wrap.
+        options: the wrapper's keyword arguments.
+    """
+    cls = wrapper_class(layer)
+    cls.check_settings(layer, cls.check_layer(layer), LoraSettings.of(options))
 
 
 def base_weight(layer: keras.layers.Layer):

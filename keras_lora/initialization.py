@@ -29,9 +29,9 @@ factors A0, B0 as two frozen float32 variables (`initial_a`, `initial_b`,
 - put the original kernel back when the adapter is deleted or left out of
   a merge,
 - save and export the adapter for the ORIGINAL base weights as PEFT
-  converts PiSSA/OLoRA: ΔW = s·A·B − s·A0·B0 is one plain LoRA of rank 2r,
+  converts PiSSA/OLoRA: ΔW = s·A·B − s·A0·B0 is one LoRA of rank 2r,
   A' = [A, A0], B' = [B; −B0], with alpha doubled (×√2 under rsLoRA) so
-  the scale stays `s` (`plain_factors`).
+  the scale stays `s` (`ResidualKernel.factors_for_original_kernel`).
 
 Such an adapter must be the only one on its layers: a second adapter would
 see the residual kernel, not the base, and nothing exact could be saved
@@ -43,6 +43,7 @@ that dtype's rounding of the residual, as in PEFT.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -51,6 +52,7 @@ import numpy as np
 from keras import ops
 
 from keras_lora.kernel_split import KernelSplit
+from keras_lora.low_rank import delta, project
 from keras_lora.quantized import quantization_mode
 
 # The `init` names, for messages; "pissa_niter_K" stands for any K >= 0.
@@ -70,8 +72,8 @@ def check_init(init) -> str:
     ...
     ValueError: Unknown `init` 'loftq'. Known: 'kaiming', 'gaussian', ...
     """
-    plain = ("kaiming", "gaussian", "pissa", "olora")
-    if isinstance(init, str) and (init in plain or _PISSA_NITER.fullmatch(init)):
+    fixed = ("kaiming", "gaussian", "pissa", "olora")
+    if isinstance(init, str) and (init in fixed or _PISSA_NITER.fullmatch(init)):
         return init
     known = ", ".join(
         f"'{name}'"
@@ -177,13 +179,13 @@ def _randomised_svd(w, rank, niter, seed):
     return q @ u, s, vh
 
 
-def initialize_from_kernel(layer, adapter) -> tuple:
-    """Give `adapter` (a `keras_lora.adapter_state.Adapter` of `LoraLayer` `layer`)
-    its PiSSA/OLoRA factors, keep them as frozen `initial_a`/`initial_b`,
-    and write the residual into the wrapped kernel.
+def initialize_from_kernel(layer, adapter) -> ResidualKernel:
+    """Give `adapter` (a `keras_lora.adapter_record.Adapter` of `LoraLayer`
+    `layer`) its PiSSA/OLoRA factors, keep them as frozen
+    `initial_a`/`initial_b`, and write the residual into the wrapped kernel.
 
     Returns:
-        The frozen (A0, B0) variables.
+        The `ResidualKernel` piece holding the frozen (A0, B0).
     """
     split, kernel = layer.split, layer.original_layer.kernel
     matrix = _flatten(split, ops.convert_to_numpy(ops.cast(kernel, "float32")))
@@ -206,44 +208,112 @@ def initialize_from_kernel(layer, adapter) -> tuple:
     adapter.lora_a.assign(a.astype("float32"))
     adapter.lora_b.assign(b.astype("float32"))
     # The residual in float64, rounded once into the kernel's dtype.
-    delta = adapter.scale * np.einsum(
+    update = adapter.scale * np.einsum(
         split.delta_equation(), a.astype("float64"), b.astype("float64")
     )
     residual = ops.convert_to_numpy(ops.cast(kernel, "float32")).astype("float64")
-    kernel.assign(ops.cast(residual - delta, kernel.dtype))
-    return tuple(initial)
+    kernel.assign(ops.cast(residual - update, kernel.dtype))
+    return ResidualKernel(initial[0], initial[1], adapter.rank, adapter.scale)
 
 
-def plain_factors(adapter) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """`adapter` as a plain LoRA over the ORIGINAL kernel: (A, B, rank, alpha).
+class OriginalKernel:
+    """An adapter's `initial` piece when the wrapped kernel is the original
+    one (every init but PiSSA/OLoRA): nothing to add back or restore."""
 
-    An adapter that did not rewrite the kernel is itself. A PiSSA/OLoRA
-    adapter becomes PEFT's rank-2r conversion: A' = [A, A0], B' = [B; −B0]
-    and alpha doubled (×√2 under rsLoRA), so that the scale is unchanged
-    and `s·A'·B' = s·A·B − s·A0·B0`, what the residual kernel lacks.
+    variables: tuple = ()
+
+    def add_back(self, layer, inputs, outputs, off=None):
+        """`outputs` unchanged: the kernel lacks nothing."""
+        return outputs
+
+    def delta(self, split: KernelSplit):
+        """None: the kernel lacks nothing."""
+        return None
+
+    def restore(self, layer, kernel):
+        """`kernel` (float32) unchanged."""
+        return kernel
+
+    def restore_kernel(self, layer) -> None:
+        """Nothing to put back."""
+
+    def factors_for_original_kernel(self, adapter) -> tuple:
+        """(A, B, rank, alpha) of `adapter` as numpy: itself."""
+        return (
+            _numpy(adapter.lora_a),
+            _numpy(adapter.lora_b),
+            adapter.rank,
+            adapter.alpha,
+        )
+
+
+ORIGINAL_KERNEL = OriginalKernel()
+
+
+@dataclasses.dataclass(eq=False)
+class ResidualKernel:
+    """A PiSSA/OLoRA adapter's `initial` piece: the frozen initial factors.
+
+    The wrapped kernel is the original minus `scale * A0·B0`; this piece
+    adds that update back where the base model is asked for, and converts
+    the adapter for the original kernel.
+
+    Args:
+        lora_a: A0, the frozen `initial_a` variable.
+        lora_b: B0, the frozen `initial_b` variable.
+        rank: the adapter's rank.
+        scale: the adapter's scale.
     """
-    a, b = _numpy(adapter.lora_a), _numpy(adapter.lora_b)
-    if adapter.initial is None:
-        return a, b, adapter.rank, adapter.alpha
-    a0, b0 = _numpy(adapter.initial.lora_a), _numpy(adapter.initial.lora_b)
-    alpha = adapter.alpha * (math.sqrt(2.0) if adapter.use_rslora else 2.0)
-    return (
-        np.concatenate([a, a0], axis=-1),
-        np.concatenate([b, -b0], axis=0),
-        2 * adapter.rank,
-        alpha,
-    )
 
+    lora_a: keras.Variable
+    lora_b: keras.Variable
+    rank: int
+    scale: float
 
-def restore_kernel(layer) -> None:
-    """Add the initial update s·A0·B0 back into `layer`'s wrapped kernel
-    (the original kernel again), before its PiSSA/OLoRA adapter goes."""
-    initial = layer.adapters.first.initial
-    if initial is None:
-        return
-    kernel = layer.original_layer.kernel
-    restored = ops.add(ops.cast(kernel, "float32"), layer.initial_delta())
-    kernel.assign(ops.cast(restored, kernel.dtype))
+    @property
+    def variables(self) -> tuple:
+        return (self.lora_a, self.lora_b)
+
+    def add_back(self, layer, inputs, outputs, off=None):
+        """`outputs` plus the initial update, times `off` if given (the
+        weight where the adapter is off: `(1,)`, or `(batch, 1)` per row)."""
+        columns = self.scale
+        if off is not None:
+            columns = ops.cast(ops.repeat(off, self.rank, axis=-1) * self.scale,
+                               layer.compute_dtype)  # fmt: skip
+        return ops.add(outputs, project(layer, inputs, [self], columns))
+
+    def delta(self, split: KernelSplit):
+        """`scale * A0·B0` in float32, shaped like the kernel."""
+        return delta(split, self)
+
+    def restore(self, layer, kernel):
+        """The float32 `kernel` plus the initial update."""
+        return ops.add(kernel, self.delta(layer.split))
+
+    def restore_kernel(self, layer) -> None:
+        """Add the initial update back into `layer`'s wrapped kernel (the
+        original kernel again), before its adapter goes."""
+        kernel = layer.original_layer.kernel
+        restored = self.restore(layer, ops.cast(kernel, "float32"))
+        kernel.assign(ops.cast(restored, kernel.dtype))
+
+    def factors_for_original_kernel(self, adapter) -> tuple:
+        """`adapter` as LoRA over the ORIGINAL kernel: (A, B, rank, alpha).
+
+        PEFT's rank-2r conversion: A' = [A, A0], B' = [B; −B0] and alpha
+        doubled (×√2 under rsLoRA), so that the scale is unchanged and
+        `s·A'·B' = s·A·B − s·A0·B0`, what the residual kernel lacks.
+        """
+        a, b = _numpy(adapter.lora_a), _numpy(adapter.lora_b)
+        a0, b0 = _numpy(self.lora_a), _numpy(self.lora_b)
+        alpha = adapter.alpha * (math.sqrt(2.0) if adapter.use_rslora else 2.0)
+        return (
+            np.concatenate([a, a0], axis=-1),
+            np.concatenate([b, -b0], axis=0),
+            2 * adapter.rank,
+            alpha,
+        )
 
 
 def _flatten(split: KernelSplit, kernel: np.ndarray) -> np.ndarray:

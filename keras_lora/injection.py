@@ -15,11 +15,15 @@ import keras
 
 from keras_lora import _keras_internals, adapter_state, dora
 from keras_lora.adapter_state import check_adapter_name, names_in
-from keras_lora.embedding import LoraEmbedding, check_embedding, wrapper_for
-from keras_lora.initialization import check_init, check_layer_init
-from keras_lora.kernel_split import split_kernel
-from keras_lora.layer import LoraLayer, check_hyperparameters, check_wrappable
+from keras_lora.embedding import (
+    LoraEmbedding,
+    check_embedding,
+    check_target,
+    wrapper_for,
+)
+from keras_lora.layer import LoraLayer
 from keras_lora.quantized import install_straight_through_gradients
+from keras_lora.settings import LoraSettings
 from keras_lora.surgery import (
     LayerIndex,
     containers,
@@ -31,15 +35,15 @@ from keras_lora.targeting import all_linear_layers, target_layers
 
 def inject_lora(
     model: keras.layers.Layer,
-    rank: int = 4,
-    alpha: float = 32.0,
+    rank: int = LoraSettings.rank,
+    alpha: float = LoraSettings.alpha,
     targets: str | Sequence[str] = ("query", "value"),
-    dropout: float = 0.0,
-    use_rslora: bool = False,
-    seed: int | None = None,
+    dropout: float = LoraSettings.dropout,
+    use_rslora: bool = LoraSettings.use_rslora,
+    seed: int | None = LoraSettings.seed,
     adapter_name: str = "default",
-    init: str = "kaiming",
-    use_dora: bool = False,
+    init: str = LoraSettings.init,
+    use_dora: bool = LoraSettings.use_dora,
 ) -> keras.layers.Layer:
     """Wrap every target layer with a `LoraLayer` and freeze everything else.
 
@@ -112,9 +116,8 @@ def inject_lora(
     >>> [layer.name for layer in lora_layers(model)]
     ['dense', 'dense_1']
     """
-    check_hyperparameters(rank, alpha, dropout)
+    LoraSettings(rank=rank, alpha=alpha, dropout=dropout, init=init)
     check_adapter_name(adapter_name)
-    check_init(init)
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     settings = dict(
         rank=rank,
@@ -187,24 +190,8 @@ def wrap_layers(
                 f"wrap_layers: {key!r} is not the id of a layer under model "
                 f"'{model.name}'. Key `settings` by `id(layer)` of its layers."
             )
-        if isinstance(layers[key], keras.layers.Embedding):
-            check_embedding(layers[key], kwargs)  # See `keras_lora.embedding`.
-            continue
-        check_wrappable(layers[key])
-        check_hyperparameters(
-            kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
-        )
         # PiSSA/OLoRA rewrite kernels: refuse before any layer changes.
-        check_layer_init(
-            layers[key],
-            split_kernel(layers[key]),
-            kwargs.get("init", "kaiming"),
-            kwargs.get("rank", 4),
-        )
-        if kwargs.get("use_dora"):
-            dora.check_base(
-                layers[key], split_kernel(layers[key]), kwargs.get("init", "kaiming")
-            )
+        check_target(layers[key], kwargs)
     index.swap(
         {key: wrapper_for(layers[key], **kwargs) for key, kwargs in settings.items()}
     )
@@ -390,19 +377,15 @@ def add_named_adapter(
         )
     by_id = index.by_id()
     for key, kwargs in settings.items():
-        check_hyperparameters(
-            kwargs.get("rank", 4), kwargs.get("alpha", 32.0), kwargs.get("dropout", 0.0)
-        )
+        options = LoraSettings.of(kwargs)
         layer = by_id[key]
         if isinstance(layer, LoraEmbedding):
-            check_embedding(layer.original_layer, kwargs)
-        if kwargs.get("use_dora") and isinstance(layer, LoraLayer):
-            dora.check_base(
-                layer.original_layer, layer.split, kwargs.get("init", "kaiming")
-            )
+            check_embedding(layer.original_layer, options)
+        if options.use_dora and isinstance(layer, LoraLayer):
+            dora.check_base(layer.original_layer, layer.split, options.init)
     for layer in layers:
         if id(layer) in settings:
-            init = settings[id(layer)].get("init", "kaiming")
+            init = LoraSettings.of(settings[id(layer)]).init
             adapter_state.check_beside(layer, init)
     active = {n for n in known if any(n in x.adapters.active for x in layers)}
     wrapped = {id(layer) for layer in layers}

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import keras
 from keras import ops
 
-from keras_lora import _keras_internals, adapter_state, dora, initialization
+from keras_lora import _keras_internals, adapter_state, dora, low_rank
+from keras_lora.initialization import a_initializer, check_layer_init
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.quantized import check_quantization_mode, float_policy, kernel_path
+from keras_lora.settings import LoraSettings
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -54,8 +56,9 @@ class LoraLayer(keras.layers.Layer):
             `use_dora=True`. Not over a quantized kernel.
         adapter_name: the name of this first adapter; more are added with
             `inject_lora(..., adapter_name=...)` (see `keras_lora.switching`).
-            `lora_a`, `lora_b`, `rank`, `alpha` and `scale` always describe
-            the first adapter the layer holds.
+            `lora_a`, `lora_b`, `rank`, `alpha`, `scale`, `dropout`, ...
+            read the first adapter the layer holds (its record in
+            `adapters`, see `keras_lora.adapter_record`).
         **kwargs: base `Layer` arguments; `name` defaults to the wrapped
             layer's name and `dtype` to its dtype policy.
 
@@ -71,27 +74,34 @@ class LoraLayer(keras.layers.Layer):
     True
     """
 
+    # Whether adapters get a dropout layer (an embedding's path has none).
+    applies_dropout = True
+
     def __init__(
         self,
         original_layer: keras.layers.Layer,
-        rank: int = 4,
-        alpha: float = 32.0,
-        dropout: float = 0.0,
-        use_rslora: bool = False,
-        seed: int | None = None,
+        rank: int = LoraSettings.rank,
+        alpha: float = LoraSettings.alpha,
+        dropout: float = LoraSettings.dropout,
+        use_rslora: bool = LoraSettings.use_rslora,
+        seed: int | None = LoraSettings.seed,
         adapter_name: str = "default",
-        init: str = "kaiming",
-        use_dora: bool = False,
+        init: str = LoraSettings.init,
+        use_dora: bool = LoraSettings.use_dora,
         **kwargs,
     ):
-        check_wrappable(original_layer)
-        check_hyperparameters(rank, alpha, dropout)
-        adapter_state.check_adapter_name(adapter_name)
-        initialization.check_layer_init(
-            original_layer, split_kernel(original_layer), init, rank
+        split = self.check_layer(original_layer)
+        settings = LoraSettings(
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            use_rslora=use_rslora,
+            seed=seed,
+            init=init,
+            use_dora=use_dora,
         )
-        if use_dora:
-            dora.check_base(original_layer, split_kernel(original_layer), init)
+        adapter_state.check_adapter_name(adapter_name)
+        self.check_settings(original_layer, split, settings)
         kwargs.setdefault("name", original_layer.name)
         # A quantized layer's policy ("int8_from_float32") would send the
         # wrapper to a quantized call it does not have: the wrapper runs
@@ -100,86 +110,80 @@ class LoraLayer(keras.layers.Layer):
         kwargs.setdefault("dtype", float_policy(original_layer.dtype_policy))
         super().__init__(**kwargs)
         self.original_layer = original_layer
-        self.rank = int(rank)
-        self.alpha = float(alpha)
-        self.dropout = float(dropout)
-        self.use_rslora = bool(use_rslora)
-        self.seed = seed
-        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
-        self.split: KernelSplit = split_kernel(original_layer)
-
-        # The update must go in before the activation: the wrapper applies
-        # it, and the wrapped layer computes its linear part only.
-        self.activation = original_layer.activation
-        original_layer.activation = keras.activations.linear
+        self.split: KernelSplit = split
+        self.take_over(original_layer)
         original_layer.trainable = False
-
-        self.dropout_layer = (
-            keras.layers.Dropout(self.dropout, seed=seed) if self.dropout else None
-        )
         # Name the factors after the kernel ("block/query/kernel" gives
         # "block/query/lora_a"): paths stay unique in the model, which the
         # torch module registry, layout maps and adapter files rely on.
-        # Keras prefixes a weight's path with the layer's `_parent_path`;
+        # Keras prefixes a weight's path with the layer's parent path;
         # without it every block's factors would be "query/lora_a". The
         # stored kernel variable gives the path (an int4 layer's `kernel`
         # is a computed tensor with no path).
         layer_path = kernel_path(original_layer).rpartition("/")[0]
         _keras_internals.set_weight_path_prefix(self, layer_path.rpartition("/")[0])
-        self.init = init
-        self.lora_a = self.add_weight(
-            name="lora_a",
-            shape=self.split.in_shape + (self.rank,),
-            initializer=initialization.a_initializer(
-                init, self.split.fan_in, self.rank, seed
-            ),
-            dtype="float32",
-        )
-        self.lora_b = self.add_weight(
-            name="lora_b",
-            shape=(self.rank,) + self.split.out_shape,
-            initializer="zeros",
-            dtype="float32",
-        )
-        magnitude = None
-        if use_dora:
-            magnitude = dora.add_magnitude(
-                self, dora.MAGNITUDE, self.lora_a, self.lora_b, self.scale
-            )
-        self.adapter_name = adapter_name
-        # Every adapter's factors and settings, the first one's included;
-        # the state of several adapters lives in `keras_lora.adapter_state`.
+        # Every adapter's record, the first one's included; the state of
+        # several adapters lives in `keras_lora.adapter_state`.
         self.adapters = adapter_state.AdapterState(
-            adapter_state.Adapter(
-                adapter_name,
-                self.lora_a,
-                self.lora_b,
-                self.rank,
-                self.alpha,
-                self.dropout,
-                self.use_rslora,
-                seed,
-                self.scale,
-                self.dropout_layer,
-                init,
-                magnitude=magnitude,
-            )
+            adapter_state.new_adapter(self, adapter_name, settings, first=True)
         )
-        if initialization.rewrites_kernel(init):
-            first = self.adapters.first
-            a0, b0 = initialization.initialize_from_kernel(self, first)
-            first.initial = adapter_state.Adapter(
-                adapter_name, a0, b0, self.rank, self.alpha, 0.0,
-                self.use_rslora, seed, self.scale,
-            )  # fmt: skip
         self.built = True
+
+    @staticmethod
+    def check_layer(layer: keras.layers.Layer) -> KernelSplit:
+        """Raise `ValueError` unless this class can wrap `layer`; return its
+        split. Changes nothing.
+
+        Args:
+            layer: the layer to wrap.
+        """
+        return check_wrappable(layer)
+
+    @staticmethod
+    def check_settings(
+        layer: keras.layers.Layer, split: KernelSplit, settings: LoraSettings
+    ) -> None:
+        """Raise `ValueError` unless `layer` can take an adapter with
+        `settings`. Changes nothing.
+
+        Args:
+            layer: the layer to wrap.
+            split: its split (`check_layer`'s result).
+            settings: the adapter's settings.
+        """
+        check_layer_init(layer, split, settings.init, settings.rank)
+        if settings.use_dora:
+            dora.check_base(layer, split, settings.init)
+
+    def take_over(self, original_layer: keras.layers.Layer) -> None:
+        """Take what the wrapper applies from `original_layer`.
+
+        Args:
+            original_layer: the layer being wrapped.
+        """
+        # The update must go in before the activation: the wrapper applies
+        # it, and the wrapped layer computes its linear part only.
+        self.activation = original_layer.activation
+        original_layer.activation = keras.activations.linear
+
+    def factor_initializers(self, settings: LoraSettings) -> tuple:
+        """A's and B's initializers for an adapter with `settings`.
+
+        Args:
+            settings: the adapter's settings (`init`, `rank`, `seed`).
+        """
+        return (
+            a_initializer(
+                settings.init, self.split.fan_in, settings.rank, settings.seed
+            ),
+            "zeros",
+        )
 
     def call(self, inputs, training=None):
         # The wrapped layer may have been quantized after wrapping.
         check_quantization_mode(self.original_layer)
         outputs = self.original_layer(inputs, training=training)
-        if self.adapters.plain and not self.use_dora:
-            # One adapter, active: the fast path.
+        if self.adapters.fast_path:
             outputs = ops.add(outputs, self.lora_update(inputs, training=training))
         else:
             outputs = adapter_state.apply(self, inputs, outputs, training)
@@ -188,42 +192,15 @@ class LoraLayer(keras.layers.Layer):
     def lora_update(self, inputs, training=None, adapter=None):
         """`scale * B(A(dropout(inputs)))`, shaped like the layer's output.
 
-        `adapter` (a `keras_lora.adapter_state.Adapter` of this layer) picks another
-        adapter's factors; by default, the first adapter's.
+        `adapter` (a `keras_lora.adapter_record.Adapter` of this layer)
+        picks another adapter's factors; by default, the first adapter's.
         """
         if adapter is None:
-            lora_a, lora_b = self.lora_a, self.lora_b
-            rank, scale, dropout_layer = self.rank, self.scale, self.dropout_layer
-        else:
-            lora_a, lora_b = adapter.lora_a, adapter.lora_b
-            rank, scale, dropout_layer = (
-                adapter.rank,
-                adapter.scale,
-                adapter.dropout_layer,
-            )
+            adapter = self.adapters.first
         x = inputs
-        if dropout_layer is not None:
-            x = dropout_layer(x, training=training)
-        input_perm, num_batch_axes, output_perm = self.split.call_plan(len(x.shape))
-        if input_perm:
-            x = ops.transpose(x, input_perm)
-        batch_shape = tuple(ops.shape(x)[:num_batch_axes])
-        x = ops.reshape(x, (-1, self.split.fan_in))
-        # The factors are float32; the path runs in the compute dtype. Under
-        # a mixed policy Keras's autocast already casts them (this is a
-        # no-op), but under a full half-precision policy the compute and
-        # variable dtypes match, Keras does not autocast, and float32
-        # factors would silently run the path in float32.
-        lora_a = ops.cast(lora_a, self.compute_dtype)
-        lora_b = ops.cast(lora_b, self.compute_dtype)
-        lora_a = ops.reshape(lora_a, (self.split.fan_in, rank))
-        lora_b = ops.reshape(lora_b, (rank, self.split.fan_out))
-        # Scale the (tokens, rank) product: the smallest tensor on the path.
-        x = ops.matmul(ops.matmul(x, lora_a) * scale, lora_b)
-        x = ops.reshape(x, batch_shape + self.split.out_shape)
-        if output_perm:
-            x = ops.transpose(x, output_perm)
-        return x
+        if adapter.dropout_layer is not None:
+            x = adapter.dropout_layer(x, training=training)
+        return low_rank.project(self, x, [adapter], adapter.scale)
 
     def delta(self, adapter_name: str | None = None, adapter=None):
         """`scale * A·B` in float32, shaped like the wrapped kernel.
@@ -233,25 +210,65 @@ class LoraLayer(keras.layers.Layer):
         """
         if adapter is None:
             adapter = self.adapters[adapter_name or self.adapter_name]
-        update = ops.einsum(
-            self.split.delta_equation(),
-            ops.convert_to_tensor(adapter.lora_a.value, "float32"),
-            ops.convert_to_tensor(adapter.lora_b.value, "float32"),
-        )
-        return update * adapter.scale
+        return low_rank.delta(self.split, adapter)
 
     def initial_delta(self):
         """`scale * A0·B0` in float32 for a PiSSA/OLoRA adapter (what the
         wrapped kernel lacks from the original one), else `None`."""
-        initial = self.adapters.first.initial
-        if initial is None:
-            return None
-        return self.delta(adapter=initial)
+        return self.adapters.first.initial.delta(self.split)
+
+    @property
+    def settings(self) -> LoraSettings:
+        """The first adapter's settings."""
+        return self.adapters.first.settings
+
+    @property
+    def adapter_name(self) -> str:
+        """The first adapter's name."""
+        return self.adapters.first.name
+
+    @property
+    def lora_a(self) -> keras.Variable:
+        """The first adapter's A."""
+        return self.adapters.first.lora_a
+
+    @property
+    def lora_b(self) -> keras.Variable:
+        """The first adapter's B."""
+        return self.adapters.first.lora_b
+
+    @property
+    def rank(self) -> int:
+        return self.settings.rank
+
+    @property
+    def alpha(self) -> float:
+        return self.settings.alpha
+
+    @property
+    def scale(self) -> float:
+        return self.settings.scale
+
+    @property
+    def dropout(self) -> float:
+        return self.settings.dropout
+
+    @property
+    def use_rslora(self) -> bool:
+        return self.settings.use_rslora
+
+    @property
+    def seed(self) -> int | None:
+        return self.settings.seed
+
+    @property
+    def init(self) -> str:
+        return self.settings.init
 
     @property
     def use_dora(self) -> bool:
         """Whether the first adapter is DoRA (has a magnitude)."""
-        return self.adapters.first.magnitude is not None
+        return self.settings.use_dora
 
     @property
     def lora_magnitude(self):
@@ -266,9 +283,7 @@ class LoraLayer(keras.layers.Layer):
     def added_variables(self) -> list:
         """Every variable the wrapper adds to the model: the factors, and
         the frozen initial factors of a PiSSA/OLoRA adapter."""
-        initial = self.adapters.first.initial
-        extra = list(initial.variables) if initial is not None else []
-        return self.lora_variables() + extra
+        return self.lora_variables() + list(self.adapters.first.initial.variables)
 
     def compute_output_shape(self, input_shape):
         return self.original_layer.compute_output_shape(input_shape)
@@ -312,16 +327,7 @@ class LoraLayer(keras.layers.Layer):
     @staticmethod
     def _later_adapter_config(adapter) -> dict:
         """`adapter_state.add_adapter`'s settings that recreate `adapter`."""
-        return dict(
-            name=adapter.name,
-            rank=adapter.rank,
-            alpha=adapter.alpha,
-            dropout=adapter.dropout,
-            use_rslora=adapter.use_rslora,
-            seed=adapter.seed,
-            init=adapter.init,
-            use_dora=adapter.magnitude is not None,
-        )
+        return dict(name=adapter.name, **dataclasses.asdict(adapter.settings))
 
     @classmethod
     def from_config(cls, config):
@@ -351,25 +357,19 @@ class LoraLayer(keras.layers.Layer):
 
 
 def check_hyperparameters(rank, alpha, dropout) -> None:
-    """Raise `ValueError` for a rank, alpha or dropout LoRA cannot use."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(
-            f"`rank` must be a positive integer (e.g. rank=4). Received: rank={rank!r}"
-        )
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        raise ValueError(
-            "`alpha` must be a positive number (the update is scaled by "
-            f"alpha / rank; e.g. alpha=32.0). Received: alpha={alpha!r}"
-        )
-    if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(
-            "`dropout` must be a rate in [0, 1) (0 disables it). "
-            f"Received: dropout={dropout!r}"
-        )
+    """Raise `ValueError` for a rank, alpha or dropout LoRA cannot use.
+
+    Args:
+        rank: the adapter's rank.
+        alpha: its scaling numerator.
+        dropout: its dropout rate.
+    """
+    LoraSettings(rank=rank, alpha=alpha, dropout=dropout)
 
 
-def check_wrappable(layer) -> None:
-    """Raise `ValueError` unless `layer` is a built, plain Dense/EinsumDense."""
+def check_wrappable(layer) -> KernelSplit:
+    """Raise `ValueError` unless `layer` is a built Dense/EinsumDense with
+    no LoRA of its own; return its split."""
     if isinstance(layer, LoraLayer):
         raise ValueError(
             f"Layer '{layer.name}' is already wrapped by a LoraLayer. Call "
@@ -394,4 +394,4 @@ def check_wrappable(layer) -> None:
             "`enable_lora` to wrap it with keras_lora."
         )
     check_quantization_mode(layer)
-    split_kernel(layer)  # Raises for an equation LoRA cannot factor.
+    return split_kernel(layer)  # Raises for an equation LoRA cannot factor.

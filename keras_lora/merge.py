@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from keras_lora import dora
 from keras_lora.embedding import LoraEmbedding
 from keras_lora.injection import lora_layers
 from keras_lora.quantized import (
@@ -135,16 +134,12 @@ def merge_lora(
         mode = quantization_mode(original)
         base = merged = dequantized_kernel(original)
         for name in chosen[id(layer)]:
-            adapter = layer.adapters[name]
-            if adapter.magnitude is not None:  # DoRA's rescaled kernel.
-                merged = ops.add(merged, dora.kernel_update(layer, adapter, base))
-            else:
-                merged = ops.add(merged, layer.delta(name))
-        initial = layer.adapters.first.initial
-        if initial is not None and layer.adapters.first.name not in chosen[id(layer)]:
+            merged = ops.add(merged, layer.adapters[name].kernel_update(layer, base))
+        first = layer.adapters.first
+        if first.name not in chosen[id(layer)]:
             # A PiSSA/OLoRA adapter left out: its residual kernel takes the
             # initial update back, which gives the original kernel.
-            merged = ops.add(merged, layer.initial_delta())
+            merged = first.initial.restore(layer, merged)
         plans.append((layer, mode, merged))
     replacements = {}
     for layer, mode, merged in plans:

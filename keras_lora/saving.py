@@ -32,7 +32,6 @@ from keras_lora.adapter_format import (
 from keras_lora.adapter_state import check_adapter_name
 from keras_lora.embedding import base_weight, check_embedding
 from keras_lora.files import atomic_write
-from keras_lora.initialization import plain_factors
 from keras_lora.injection import add_named_adapter, wrap_layers
 from keras_lora.layer import LoraLayer, check_wrappable
 from keras_lora.quantized import base_weight_entries, kernel_path
@@ -126,13 +125,13 @@ def save_adapter(
             f"Cannot save an adapter to '{path}': it is a file. An adapter is "
             "a directory; pass a new or existing directory path."
         )
-    tensors, plain = {}, {}
+    tensors, converted = {}, {}
     for layer_path, layer in wrapped.items():  # `layer`: the adapter's record.
         # PiSSA/OLoRA: their rank-2r equivalent for the original kernel.
-        a, b, rank, alpha = plain[layer_path] = plain_factors(layer)
+        a, b, rank, alpha = converted[layer_path] = layer.factors_for_original_kernel()
         tensors[f"{layer_path}/lora_a"] = np.ascontiguousarray(a)
         tensors[f"{layer_path}/lora_b"] = np.ascontiguousarray(b)
-        if layer.magnitude is not None:
+        if layer.use_dora:
             tensors[f"{layer_path}/lora_magnitude"] = _float32(layer.magnitude)
     data = safetensors.numpy.save(tensors, metadata={"format": FORMAT})
     digest = hashlib.sha256(data).hexdigest()
@@ -151,13 +150,13 @@ def save_adapter(
             {
                 "path": layer_path,
                 "class": type(originals[layer_path]).__name__,
-                "rank": plain[layer_path][2],
-                "alpha": plain[layer_path][3],
+                "rank": converted[layer_path][2],
+                "alpha": converted[layer_path][3],
                 "dropout": layer.dropout,
                 "use_rslora": layer.use_rslora,
-                "use_dora": layer.magnitude is not None,
-                "lora_a_shape": list(plain[layer_path][0].shape),
-                "lora_b_shape": list(plain[layer_path][1].shape),
+                "use_dora": layer.use_dora,
+                "lora_a_shape": list(converted[layer_path][0].shape),
+                "lora_b_shape": list(converted[layer_path][1].shape),
                 "kernel_shape": list(base_weight(originals[layer_path]).shape),
                 "kernel_dtype": keras.backend.standardize_dtype(
                     base_weight(originals[layer_path]).dtype
@@ -266,7 +265,7 @@ def load_adapter(
         adapter = layer.adapters[name]
         adapter.lora_a.assign(tensors[f"{layer_path}/lora_a"])
         adapter.lora_b.assign(tensors[f"{layer_path}/lora_b"])
-        if adapter.magnitude is not None:
+        if adapter.use_dora:
             adapter.magnitude.assign(tensors[f"{layer_path}/lora_magnitude"])
     return model
 
@@ -339,7 +338,7 @@ def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> Non
     for layer_path, layer in wrapped.items():
         entry = saved[layer_path]
         ad = layer.adapters[name]
-        if ad.initial is not None:
+        if ad.rewrites_kernel:
             raise ValueError(
                 f"Layer '{layer_path}' holds adapter '{name}' as PiSSA/OLoRA "
                 "(its kernel is a residual), which factors from a file cannot "
@@ -350,7 +349,7 @@ def _check_same_layout(wrapped: dict, saved: dict, name: str = "default") -> Non
             ad.rank,
             ad.alpha,
             ad.use_rslora,
-            ad.magnitude is not None,
+            ad.use_dora,
             list(ad.lora_a.shape),
         )
         theirs = (

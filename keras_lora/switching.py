@@ -22,7 +22,6 @@ import keras
 import numpy as np  # noqa: F401 (the examples use it)
 
 from keras_lora import adapter_state, traces
-from keras_lora.initialization import restore_kernel
 from keras_lora.injection import (
     freeze_non_lora,
     refresh_after_adapter_change,
@@ -169,7 +168,7 @@ def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
             unwrap[id(layer)] = layer
     for layer in unwrap.values():
         mode = quantization_mode(layer.original_layer)
-        if layer.adapters.first.initial is not None and mode is not None:
+        if layer.adapters.first.rewrites_kernel and mode is not None:
             raise ValueError(
                 f"Layer '{layer.name}' holds PiSSA/OLoRA adapter '{name}' over "
                 f"a kernel quantized ({mode}) after it was added: the original "
@@ -182,7 +181,7 @@ def delete_adapter(model: keras.layers.Layer, name: str) -> keras.layers.Layer:
     if unwrap:
         for layer in unwrap.values():
             # A PiSSA/OLoRA kernel is the residual: the original comes back.
-            restore_kernel(layer)
+            layer.adapters.first.initial.restore_kernel(layer)
         index.swap({key: layer.unwrap() for key, layer in unwrap.items()})
     refresh_after_adapter_change(model)
     return model
@@ -243,23 +242,23 @@ def adapter_batch(
     if _ensure_controls(layers):
         _after_new_controls(model)
     if any([adapter_state.ensure_controls(layer, len(names)) for layer in layers]):
-        # First mixed batch of this size: new rows variables. Plain steps
+        # First mixed batch of this size: new rows variables. Uniform steps
         # do not read them (JAX traces them once more, for the new state);
         # mixed steps traced for another size read the old ones.
         if keras.backend.backend() == "torch":
             refresh_torch_params(containers(model))
-        traces.forget(model, lambda mode: mode != "plain")
+        traces.forget(model, lambda mode: mode != "uniform")
     for layer in layers:
         adapter_state.write_rows(layer, names)
     # The mixed call is Python state a trace bakes in: each mode keeps its
     # own traced steps, so later batches (other names, same size) reuse them.
     mixed = ("mixed", len(names))
-    traces.switch_mode(model, "plain", mixed)
+    traces.switch_mode(model, "uniform", mixed)
     try:
         with _adapter_state(model, layers, "batching", [True] * len(layers)):
             yield model
     finally:
-        traces.switch_mode(model, mixed, "plain")
+        traces.switch_mode(model, mixed, "uniform")
 
 
 def _lora_layers_or_raise(model) -> list[LoraLayer]:

@@ -5,9 +5,10 @@ Keras caches the steps it traced (`predict_function`, keras-hub's
 Switching adapters changes variables' values, which traced steps read
 afresh, but two things still differ from what a step was traced with:
 
-- The call mode (a plain call or a mixed batch, `keras_lora.adapter_state`) is
-  Python state baked into a trace. `switch_mode` keeps each mode's steps
-  aside and puts them back when the model returns to that mode.
+- The call mode ("uniform": every row the same adapters, or a mixed
+  batch, `keras_lora.adapter_state`) is Python state baked into a trace.
+  `switch_mode` keeps each mode's steps aside and puts them back when the
+  model returns to that mode.
 - Trainable flags (`set_adapter` makes only the active adapters
   trainable). TensorFlow and torch steps do not care, but a JAX step gets
   the variables' values as two lists, trainable then non-trainable, and

@@ -15,7 +15,6 @@ import numpy as np
 
 from keras_lora.adapter_state import names_in
 from keras_lora.embedding import LoraEmbedding
-from keras_lora.initialization import plain_factors
 from keras_lora.interop import peft_format
 from keras_lora.interop.hf_layout import HfLayout
 from keras_lora.interop.peft_format import PeftModule
@@ -50,8 +49,8 @@ def export_peft(
     `alpha_pattern`.
 
     A PiSSA/OLoRA adapter (residual kernels) is written as PEFT converts
-    one: a plain LoRA of twice its rank that applies to the ORIGINAL base
-    weights (see `keras_lora.initialization.plain_factors`).
+    one: a LoRA of twice its rank that applies to the ORIGINAL base
+    weights (see `keras_lora.initialization.ResidualKernel`).
 
     Args:
         model: a keras-hub backbone or task model of a family in
@@ -74,7 +73,7 @@ def export_peft(
             none of them, has one on a layer the family has no PEFT module for, or its
             factors need what one PEFT config cannot say: roles of one
             fused module with different scales, different dropout rates,
-            or DoRA on some layers and plain LoRA on others.
+            or DoRA on some layers and LoRA without it on others.
 
     Example (a tiny GPT-2 and back):
 
@@ -213,8 +212,8 @@ def _fused_module(found, block, module, layers, use_rslora, use_dora) -> PeftMod
         )
     # PiSSA/OLoRA layers export their rank-2r equivalent for the original
     # base weights (PEFT's conversion); other layers are themselves.
-    plain = {role: plain_factors(adapter) for role, adapter in layers.items()}
-    rank = sum(p[2] for p in plain.values())
+    converted = {role: a.factors_for_original_kernel() for role, a in layers.items()}
+    rank = sum(p[2] for p in converted.values())
     # Choose lora_alpha so that PEFT's scaling is the Keras scale.
     alpha = peft_format.tidy(scale * (math.sqrt(rank) if use_rslora else rank))
     layouts = [found.hf_layout(block, role) for role in roles]
@@ -226,7 +225,7 @@ def _fused_module(found, block, module, layers, use_rslora, use_dora) -> PeftMod
         adapter = layers.get(role)
         rows = slice(row, row + layout.fan_out)
         if adapter is not None:
-            a, b, role_rank, _ = plain[role]
+            a, b, role_rank, _ = converted[role]
             cols = slice(col, col + role_rank)
             lora_a[cols] = layout.a_to_hf(a)
             lora_b[rows, cols] = layout.b_to_hf(b)
@@ -253,7 +252,7 @@ def _common_dora(wrapped, name: str) -> bool:
     """PEFT's one `use_dora` flag for adapter `name`, or `ValueError` if
     the layers differ."""
     dora = {
-        layer.name: layer.adapters[name].magnitude is not None
+        layer.name: layer.adapters[name].use_dora
         for layer in wrapped
         if name in layer.adapters
     }

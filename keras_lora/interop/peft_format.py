@@ -92,6 +92,11 @@ class PeftModule:
     # `lora.Embedding`), fan_in = vocabulary, fan_out = dim.
     embedding: bool = False
 
+    @property
+    def use_dora(self) -> bool:
+        """Whether the module carries DoRA's magnitude."""
+        return self.magnitude is not None
+
 
 # --- reading ----------------------------------------------------------------
 
@@ -399,7 +404,7 @@ def write_adapter(path: str, config: dict, modules: dict[str, PeftModule]) -> st
             continue
         tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(module.lora_a)
         tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(module.lora_b)
-        if module.magnitude is not None:
+        if module.use_dora:
             # PEFT's key: `get_peft_model_state_dict` drops ".weight" here.
             tensors[f"{key}.lora_magnitude_vector"] = np.ascontiguousarray(
                 module.magnitude

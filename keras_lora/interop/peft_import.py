@@ -152,7 +152,7 @@ def import_peft(
             row = rows.stop
             adapter.lora_a.assign(layout.a_from_hf(fused.lora_a))
             adapter.lora_b.assign(layout.b_from_hf(fused.lora_b[rows]))
-            if fused.magnitude is not None:
+            if fused.use_dora:
                 adapter.magnitude.assign(
                     _magnitude_from_hf(layout, fused.magnitude[rows])
                 )
