@@ -356,17 +356,6 @@ class LoraLayer(keras.layers.Layer):
         return self.original_layer
 
 
-def check_hyperparameters(rank, alpha, dropout) -> None:
-    """Raise `ValueError` for a rank, alpha or dropout LoRA cannot use.
-
-    Args:
-        rank: the adapter's rank.
-        alpha: its scaling numerator.
-        dropout: its dropout rate.
-    """
-    LoraSettings(rank=rank, alpha=alpha, dropout=dropout)
-
-
 def check_wrappable(layer) -> KernelSplit:
     """Raise `ValueError` unless `layer` is a built Dense/EinsumDense with
     no LoRA of its own; return its split."""
