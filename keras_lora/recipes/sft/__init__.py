@@ -6,7 +6,7 @@
 - `tokenizer`: the tokenizer of a Hugging Face model directory;
 - `encode`: token ids and labels (the loss mask), equal to TRL's;
 - `config`: the frozen `SftConfig`;
-- `inspect`: `--inspect`, the encoded data and its report on disk.
+- `inspection`: `--inspect`, the encoded data and its report on disk.
 
 Nothing here parses arguments (`keras_lora.cli.sft` does).
 """

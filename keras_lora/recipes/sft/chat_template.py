@@ -27,7 +27,7 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplate", "find_chat_template"]
+__all__ = ["ChatTemplate", "chat_template_origin", "find_chat_template"]
 
 TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILE = "tokenizer_config.json"
@@ -72,6 +72,32 @@ def find_chat_template(model_dir: str, override: str | None = None) -> str | Non
         named = {item.get("name"): item.get("template") for item in template}
         template = named.get("default")
     return template if isinstance(template, str) and template else None
+
+
+def chat_template_origin(model_dir: str, override: str | None = None) -> str | None:
+    """Where `find_chat_template` takes the template from (for reports).
+
+    Args:
+        model_dir: the model directory.
+        override: the `--chat-template` file, if any.
+
+    Returns:
+        The override path, "chat_template.jinja", "tokenizer_config.json",
+        or None when there is no template.
+
+    Example:
+
+    >>> import tempfile
+    >>> chat_template_origin(tempfile.mkdtemp(), "mine.jinja")
+    'mine.jinja'
+    """
+    if override is not None:
+        return override
+    if os.path.isfile(os.path.join(model_dir, TEMPLATE_FILE)):
+        return TEMPLATE_FILE
+    if find_chat_template(model_dir) is not None:
+        return CONFIG_FILE
+    return None
 
 
 def read_tokenizer_config(model_dir: str) -> dict[str, Any]:

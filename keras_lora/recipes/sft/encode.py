@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
+
 from keras_lora.recipes.sft.data import DataError, Example
 from keras_lora.recipes.sft.tokenizer import MissingChatTemplate, ModelTokenizer
 
@@ -164,15 +166,19 @@ def encode_examples(
         )
     if max_length < 1:
         raise ValueError(f"max_length must be at least 1, got {max_length}")
-    kept, truncated, dropped = [], 0, 0
+    plans = []
     for example in examples:
         try:
-            ids, labels = _encode(example, tokenizer, loss_on)
+            plans.append(_plan(example, tokenizer, loss_on))
         except (DataError, MissingChatTemplate):
             raise
         except ValueError as error:
             # Template failures belong to one example: name its line.
             raise DataError(f"{source} line {example.line}: {error}") from None
+    encodings = _encode_all(plans, tokenizer)
+    kept, truncated, dropped = [], 0, 0
+    for example, plan, encoded in zip(examples, plans, encodings, strict=True):
+        ids, labels = _labels(plan, encoded)
         cut = len(ids) > max_length
         ids, labels = ids[:max_length], labels[:max_length]
         if all(label == IGNORE for label in labels):
@@ -183,48 +189,57 @@ def encode_examples(
     return EncodedData(kept, len(examples), truncated, dropped, max_length)
 
 
-def _encode(
-    example: Example, tokenizer: ModelTokenizer, loss_on: str
-) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one example, before truncation."""
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What to encode for one example and how to label it.
+
+    `texts` is (prompt, prompt + completion) for prompt-completion (the
+    completion starts where their tokens differ) or the one whole text;
+    `spans` are the character spans of assistant turns (`messages`), None
+    when every token of the whole text is labelled (`text`, `loss_on="all"`).
+    """
+
+    texts: tuple[str, ...]
+    special_tokens: bool
+    spans: tuple[tuple[int, int], ...] | None = None
+
+
+def _plan(example: Example, tokenizer: ModelTokenizer, loss_on: str) -> _Plan:
+    """Render one example (the Python part; encoding is batched after)."""
     if example.text is not None:
-        ids = tokenizer.encode(_with_eos(example.text, tokenizer)).ids
-        return ids, list(ids)
+        return _Plan((_with_eos(example.text, tokenizer),), True)
     if example.messages is not None:
-        return _encode_messages(example.messages, tokenizer, loss_on)
+        return _plan_messages(example.messages, tokenizer, loss_on)
     if example.conversational:
         template = tokenizer.template
-        prompt_text = template.render(example.prompt, add_generation_prompt=True)
-        full_text = template.render(example.prompt + example.completion)
-        prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False).ids
-        ids = tokenizer.encode(full_text, add_special_tokens=False).ids
-    else:
-        completion = _with_eos(example.completion, tokenizer)
-        prompt_ids = tokenizer.encode(example.prompt).ids
-        ids = tokenizer.encode(example.prompt + completion).ids
+        full = template.render(example.prompt + example.completion)
+        if loss_on == "all":
+            return _Plan((full,), False)
+        prompt = template.render(example.prompt, add_generation_prompt=True)
+        return _Plan((prompt, full), False)
+    full = example.prompt + _with_eos(example.completion, tokenizer)
     if loss_on == "all":
-        return ids, list(ids)
-    start = _common_prefix_length(prompt_ids, ids)
-    return ids, [IGNORE] * start + ids[start:]
+        return _Plan((full,), True)
+    return _Plan((example.prompt, full), True)
 
 
-def _encode_messages(
+def _plan_messages(
     messages: list[dict], tokenizer: ModelTokenizer, loss_on: str
-) -> tuple[list[int], list[int]]:
-    """A conversation, labelled on its assistant turns (see module)."""
+) -> _Plan:
+    """A conversation and the spans of its assistant turns (see module)."""
     template = tokenizer.template
-    full_text = template.render(messages)
-    encoding = tokenizer.encode(full_text, add_special_tokens=False)
-    ids = encoding.ids
+    full = template.render(messages)
     if loss_on == "all":
-        return ids, list(ids)
+        return _Plan((full,), False)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         start_text = template.render(messages[:index], add_generation_prompt=True)
-        end_text = template.render(messages[: index + 1])
-        if not (full_text.startswith(start_text) and full_text.startswith(end_text)):
+        # The last turn ends the conversation: its end is the whole text.
+        last = index + 1 == len(messages)
+        end_text = full if last else template.render(messages[: index + 1])
+        if not (full.startswith(start_text) and full.startswith(end_text)):
             raise ValueError(
                 f"the chat template renders the conversation before assistant "
                 f"message {index} differently from the whole conversation, so "
@@ -232,25 +247,49 @@ def _encode_messages(
                 "template that renders earlier turns the same way"
             )
         spans.append((len(start_text), len(end_text)))
-    mask = _overlap_mask(encoding.offsets, spans)
+    return _Plan((full,), False, tuple(spans))
+
+
+def _encode_all(plans: Sequence[_Plan], tokenizer: ModelTokenizer) -> list[list]:
+    """Each plan's texts encoded, in batches (the tokenizer runs a batch in
+    parallel); with special tokens or without, as each plan says."""
+    results: list[list] = [[] for _ in plans]
+    for special in (True, False):
+        chosen = [i for i, plan in enumerate(plans) if plan.special_tokens == special]
+        texts = [text for i in chosen for text in plans[i].texts]
+        if not texts:
+            continue
+        encodings = iter(tokenizer.encode_batch(texts, add_special_tokens=special))
+        for i in chosen:
+            results[i] = [next(encodings) for _ in plans[i].texts]
+    return results
+
+
+def _labels(plan: _Plan, encodings: list) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one example, before truncation."""
+    ids = encodings[-1].ids
+    if len(encodings) == 2:
+        start = _common_prefix_length(encodings[0].ids, ids)
+        return ids, [IGNORE] * start + ids[start:]
+    if plan.spans is None:
+        return ids, list(ids)
+    mask = _overlap_mask(encodings[0].offsets, plan.spans)
     return ids, [i if bit else IGNORE for i, bit in zip(ids, mask, strict=True)]
 
 
 def _overlap_mask(
     offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]
 ) -> list[bool]:
-    """Whether each token overlaps a character span: transformers' rule for
-    `assistant_masks` (`apply_chat_template`), spans sorted."""
-    mask = [False] * len(offsets)
-    span = 0
-    for index, (start, end) in enumerate(offsets):
-        while span < len(spans) and start >= spans[span][1]:
-            span += 1
-        if span == len(spans):
-            break
-        if end > spans[span][0]:
-            mask[index] = True
-    return mask
+    """Whether each token (start, end) overlaps a character span: equal to
+    transformers' loop for `assistant_masks` (`apply_chat_template`) for
+    sorted, disjoint spans, vectorised because it runs over every token."""
+    if not offsets:
+        return []
+    bounds = np.asarray(offsets)
+    mask = np.zeros(len(bounds), dtype=bool)
+    for start, end in spans:
+        mask |= (bounds[:, 0] < end) & (bounds[:, 1] > start)
+    return mask.tolist()
 
 
 def _with_eos(text: str, tokenizer: ModelTokenizer) -> str:
