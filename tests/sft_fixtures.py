@@ -201,3 +201,25 @@ def write_jsonl(path: str, rows: list) -> str:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def save_tiny_llama(model_dir: str) -> str:
+    """Add random tiny Llama weights (transformers, saved offline) to a
+    tokenizer directory of `build_model_dir`, sized to its vocabulary."""
+    import torch
+    import transformers
+
+    vocab = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    config = transformers.LlamaConfig(
+        vocab_size=vocab.get_vocab_size(),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    return model_dir

@@ -6,7 +6,9 @@
 - `tokenizer`: the tokenizer of a Hugging Face model directory;
 - `encode`: token ids and labels (the loss mask), equal to TRL's;
 - `config`: the frozen `SftConfig`;
-- `inspection`: `--inspect`, the encoded data and its report on disk.
+- `inspection`: `--inspect`, the encoded data and its report on disk;
+- `batches`: encoded examples as fixed-shape arrays and sample weights;
+- `run`: training (keras-hub model, `inject_lora`, `fit`, adapter + PEFT out).
 
 Nothing here parses arguments (`keras_lora.cli.sft` does).
 """

@@ -28,6 +28,16 @@ class SftConfig:
         loss_on: "answers" (completions, assistant turns, all of a text) or
             "all" (every token).
         inspect: tokenize only: write `encoded.jsonl` and `data_report.json`.
+        eval_data: a data file to evaluate on (same shape rules).
+        eval_split: without `eval_data`, this fraction of the examples
+            (split by example, seeded) is held out; 0: evaluate on the
+            training examples (the report says which).
+        rank, alpha, dropout: the LoRA settings.
+        targets: roles or layer names to adapt; None: the family's default.
+        steps: optimizer steps.
+        batch: examples per step.
+        learning_rate: AdamW's learning rate.
+        seed: seeds the LoRA factors, the split and the order of examples.
 
     Raises:
         ValueError: for a setting out of range.
@@ -52,6 +62,16 @@ class SftConfig:
     max_length: int = 1024
     loss_on: str = "answers"
     inspect: bool = False
+    eval_data: str | None = None
+    eval_split: float = 0.0
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] | None = None
+    steps: int = 20
+    batch: int = 4
+    learning_rate: float = 2e-4
+    seed: int = 0
 
     def __post_init__(self):
         if self.loss_on not in LOSS_ON:
@@ -60,6 +80,13 @@ class SftConfig:
             )
         if self.max_length < 1:
             raise ValueError(f"max_length must be at least 1, got {self.max_length}")
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ValueError(f"eval_split must be in [0, 1), got {self.eval_split}")
+        for name in ("rank", "steps", "batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"{name} must be at least 1, got {getattr(self, name)}"
+                )
         if self.text_column is not None and (
             self.prompt_column is not None or self.completion_column is not None
         ):
