@@ -9,6 +9,7 @@
     keras-lora export-peft --preset BASE --adapter ADAPTER --out PEFT_DIR
     keras-lora import-peft --preset BASE --peft PEFT_DIR --out ADAPTER
     keras-lora compare --tiny --steps 2      # the benchmark
+    keras-lora sft --model HF_DIR --data train.jsonl --out runs/sft --inspect
 
 Models: a keras-hub preset name (downloads need network), a local Keras
 preset directory, a local Hugging Face GPT-2 directory (config.json +
@@ -28,7 +29,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from keras_lora.cli import compare, saved_adapter, train
+from keras_lora.cli import compare, saved_adapter, sft, train
 from keras_lora.cli.arguments import PROG, Parser
 
 __all__ = ["build_parser", "main"]
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     saved_adapter.add_commands(sub)
     train.add_demo(sub)
     compare.add_compare(sub)
+    sft.add_sft(sub)
     return parser
 
 
