@@ -25,6 +25,8 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 
+from keras_lora.optional import require
+
 END_OF_TEXT = "<|endoftext|>"
 
 # A fixed list (not sys.stdlib_module_names) so the corpus is the same on
@@ -354,7 +356,8 @@ def reddit_tifu_dataset(
             or when downloading fails.
     """
     import tensorflow as tf
-    import tensorflow_datasets as tfds
+
+    tfds = require("tensorflow_datasets", extra="reddit")
 
     _check_positive("batch_size", batch_size)
     _check_positive("num_batches", num_batches, allow_none=True)
