@@ -308,7 +308,7 @@ def benchmark_pages() -> tuple[dict[str, str], dict[str, str]]:
             lines += ["## Plots", ""]
             for plot in plots:
                 assets[f"{page_dir}/{plot}"] = os.path.join(folder, plot)
-                lines += [f"![{plot[:-4]}]({plot})", ""]
+                lines += [f"[![{plot[:-4]}]({plot})]({plot})", ""]
         lines += [body, ""]
         others = sorted(
             f
