@@ -324,26 +324,24 @@ def benchmark_pages() -> tuple[dict[str, str], dict[str, str]]:
                 lines.append(f"- [`{other}`]({other})")
             lines.append("")
         pages[page] = "\n".join(lines)
-    children: dict[str, list[str]] = {}
-    for page in pages:
-        if page != "benchmarks/index.md":
-            children.setdefault("", []).append(page)
+    kinds = {page: kind for kind, _, page in benchmark_sources()}
     index = [
         "# Benchmarks",
         "",
-        "Each page below is generated from a results file under "
+        "Each results page is generated from a results file under "
         "`benchmarks/results/` when the site is built: its command, machine, "
-        "date, tables and plots. Pages marked *notes* are the prose written "
-        "beside the runs, kept as written. Loss, time and memory are those of "
-        "the run the page names; the machine was a 2-core CPU unless the page "
-        "says otherwise.",
+        "date, tables and plots. Notes pages are the prose written beside the "
+        "runs, kept as written.",
         "",
+        "| page | kind |",
+        "| --- | --- |",
     ]
     if "benchmarks/index.md" in pages:  # A results.json at the top: none today.
         raise ValueError("benchmarks/results/results.json would hide the index")
-    for page in sorted(children[""]):
+    for page in sorted(pages):
         rel = page.removeprefix("benchmarks/")
-        index.append(f"- [{_title(page)}]({rel})")
+        kind = "notes" if kinds[page] == "note" else "results"
+        index.append(f"| [{_title(page)}]({rel}) | {kind} |")
     index += ["", "Measurement notes, kept as written:", ""]
     for name in sorted(os.listdir(os.path.join(ROOT, "docs", "benchmarks", "archive"))):
         if name.endswith(".md"):
