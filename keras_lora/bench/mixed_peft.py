@@ -18,12 +18,13 @@ import numpy as np
 
 from keras_lora.bench.mixed_keras import alternate
 from keras_lora.bench.peft_run import gpt2_config, lora_config
+from keras_lora.optional import require
 
 
 def mixed_peft_run(spec: dict) -> dict:
-    import peft
-    import torch
-    import transformers
+    peft = require("peft", extra="hf")
+    torch = require("torch", extra="torch")
+    transformers = require("transformers", extra="hf")
 
     torch.manual_seed(spec["seed"])
     arch = spec["arch"]

@@ -14,6 +14,7 @@ import time
 from keras_lora.bench.common import eval_data, file_bytes, step_stats, token_data
 from keras_lora.callbacks import host_peak_rss_bytes, reset_host_peak_rss
 from keras_lora.families import GPT2
+from keras_lora.optional import require
 
 
 def peft_run(spec: dict) -> dict:
@@ -100,8 +101,8 @@ def peft_run(spec: dict) -> dict:
 def peft_model(spec: dict, device: str):
     """A transformers GPT-2 of the spec's architecture (random weights) with
     PEFT LoRA on the spec's targets, on `device`, in training mode."""
-    import peft
-    import transformers
+    peft = require("peft", extra="hf")
+    transformers = require("transformers", extra="hf")
 
     model = transformers.GPT2LMHeadModel(gpt2_config(spec["arch"], spec.get("dropout")))
     model = peft.get_peft_model(model, lora_config(spec))
@@ -112,7 +113,7 @@ def lora_config(spec: dict, **settings):
     """PEFT's `LoraConfig` for the spec's rank, alpha and targets on a
     transformers GPT-2 (no LoRA dropout, biases frozen); `settings` add to
     it (e.g. `init_lora_weights=False`)."""
-    import peft
+    peft = require("peft", extra="hf")
 
     return peft.LoraConfig(
         r=spec["rank"],
@@ -164,7 +165,7 @@ def gpt2_config(arch: dict, dropout: float | None = None):
     """The transformers `GPT2Config` of a benchmark architecture row; with
     `dropout`, every dropout rate (embedding, attention, residual) set to it
     as keras-hub's `GPT2Backbone(dropout=...)` does."""
-    import transformers
+    transformers = require("transformers", extra="hf")
 
     rates = (
         {}

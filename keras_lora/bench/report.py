@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from keras_lora.families import GPT2
+from keras_lora.optional import require
 
 RUN_LABELS = {
     "full": "full fine-tuning",
@@ -399,10 +400,10 @@ def markdown(config: dict, results: list[dict], rows: list[dict]) -> str:
 
 def plots(config: dict, results: list[dict], out_dir: str) -> list[str]:
     """Seed-style bar charts: peak memory, step time and tokens/s."""
-    import matplotlib
+    matplotlib = require("matplotlib", extra="bench")
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", extra="bench")
 
     ok = [r for r in results if r.get("status") == "ok"]
     if not ok:

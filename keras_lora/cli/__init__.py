@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 from keras_lora.cli import compare, saved_adapter, sft, train
 from keras_lora.cli.arguments import PROG, Parser
+from keras_lora.optional import MissingExtra
 
 __all__ = ["build_parser", "main"]
 
@@ -79,6 +80,9 @@ def _safely(function, args) -> int:
     """Run a command; expected failures become one line on stderr."""
     try:
         return function(args) or 0
+    except MissingExtra as error:  # Its message is the whole line.
+        print(error, file=sys.stderr)
+        return 1
     except (ValueError, OSError) as error:  # FileNotFoundError is an OSError.
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)

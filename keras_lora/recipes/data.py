@@ -24,6 +24,8 @@ import re
 import sys
 from collections.abc import Iterable
 
+from keras_lora.optional import require
+
 # A fixed list (not sys.stdlib_module_names) so the corpus is the same on
 # every run of one Python version; none of these has import side effects.
 STDLIB_MODULES = (
@@ -352,7 +354,8 @@ def reddit_tifu_dataset(
             or when downloading fails.
     """
     import tensorflow as tf
-    import tensorflow_datasets as tfds
+
+    tfds = require("tensorflow_datasets", extra="reddit")
 
     check_positive("batch_size", batch_size)
     check_positive("num_batches", num_batches, allow_none=True)

@@ -21,6 +21,7 @@ import time
 
 from keras_lora.callbacks import host_peak_rss_bytes, reset_host_peak_rss
 from keras_lora.files import atomic_write
+from keras_lora.optional import require
 
 
 def _mean_loss(model, rows, batch: int, torch) -> float:
@@ -66,9 +67,10 @@ def peft_quality_run(spec: dict) -> dict:
         The run's entry of quality.json, plus `generations_ids`.
     """
     import numpy as np
-    import peft
-    import torch
-    import transformers
+
+    peft = require("peft", extra="hf")
+    torch = require("torch", extra="torch")
+    transformers = require("transformers", extra="hf")
 
     torch.manual_seed(spec["seed"])
     rows = np.load(spec["rows"])
