@@ -104,7 +104,9 @@ def _module_path(module: str) -> str | None:
 
 
 def _first_line(doc: str) -> str:
-    return doc.strip().split("\n")[0].strip() if doc else ""
+    """A docstring's first paragraph as one line (its summary may wrap)."""
+    paragraph = doc.strip().split("\n\n")[0] if doc else ""
+    return " ".join(line.strip() for line in paragraph.splitlines())
 
 
 # ---------------------------------------------------------------- CLI
@@ -149,7 +151,7 @@ def cli_page() -> str:
 
 
 def layout_lines() -> list[str]:
-    """One line per module of keras_lora: its path and docstring's first line."""
+    """One line per module of keras_lora: its path and docstring's summary."""
     rows = []
     for folder, dirs, files in os.walk(PACKAGE):
         dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))

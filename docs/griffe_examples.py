@@ -1,4 +1,5 @@
-"""Griffe extension: keras-lora's `Example:` sections as Google-style sections.
+"""Griffe extension: keras-lora's `Example:` sections as Google-style
+sections, and `LoraSettings` defaults shown as their values.
 
 The docstrings write their doctests at the section's own indentation:
 
@@ -10,13 +11,25 @@ Google style reads a section's content from the indented lines below its
 title, so this indents everything from `Example:` to the next section
 title or the end; the doctests then render as code blocks. Used by
 mkdocstrings (mkdocs.yml, `extensions:`); the source is not changed.
+
+Signatures take their defaults from `LoraSettings` (`rank: int =
+LoraSettings.rank`), which says where the default lives but not what it
+is; the reference shows the value (`rank: int = 4`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import griffe
+
+from keras_lora.settings import LoraSettings
+
+_SETTING_DEFAULTS = {
+    f"LoraSettings.{field.name}": repr(field.default)
+    for field in dataclasses.fields(LoraSettings)
+}
 
 _TITLE = re.compile(r"^(?:Example|Examples)(?: \((.*)\))?:\s*$")
 _SECTION = re.compile(
@@ -50,3 +63,8 @@ class DoctestExamples(griffe.Extension):
     def on_instance(self, *, obj, **kwargs) -> None:
         if obj.docstring is not None and "Example" in obj.docstring.value:
             obj.docstring.value = indent_examples(obj.docstring.value)
+        if obj.is_function:
+            for parameter in obj.parameters:
+                value = _SETTING_DEFAULTS.get(str(parameter.default))
+                if value is not None:
+                    parameter.default = value

@@ -25,7 +25,7 @@ import keras
 
 from keras_lora.initialization import ORIGINAL_KERNEL
 from keras_lora.low_rank import delta
-from keras_lora.settings import LoraSettings
+from keras_lora.settings import LoraSettings, SettingField
 
 
 class Lora:
@@ -72,37 +72,14 @@ class Adapter:
     variant: Any = LORA
     initial: Any = ORIGINAL_KERNEL
 
-    @property
-    def rank(self) -> int:
-        return self.settings.rank
-
-    @property
-    def alpha(self) -> float:
-        return self.settings.alpha
-
-    @property
-    def scale(self) -> float:
-        return self.settings.scale
-
-    @property
-    def dropout(self) -> float:
-        return self.settings.dropout
-
-    @property
-    def use_rslora(self) -> bool:
-        return self.settings.use_rslora
-
-    @property
-    def seed(self) -> int | None:
-        return self.settings.seed
-
-    @property
-    def init(self) -> str:
-        return self.settings.init
-
-    @property
-    def use_dora(self) -> bool:
-        return self.settings.use_dora
+    rank = SettingField()
+    alpha = SettingField()
+    scale = SettingField()
+    dropout = SettingField()
+    use_rslora = SettingField()
+    seed = SettingField()
+    init = SettingField()
+    use_dora = SettingField()
 
     @property
     def rewrites_kernel(self) -> bool:

@@ -11,7 +11,7 @@ from keras_lora import _keras_internals, adapter_state, dora, low_rank
 from keras_lora.initialization import a_initializer, check_layer_init
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.quantized import check_quantization_mode, float_policy, kernel_path
-from keras_lora.settings import LoraSettings
+from keras_lora.settings import LoraSettings, SettingField
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
@@ -237,38 +237,14 @@ class LoraLayer(keras.layers.Layer):
         """The first adapter's B."""
         return self.adapters.first.lora_b
 
-    @property
-    def rank(self) -> int:
-        return self.settings.rank
-
-    @property
-    def alpha(self) -> float:
-        return self.settings.alpha
-
-    @property
-    def scale(self) -> float:
-        return self.settings.scale
-
-    @property
-    def dropout(self) -> float:
-        return self.settings.dropout
-
-    @property
-    def use_rslora(self) -> bool:
-        return self.settings.use_rslora
-
-    @property
-    def seed(self) -> int | None:
-        return self.settings.seed
-
-    @property
-    def init(self) -> str:
-        return self.settings.init
-
-    @property
-    def use_dora(self) -> bool:
-        """Whether the first adapter is DoRA (has a magnitude)."""
-        return self.settings.use_dora
+    rank = SettingField()
+    alpha = SettingField()
+    scale = SettingField()
+    dropout = SettingField()
+    use_rslora = SettingField()
+    seed = SettingField()
+    init = SettingField()
+    use_dora = SettingField()
 
     @property
     def lora_magnitude(self):

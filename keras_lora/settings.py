@@ -99,3 +99,27 @@ class LoraSettings:
 
 # The setting names, in order.
 FIELDS = tuple(field.name for field in dataclasses.fields(LoraSettings))
+
+
+class SettingField:
+    """A read-only attribute that reads the same-named field of the owner's
+    `settings` (a `LoraSettings`), so an object holding settings exposes
+    `rank`, `alpha`, ... without copying them.
+
+    Example:
+
+    >>> class Holder:
+    ...     rank = SettingField()
+    ...     settings = LoraSettings(rank=2)
+    >>> Holder().rank
+    2
+    """
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.__doc__ = f"`settings.{name}` (see `LoraSettings`)."
+
+    def __get__(self, instance, owner: type | None = None):
+        if instance is None:
+            return self
+        return getattr(instance.settings, self.name)

@@ -44,6 +44,8 @@ REQUIREMENTS = [
     "tensorflow-datasets",
     "transformers>=5,<6",
     "peft>=0.21,<0.22",
+    "trl>=1.16,<2",
+    "jinja2>=3.1.6",
     "psutil",
     "nbclient",
     "nbformat",
@@ -64,21 +66,39 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def build(venv: pathlib.Path, upgrade: bool) -> pathlib.Path:
-    """The environment's python, after creating (or upgrading) it.
+    """The environment's python, with every requirement and the nightlies.
+
+    Requirements the environment lacks are installed; the nightlies are
+    then reinstalled over whatever `keras/` the requirements brought.
 
     Args:
         venv: where the environment is (or goes).
-        upgrade: reinstall the newest nightlies into an existing one.
+        upgrade: fetch the newest nightlies instead of keeping the ones
+            installed.
     """
     python = venv / "bin" / "python"
-    pip = [str(python), "-m", "pip", "install", "--pre"]
-    if not python.exists():
+    pip = [str(python), "-m", "pip", "install"]
+    created = not python.exists()
+    if created:
         run([sys.executable, "-m", "venv", str(venv)])
-        run(pip + NIGHTLIES + REQUIREMENTS)
-    elif not upgrade:
-        return python
-    run(pip + ["--force-reinstall", "--no-deps", "--upgrade"] + NIGHTLIES)
+    run(pip + REQUIREMENTS)
+    wanted = NIGHTLIES if created or upgrade else _installed(python, NIGHTLIES)
+    run(pip + ["--pre", "--force-reinstall", "--no-deps"] + wanted)
     return python
+
+
+def _installed(python: pathlib.Path, names: list[str]) -> list[str]:
+    """`name==version` of each installed distribution, `name` if absent."""
+    script = (
+        "import importlib.metadata as m, sys\n"
+        "for n in sys.argv[1:]:\n"
+        "    try: print(f'{n}=={m.version(n)}')\n"
+        "    except m.PackageNotFoundError: print(n)"
+    )
+    out = subprocess.run(
+        [str(python), "-c", script, *names], check=True, capture_output=True, text=True
+    )
+    return out.stdout.split()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,16 @@ def test_the_command_prints_one_line_and_exits_1(monkeypatch, tmp_path, capsys):
     assert err == LINE + "\n"
 
 
+def test_the_demo_says_so_before_it_starts(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "demo"
+    status = cli.main(["demo", "--out", str(out)])
+    assert status == 1
+    assert capsys.readouterr().err == LINE + "\n"
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("module", "extra"),
     [("peft", "hf"), ("transformers", "hf"), ("tensorflow_datasets", "reddit")],

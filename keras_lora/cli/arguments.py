@@ -49,8 +49,8 @@ def positive_float(text: str) -> float:
     return value
 
 
-def dropout(text: str) -> float:
-    """argparse type: a rate in [0, 1)."""
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1) (a dropout rate, a held-out share)."""
     try:
         value = float(text)
     except ValueError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from keras_lora.cli.arguments import dropout, positive_float, positive_int
+from keras_lora.cli.arguments import fraction, positive_float, positive_int
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 
@@ -59,14 +59,14 @@ def add_sft(sub) -> None:
     sft.add_argument("--eval-data", help="data file to evaluate on.")
     sft.add_argument(
         "--eval-split",
-        type=_fraction,
+        type=fraction,
         default=0.0,
         help="without --eval-data: hold out this fraction of the examples; "
         "0 evaluates on the training data.",
     )
     sft.add_argument("--rank", type=positive_int, default=8)
     sft.add_argument("--alpha", type=positive_float, default=16.0)
-    sft.add_argument("--dropout", type=dropout, default=0.0)
+    sft.add_argument("--dropout", type=fraction, default=0.0)
     sft.add_argument(
         "--targets",
         nargs="+",
@@ -77,17 +77,6 @@ def add_sft(sub) -> None:
     sft.add_argument("--learning-rate", type=positive_float, default=2e-4)
     sft.add_argument("--seed", type=int, default=0)
     sft.set_defaults(run=sft_command)
-
-
-def _fraction(text: str) -> float:
-    """argparse type: a number in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
 
 
 def sft_command(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from keras_lora.cli.arguments import dropout, positive_float, positive_int
+from keras_lora.cli.arguments import fraction, positive_float, positive_int
 from keras_lora.families import GPT2
 from keras_lora.recipes import demo as demo_lib
 from keras_lora.recipes import finetune as finetune_lib
@@ -69,7 +69,7 @@ def add_finetune(sub) -> None:
     )
     ft.add_argument("--rank", type=positive_int, default=4)
     ft.add_argument("--alpha", type=positive_float, default=32.0)
-    ft.add_argument("--dropout", type=dropout, default=0.0)
+    ft.add_argument("--dropout", type=fraction, default=0.0)
     ft.add_argument(
         "--targets",
         nargs="+",

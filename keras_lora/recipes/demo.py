@@ -34,6 +34,7 @@ import keras
 from keras_lora.bench import engine
 from keras_lora.bench.compare_config import CompareConfig
 from keras_lora.files import atomic_write
+from keras_lora.optional import require
 from keras_lora.recipes import data, models, pretrain, tokenization
 from keras_lora.recipes.quality_config import RUNS, QualityConfig
 
@@ -135,6 +136,8 @@ def demo(config: DemoConfig) -> dict:
     Raises:
         ValueError: for too little corpus or no cost run left.
     """
+    # The report's charts need matplotlib: say so before any compute.
+    require("matplotlib.pyplot", extra="bench")
     started = time.perf_counter()
     backend = keras.backend.backend()
     os.makedirs(config.out, exist_ok=True)
