@@ -107,29 +107,12 @@ def test_host_fallback_on_this_machine_warns_once(capsys):
     assert len(printed) == len(callback.labels) == 8
 
 
-def test_host_peak_reset_where_supported():
-    if not callbacks_module._can_reset_host_peak():
-        pytest.skip("this platform cannot reset the peak RSS")
-    # Reset first: after earlier tests the process peak may lie far above
-    # anything this block adds, and the current RSS close to it.
-    callbacks_module.reset_host_peak_rss()
-    block = np.ones(128 * 2**20, dtype="uint8")  # Touched: resident.
-    del block  # Large arrays are unmapped at once: RSS drops back.
-    high = callbacks_module.host_peak_rss_bytes()
-    callbacks_module.reset_host_peak_rss()
-    assert callbacks_module.host_peak_rss_bytes() <= high - 64 * 2**20
+def run_fresh(code: str) -> list[int]:
+    """Run `code` in a fresh Python process; the integers it printed last.
 
-
-def test_host_peak_tracks_a_large_allocation_in_a_fresh_process():
-    # A fresh process: inside the suite the allocator may reuse freed memory,
-    # so a new array need not raise the high-water mark there.
-    code = (
-        "import numpy as np\n"
-        "from keras_lora.callbacks import host_peak_rss_bytes as peak\n"
-        "before = peak()\n"
-        "block = np.ones(384 * 2**20, dtype='uint8')  # Touched: resident.\n"
-        "print(before, peak())\n"
-    )
+    Inside the suite the allocator may reuse memory freed by earlier tests,
+    so a new array need not raise (or lower) the high-water mark there.
+    """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
@@ -141,7 +124,32 @@ def test_host_peak_tracks_a_large_allocation_in_a_fresh_process():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    before, after = map(int, proc.stdout.split()[-2:])
+    return [int(x) for x in proc.stdout.strip().splitlines()[-1].split()]
+
+
+def test_host_peak_reset_where_supported():
+    if not callbacks_module._can_reset_host_peak():
+        pytest.skip("this platform cannot reset the peak RSS")
+    high, reset = run_fresh(
+        "import numpy as np\n"
+        "from keras_lora.callbacks import host_peak_rss_bytes, reset_host_peak_rss\n"
+        "block = np.ones(384 * 2**20, dtype='uint8')  # Touched: resident.\n"
+        "del block  # Large arrays are unmapped at once: RSS drops back.\n"
+        "high = host_peak_rss_bytes()\n"
+        "reset_host_peak_rss()\n"
+        "print(high, host_peak_rss_bytes())\n"
+    )
+    assert reset <= high - 300 * 2**20, (high, reset)
+
+
+def test_host_peak_tracks_a_large_allocation_in_a_fresh_process():
+    before, after = run_fresh(
+        "import numpy as np\n"
+        "from keras_lora.callbacks import host_peak_rss_bytes as peak\n"
+        "before = peak()\n"
+        "block = np.ones(384 * 2**20, dtype='uint8')  # Touched: resident.\n"
+        "print(before, peak())\n"
+    )
     assert after - before >= 300 * 2**20, (before, after)
 
 
