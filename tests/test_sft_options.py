@@ -10,6 +10,7 @@ import os
 import sys
 
 import pytest
+import safetensors.numpy
 
 from keras_lora.cli import main
 from keras_lora.recipes.sft.config import SftConfig
@@ -75,6 +76,15 @@ def test_dora_all_linear_eval_every_and_loss_png(llama, tmp_path):
     assert config["use_dora"] is True
     names = {name.rpartition(".")[2] for name in config["target_modules"]}
     assert names == ALL_LINEAR
+    # 2 blocks x 7 linear layers; the PEFT file holds every trained weight
+    # (A, B and DoRA's magnitude): 2 x 2176 at rank 8.
+    assert settings["adapted_layers"] == 14
+    tensors = safetensors.numpy.load_file(
+        os.path.join(out, "peft", "adapter_model.safetensors")
+    )
+    assert sum(t.size for t in tensors.values()) == settings["trainable_params"]
+    assert settings["trainable_params"] == 4352
+    assert sum("magnitude" in name for name in tensors) == 14
     after = peft_loss(llama, out, encoded)
     assert after == pytest.approx(report["eval_loss_after"], rel=2e-3)
     assert report["eval_loss_after"] < report["eval_loss_before"]
@@ -96,6 +106,9 @@ def test_dora_all_linear_eval_every_and_loss_png(llama, tmp_path):
 def test_epochs_sgd_olora_without_matplotlib(llama, tmp_path, monkeypatch):
     # None in sys.modules makes `import matplotlib` fail as if not installed.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    # An earlier run's chart must not pass for this run's.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "loss.png").write_bytes(PNG_MAGIC)
     out, report, encoded = run_sft(
         llama,
         tmp_path,

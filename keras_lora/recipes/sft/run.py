@@ -24,7 +24,7 @@ import time
 import keras
 import numpy as np
 
-from keras_lora import inject_lora, save_adapter
+from keras_lora import inject_lora, lora_layers, save_adapter, trainable_summary
 from keras_lora.families import family_of
 from keras_lora.files import atomic_write
 from keras_lora.interop import export_peft
@@ -198,6 +198,8 @@ def train(config: SftConfig) -> dict:
             "init": config.init,
             "use_dora": config.use_dora,
             "targets": list(targets),
+            "adapted_layers": len(lora_layers(lm)),
+            "trainable_params": trainable_summary(lm)["trainable"],
             "batch": config.batch,
             "learning_rate": config.learning_rate,
             "optimizer": config.optimizer,
@@ -213,7 +215,8 @@ def train(config: SftConfig) -> dict:
         points = [(0, before), *eval_points]
         if not eval_points or eval_points[-1][0] != total_steps:
             points.append((total_steps, after))
-        png = loss_png(steps.losses, points, f"{family.name} sft: {config.data}")
+        title = f"{family.name} sft: {os.path.basename(config.data)}"
+        png = loss_png(steps.losses, points, title)
     _write_outputs(lm, config, report, png)
     return report
 
@@ -249,8 +252,11 @@ def _write_outputs(lm, config: SftConfig, report: dict, png: bytes | None) -> No
             os.replace(os.path.join(staging, name), final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    plot = os.path.join(config.out, LOSS_PLOT)
     if png is not None:
-        atomic_write(os.path.join(config.out, LOSS_PLOT), png)
+        atomic_write(plot, png)
+    elif os.path.isfile(plot):
+        os.remove(plot)  # An earlier run's chart would pass for this one's.
     atomic_write(
         os.path.join(config.out, REPORT),
         (json.dumps(report, indent=2) + "\n").encode("utf-8"),
