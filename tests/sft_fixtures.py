@@ -223,3 +223,19 @@ def save_tiny_llama(model_dir: str) -> str:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
     return model_dir
+
+
+def hf_eval_loss(model, encoded: list[dict]) -> float:
+    """Token-weighted mean cross-entropy over label positions, by
+    transformers' own `labels` loss (per example, weighted by its count)."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in encoded:
+            ids = torch.tensor([example["input_ids"]])
+            labels = torch.tensor([example["labels"]])
+            n = int((labels[0, 1:] != -100).sum())
+            total += float(model(input_ids=ids, labels=labels).loss) * n
+            count += n
+    return total / count

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+from keras_lora.cli import main
 from tests.helpers import DEMO_BACKEND
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,3 +136,35 @@ def test_installed_demo_runs_from_an_empty_directory(site, tmp_path):
     assert rows.shape == (6, 17) and rows.max() < 1024  # (1 + 1 + 1) x 2 rows.
     assert compare["config"]["data"].startswith("token ids from")
     assert "| held-out loss |" in proc.stdout and "demo finished in" in proc.stdout
+
+
+def test_installed_sft_inspects_from_outside_the_checkout(site, tmp_path):
+    pytest.importorskip("tokenizers")
+    from tests import sft_fixtures as fx
+
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = run_installed(site, ["sft", "--help"], run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--inspect" in proc.stdout and "--use-dora" in proc.stdout
+    assert os.listdir(run) == []
+
+    # The tiny model directory and data are built here, outside `run`.
+    model = fx.build_model_dir("llama3", str(tmp_path / "llama"))
+    data = fx.write_jsonl(str(tmp_path / "train.jsonl"), fx.MESSAGES)
+    flags = ["--model", model, "--data", data, "--inspect"]
+    proc = run_installed(site, ["sft", *flags, "--out", "out"], run)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(run / "out")) == ["data_report.json", "encoded.jsonl"]
+    report = json.loads((run / "out" / "data_report.json").read_text())
+    assert report["kept"] == 2 and report["dropped"] == 0
+    encoded = (run / "out" / "encoded.jsonl").read_text()
+    rows = [json.loads(line) for line in encoded.splitlines()]
+    assert len(rows) == 2
+    assert all(
+        -100 in r["labels"] and len(r["labels"]) == len(r["input_ids"]) for r in rows
+    )
+    # The installed package encodes as this checkout does, byte for byte.
+    here = str(tmp_path / "here")
+    assert main(["sft", *flags, "--out", here]) == 0
+    assert (tmp_path / "here" / "encoded.jsonl").read_text() == encoded

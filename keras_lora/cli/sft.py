@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 
 from keras_lora.cli.arguments import fraction, positive_float, positive_int
+from keras_lora.initialization import check_init
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
+# Flags whose defaults are SftConfig's: passed on only when given.
+CONFIG_DEFAULTS = ("init", "use_dora", "steps", "epochs", "optimizer", "eval_every")
 
 
 def add_sft(sub) -> None:
@@ -68,15 +71,61 @@ def add_sft(sub) -> None:
     sft.add_argument("--alpha", type=positive_float, default=16.0)
     sft.add_argument("--dropout", type=fraction, default=0.0)
     sft.add_argument(
+        "--init",
+        type=_init,
+        default=argparse.SUPPRESS,
+        metavar="{kaiming,gaussian,pissa,pissa_niter_K,olora}",
+        help="how the LoRA factors start (PEFT's init_lora_weights; kaiming: B = 0).",
+    )
+    sft.add_argument(
+        "--use-dora",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="DoRA: also train a magnitude per output feature.",
+    )
+    sft.add_argument(
         "--targets",
         nargs="+",
-        help="roles or layer names to adapt (default: the family's).",
+        help="roles or layer names to adapt, or all-linear (every linear "
+        "layer but the output head); default: the family's.",
     )
-    sft.add_argument("--steps", type=positive_int, default=20)
+    length = sft.add_mutually_exclusive_group()
+    length.add_argument(
+        "--steps",
+        type=positive_int,
+        default=argparse.SUPPRESS,
+        help="optimizer steps (20 when neither --steps nor --epochs is given).",
+    )
+    length.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=argparse.SUPPRESS,
+        help="passes over the training examples: ceil(examples / batch) steps each.",
+    )
     sft.add_argument("--batch", type=positive_int, default=4)
+    sft.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd"),
+        default=argparse.SUPPRESS,
+        help="adamw (Keras's AdamW, the default) or sgd.",
+    )
     sft.add_argument("--learning-rate", type=positive_float, default=2e-4)
+    sft.add_argument(
+        "--eval-every",
+        type=positive_int,
+        default=argparse.SUPPRESS,
+        help="also evaluate every N steps (report.json's eval_loss_every).",
+    )
     sft.add_argument("--seed", type=int, default=0)
     sft.set_defaults(run=sft_command)
+
+
+def _init(text: str) -> str:
+    """argparse type: a LoRA initialisation name (`check_init`)."""
+    try:
+        return check_init(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def sft_command(args: argparse.Namespace) -> int:
@@ -101,10 +150,10 @@ def sft_command(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         dropout=args.dropout,
         targets=tuple(args.targets) if args.targets else None,
-        steps=args.steps,
         batch=args.batch,
         learning_rate=args.learning_rate,
         seed=args.seed,
+        **{name: getattr(args, name) for name in CONFIG_DEFAULTS if name in args},
     )
     if not config.inspect:
         from keras_lora.recipes.sft.run import train
@@ -115,9 +164,10 @@ def sft_command(args: argparse.Namespace) -> int:
             f"{report['eval_loss_after']:.4f} after {report['steps']} steps "
             f"({report['eval_data']})"
         )
-        print(
-            f"wrote {config.out}/adapter, {config.out}/peft, {config.out}/report.json"
-        )
+        names = ["adapter", "peft", report["loss_plot"], "report.json"]
+        print("wrote " + ", ".join(f"{config.out}/{n}" for n in names if n))
+        for note in report["notes"]:
+            print(note)
         return 0
     report = inspect_data(config)
     print(summary(report))

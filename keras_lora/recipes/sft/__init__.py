@@ -8,6 +8,8 @@
 - `config`: the frozen `SftConfig`;
 - `inspection`: `--inspect`, the encoded data and its report on disk;
 - `batches`: encoded examples as fixed-shape arrays and sample weights;
+- `evaluation`: the eval loss, before and after training and every N steps;
+- `loss_plot`: `OUT/loss.png` (matplotlib, the "bench" extra);
 - `run`: training (keras-hub model, `inject_lora`, `fit`, adapter + PEFT out).
 
 Nothing here parses arguments (`keras_lora.cli.sft` does).

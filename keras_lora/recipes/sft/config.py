@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from keras_lora.recipes.sft.data import Columns
 from keras_lora.recipes.sft.encode import LOSS_ON
+from keras_lora.settings import LoraSettings
 
-__all__ = ["SftConfig"]
+__all__ = ["ALL_LINEAR", "DEFAULT_STEPS", "OPTIMIZERS", "SftConfig"]
+
+OPTIMIZERS = ("adamw", "sgd")
+# PEFT's shortcut for every linear layer but the output head.
+ALL_LINEAR = "all-linear"
+# Steps of a run given neither `steps` nor `epochs`.
+DEFAULT_STEPS = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +41,26 @@ class SftConfig:
             (split by example, seeded) is held out; 0: evaluate on the
             training examples (the report says which).
         rank, alpha, dropout: the LoRA settings.
-        targets: roles or layer names to adapt; None: the family's default.
-        steps: optimizer steps.
+        init: how the LoRA factors start: "kaiming", "gaussian", "pissa",
+            "pissa_niter_K" or "olora" (`keras_lora.initialization`).
+        use_dora: DoRA: also train a magnitude per output feature
+            (`keras_lora.dora`).
+        targets: roles or layer names to adapt, or `("all-linear",)` (every
+            linear layer but the output head); None: the family's default.
+        steps: optimizer steps; None: `epochs` passes, or 20 steps when
+            neither is given.
+        epochs: passes over the training examples, as
+            `ceil(examples / batch) * epochs` steps (each pass a fresh
+            seeded order); exclusive with `steps`.
         batch: examples per step.
-        learning_rate: AdamW's learning rate.
+        optimizer: "adamw" (Keras's AdamW defaults) or "sgd" (plain SGD).
+        learning_rate: the optimizer's learning rate.
+        eval_every: also evaluate after every this many steps; None: before
+            and after training only.
         seed: seeds the LoRA factors, the split and the order of examples.
 
     Raises:
-        ValueError: for a setting out of range.
+        ValueError: for a setting out of range, or both `steps` and `epochs`.
 
     Example:
 
@@ -50,6 +70,8 @@ class SftConfig:
     Traceback (most recent call last):
     ...
     ValueError: loss_on must be one of answers, all, got 'prompt'
+    >>> SftConfig(model="m", data="d.jsonl", out="o", epochs=2).total_steps(9)
+    6
     """
 
     model: str
@@ -67,10 +89,15 @@ class SftConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
+    init: str = LoraSettings.init
+    use_dora: bool = LoraSettings.use_dora
     targets: tuple[str, ...] | None = None
-    steps: int = 20
+    steps: int | None = None
+    epochs: int | None = None
     batch: int = 4
+    optimizer: str = "adamw"
     learning_rate: float = 2e-4
+    eval_every: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -82,17 +109,52 @@ class SftConfig:
             raise ValueError(f"max_length must be at least 1, got {self.max_length}")
         if not 0.0 <= self.eval_split < 1.0:
             raise ValueError(f"eval_split must be in [0, 1), got {self.eval_split}")
-        for name in ("rank", "steps", "batch"):
-            if getattr(self, name) < 1:
+        for name in ("rank", "steps", "epochs", "batch", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(
+                "give either steps or epochs, not both (epochs trains "
+                "ceil(examples / batch) steps per pass)"
+            )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                f"got {self.optimizer!r}"
+            )
+        if self.targets is not None and ALL_LINEAR in self.targets:
+            if len(self.targets) > 1:
                 raise ValueError(
-                    f"{name} must be at least 1, got {getattr(self, name)}"
+                    f"{ALL_LINEAR} stands alone: give it or layer names, "
+                    f"got {' '.join(self.targets)}"
                 )
+        # LoraSettings raises for a bad alpha, dropout or init.
+        _ = self.lora
         if self.text_column is not None and (
             self.prompt_column is not None or self.completion_column is not None
         ):
             raise ValueError(
                 "give either a text column or prompt and completion columns, not both"
             )
+
+    @property
+    def lora(self) -> LoraSettings:
+        """The adapter's settings, as `inject_lora` takes them."""
+        return LoraSettings(
+            rank=self.rank,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            seed=self.seed,
+            init=self.init,
+            use_dora=self.use_dora,
+        )
+
+    def total_steps(self, examples: int) -> int:
+        """The optimizer steps of the run, for `examples` training examples."""
+        if self.epochs is not None:
+            return math.ceil(examples / self.batch) * self.epochs
+        return DEFAULT_STEPS if self.steps is None else self.steps
 
     @property
     def columns(self) -> Columns:

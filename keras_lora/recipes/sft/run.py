@@ -3,18 +3,18 @@
 The model comes from keras-hub's own converters
 (`keras_hub.models.CausalLM.from_preset(dir, preprocessor=None)`, offline
 for a local directory); `inject_lora` adapts the family's default targets
-(or `targets`); plain `model.fit` trains with the loss mask as
-`sample_weight` (see `batches`). Losses are the mean token cross-entropy
-over all label positions of the evaluated examples (token-weighted), as
-transformers computes it with `labels`.
+(or `targets`, "all-linear" included) with the run's init and DoRA
+settings; plain `model.fit` trains with the loss mask as `sample_weight`
+(see `batches`). Losses are those of `evaluation`.
 
 Everything is read and encoded before `OUT` is touched; the adapter, the
-PEFT directory and the report are written at the end, each through a
-temporary name.
+PEFT directory, `loss.png` and the report are written at the end, each
+through a temporary name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,17 +24,20 @@ import time
 import keras
 import numpy as np
 
-from keras_lora import inject_lora, save_adapter
+from keras_lora import inject_lora, lora_layers, save_adapter, trainable_summary
 from keras_lora.families import family_of
 from keras_lora.files import atomic_write
 from keras_lora.interop import export_peft
-from keras_lora.recipes.sft.batches import make_batches, padded_arrays, sequence_length
+from keras_lora.recipes.sft.batches import make_batches
 from keras_lora.recipes.sft.config import SftConfig
 from keras_lora.recipes.sft.data import read_examples
-from keras_lora.recipes.sft.encode import Encoded, EncodedData, encode_examples
+from keras_lora.recipes.sft.encode import EncodedData, encode_examples
+from keras_lora.recipes.sft.evaluation import EvalEvery, eval_loss
 from keras_lora.recipes.sft.inspection import describe_shape, prepare_data
+from keras_lora.recipes.sft.loss_plot import LOSS_PLOT, loss_png, plot_available
+from keras_lora.recipes.training import StepLog
 
-__all__ = ["REPORT", "eval_loss", "load_causal_lm", "train"]
+__all__ = ["REPORT", "load_causal_lm", "make_optimizer", "train"]
 
 REPORT = "report.json"
 
@@ -65,50 +68,18 @@ def load_causal_lm(model_dir: str):
         raise ValueError(f"keras-hub cannot load {model_dir}: {error}") from None
 
 
-def eval_loss(model, examples: list[Encoded], batch: int, pad_id: int) -> float:
-    """Mean token cross-entropy over all label positions of `examples`.
+def make_optimizer(config: SftConfig) -> keras.optimizers.Optimizer:
+    """The optimizer of `config`: Keras's AdamW (its defaults) or plain SGD.
 
-    Args:
-        model: a causal LM taking `{"token_ids", "padding_mask"}`.
-        examples: encoded examples.
-        batch: examples per forward pass.
-        pad_id: the padding id.
+    Example:
 
-    Returns:
-        sum of per-token losses / number of label tokens (next-token
-        targets, as transformers shifts `labels`).
+    >>> config = SftConfig("m", "d.jsonl", "o", optimizer="sgd")
+    >>> type(make_optimizer(config)).__name__
+    'SGD'
     """
-    length = sequence_length(examples)
-    total, count = 0.0, 0.0
-    for start in range(0, len(examples), batch):
-        x, y, mask = padded_arrays(examples[start : start + batch], length, pad_id)
-        logits = model(x, training=False)
-        losses = keras.losses.sparse_categorical_crossentropy(
-            y, keras.ops.cast(logits, "float32"), from_logits=True
-        )
-        losses = np.asarray(keras.ops.convert_to_numpy(losses), dtype="float64")
-        total += float((losses * mask).sum())
-        count += float(mask.sum())
-    return total / max(count, 1.0)
-
-
-class _StepLosses(keras.callbacks.Callback):
-    """Each step's own loss (Keras logs the running mean of the epoch)."""
-
-    def __init__(self):
-        super().__init__()
-        self.losses: list[float] = []
-        self.times: list[float] = []
-        self._previous_mean = 0.0
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
-        mean = float(logs["loss"])
-        self.losses.append((batch + 1) * mean - batch * self._previous_mean)
-        self._previous_mean = mean
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(learning_rate=config.learning_rate)
+    return keras.optimizers.AdamW(learning_rate=config.learning_rate)
 
 
 def _split(config: SftConfig, data: EncodedData, tokenizer):
@@ -143,7 +114,8 @@ def train(config: SftConfig) -> dict:
 
     Returns:
         The report (also `OUT/report.json`); `OUT/adapter/` and `OUT/peft/`
-        hold the adapter.
+        hold the adapter, `OUT/loss.png` charts the losses (when matplotlib
+        is installed; else the report's `notes` say so).
 
     Raises:
         DataError: bad data; nothing is written.
@@ -151,7 +123,7 @@ def train(config: SftConfig) -> dict:
 
     Example:
 
-    >>> config = SftConfig("HF_DIR", "train.jsonl", "out", steps=10)
+    >>> config = SftConfig("HF_DIR", "train.jsonl", "out", steps=10, use_dora=True)
     >>> report = train(config)  # doctest: +SKIP
     >>> report["eval_loss_after"] < report["eval_loss_before"]  # doctest: +SKIP
     True
@@ -160,30 +132,28 @@ def train(config: SftConfig) -> dict:
     train_examples, eval_examples, eval_source = _split(config, data, tokenizer)
     if not eval_examples:
         raise ValueError("no evaluation example keeps an answer within --max-length")
+    plot_note = plot_available()
     pad_id = _pad_id(tokenizer)
+    total_steps = config.total_steps(len(train_examples))
     batches = make_batches(
-        train_examples, config.batch, config.steps, pad_id, config.seed
+        train_examples, config.batch, total_steps, pad_id, config.seed
     )
     keras.utils.set_random_seed(config.seed)
     lm = load_causal_lm(config.model)
     family = family_of(lm)
     targets = config.targets or family.default_targets
-    inject_lora(
-        lm,
-        rank=config.rank,
-        alpha=config.alpha,
-        targets=targets,
-        dropout=config.dropout,
-        seed=config.seed,
-    )
+    inject_lora(lm, targets=tuple(targets), **dataclasses.asdict(config.lora))
     lm.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=config.learning_rate),
+        optimizer=make_optimizer(config),
         loss=keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="sum"
         ),
     )
     before = eval_loss(lm, eval_examples, config.batch, pad_id)
-    steps = _StepLosses()
+    steps = StepLog()
+    every = None
+    if config.eval_every is not None:
+        every = EvalEvery(config.eval_every, eval_examples, config.batch, pad_id)
     start = time.perf_counter()
     lm.fit(
         batches.x,
@@ -193,12 +163,15 @@ def train(config: SftConfig) -> dict:
         epochs=1,
         shuffle=False,
         verbose=0,
-        callbacks=[steps],
+        callbacks=[steps] if every is None else [steps, every],
     )
     seconds = time.perf_counter() - start
+    eval_points = [] if every is None else every.losses
+    seconds -= 0.0 if every is None else every.seconds
     after = eval_loss(lm, eval_examples, config.batch, pad_id)
     # The first step includes tracing and compiling; the others are steady.
-    steady = sum(steps.times[1:]) / max(len(steps.times) - 1, 1)
+    times = steps.step_times
+    steady = sum(times[1:]) / max(len(times) - 1, 1)
     tokens = int(batches.x["padding_mask"].sum())
     report = {
         "model": config.model,
@@ -209,26 +182,42 @@ def train(config: SftConfig) -> dict:
         "eval_examples": len(eval_examples),
         "eval_loss_before": before,
         "eval_loss_after": after,
+        "eval_loss_every": [[step, loss] for step, loss in eval_points],
         "train_loss": steps.losses,
         "padding_fraction": batches.padding_fraction,
         "train_tokens_per_s": tokens / seconds if seconds > 0 else None,
-        "compile_s": max(steps.times[0] - steady, 0.0) if steps.times else None,
-        "steps": config.steps,
+        "compile_s": max(times[0] - steady, 0.0) if times else None,
+        "steps": total_steps,
+        "epochs": config.epochs,
+        "loss_plot": LOSS_PLOT if plot_note is None else None,
+        "notes": [] if plot_note is None else [plot_note],
         "settings": {
             "rank": config.rank,
             "alpha": config.alpha,
             "dropout": config.dropout,
+            "init": config.init,
+            "use_dora": config.use_dora,
             "targets": list(targets),
+            "adapted_layers": len(lora_layers(lm)),
+            "trainable_params": trainable_summary(lm)["trainable"],
             "batch": config.batch,
             "learning_rate": config.learning_rate,
-            "optimizer": "adamw",
+            "optimizer": config.optimizer,
+            "eval_every": config.eval_every,
             "max_length": config.max_length,
             "loss_on": config.loss_on,
             "seed": config.seed,
             "backend": keras.backend.backend(),
         },
     }
-    _write_outputs(lm, config, report)
+    png = None
+    if plot_note is None:
+        points = [(0, before), *eval_points]
+        if not eval_points or eval_points[-1][0] != total_steps:
+            points.append((total_steps, after))
+        title = f"{family.name} sft: {os.path.basename(config.data)}"
+        png = loss_png(steps.losses, points, title)
+    _write_outputs(lm, config, report, png)
     return report
 
 
@@ -241,8 +230,9 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _write_outputs(lm, config: SftConfig, report: dict) -> None:
-    """OUT/adapter, OUT/peft (each built beside, then moved in), report.json."""
+def _write_outputs(lm, config: SftConfig, report: dict, png: bytes | None) -> None:
+    """OUT/adapter, OUT/peft (each built beside, then moved in), loss.png
+    (when drawn), report.json."""
     os.makedirs(config.out, exist_ok=True)
     for name, write in (
         ("adapter", lambda path: save_adapter(lm, path)),
@@ -262,6 +252,11 @@ def _write_outputs(lm, config: SftConfig, report: dict) -> None:
             os.replace(os.path.join(staging, name), final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    plot = os.path.join(config.out, LOSS_PLOT)
+    if png is not None:
+        atomic_write(plot, png)
+    elif os.path.isfile(plot):
+        os.remove(plot)  # An earlier run's chart would pass for this one's.
     atomic_write(
         os.path.join(config.out, REPORT),
         (json.dumps(report, indent=2) + "\n").encode("utf-8"),

@@ -1,0 +1,88 @@
+"""Evaluation losses of `keras-lora sft`: once, and every N steps of `fit`.
+
+A loss is the mean token cross-entropy over all label positions of the
+evaluated examples (token-weighted, not a mean of per-example means), as
+transformers computes it with `labels`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+
+from keras_lora.recipes.sft.batches import padded_arrays, sequence_length
+from keras_lora.recipes.sft.encode import Encoded
+
+__all__ = ["EvalEvery", "eval_loss"]
+
+
+def eval_loss(model, examples: list[Encoded], batch: int, pad_id: int) -> float:
+    """Mean token cross-entropy over all label positions of `examples`.
+
+    Args:
+        model: a causal LM taking `{"token_ids", "padding_mask"}`.
+        examples: encoded examples.
+        batch: examples per forward pass.
+        pad_id: the padding id.
+
+    Returns:
+        sum of per-token losses / number of label tokens (next-token
+        targets, as transformers shifts `labels`).
+    """
+    length = sequence_length(examples)
+    total, count = 0.0, 0.0
+    for start in range(0, len(examples), batch):
+        x, y, mask = padded_arrays(examples[start : start + batch], length, pad_id)
+        logits = model(x, training=False)
+        losses = keras.losses.sparse_categorical_crossentropy(
+            y, keras.ops.cast(logits, "float32"), from_logits=True
+        )
+        losses = np.asarray(keras.ops.convert_to_numpy(losses), dtype="float64")
+        total += float((losses * mask).sum())
+        count += float(mask.sum())
+    return total / max(count, 1.0)
+
+
+class EvalEvery(keras.callbacks.Callback):
+    """`eval_loss` after every `every` train steps of one-epoch `fit`.
+
+    Args:
+        every: steps between evaluations, at least 1.
+        examples: the encoded evaluation examples.
+        batch: examples per forward pass.
+        pad_id: the padding id.
+
+    Attributes:
+        losses: `(step, loss)` pairs, steps counted from 1.
+        seconds: wall time spent evaluating (to leave out of throughput).
+
+    Example:
+
+    >>> EvalEvery(0, [], 1, 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: every must be at least 1, got 0
+    """
+
+    def __init__(self, every: int, examples: list[Encoded], batch: int, pad_id: int):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"every must be at least 1, got {every}")
+        self.every = every
+        self.examples = examples
+        self.batch = batch
+        self.pad_id = pad_id
+        self.losses: list[tuple[int, float]] = []
+        self.seconds = 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = batch + 1
+        if step % self.every:
+            return
+        start = time.perf_counter()
+        # `self.model` brings JAX's training state back into the variables.
+        loss = eval_loss(self.model, self.examples, self.batch, self.pad_id)
+        self.losses.append((step, loss))
+        self.seconds += time.perf_counter() - start
