@@ -185,13 +185,7 @@ def entry_lookup_only(entry: dict) -> bool:
     Raises:
         ValueError: for an `adapt_head` that is not a bool.
     """
-    value = entry.get("adapt_head", True)
-    if not isinstance(value, bool):
-        raise ValueError(
-            f"Layer '{entry['path']}' has `adapt_head={value!r}` in the adapter "
-            "config; it must be true or false. The adapter is damaged."
-        )
-    return not value
+    return not _flag(entry, "adapt_head", True)
 
 
 def entry_use_dora(entry: dict) -> bool:
@@ -203,10 +197,16 @@ def entry_use_dora(entry: dict) -> bool:
     Raises:
         ValueError: for a `use_dora` that is not a bool.
     """
-    value = entry.get("use_dora", False)
+    return _flag(entry, "use_dora", False)
+
+
+def _flag(entry: dict, key: str, default: bool) -> bool:
+    """A layer entry's bool `key` (`default` when absent); `ValueError`
+    naming the layer for any other type."""
+    value = entry.get(key, default)
     if not isinstance(value, bool):
         raise ValueError(
-            f"Layer '{entry['path']}' has `use_dora={value!r}` in the adapter "
+            f"Layer '{entry['path']}' has `{key}={value!r}` in the adapter "
             "config; it must be true or false. The adapter is damaged."
         )
     return value

@@ -25,7 +25,7 @@ import keras
 
 from keras_lora.initialization import ORIGINAL_KERNEL
 from keras_lora.low_rank import delta
-from keras_lora.settings import LoraSettings, SettingField
+from keras_lora.settings import LoraSettings, SettingsAttributes
 
 
 class Lora:
@@ -50,7 +50,7 @@ LORA = Lora()
 
 
 @dataclasses.dataclass(eq=False)
-class Adapter:
+class Adapter(SettingsAttributes):
     """One adapter's settings, factors and variant pieces in a `LoraLayer`.
 
     Args:
@@ -71,15 +71,6 @@ class Adapter:
     dropout_layer: keras.layers.Layer | None = None
     variant: Any = LORA
     initial: Any = ORIGINAL_KERNEL
-
-    rank = SettingField()
-    alpha = SettingField()
-    scale = SettingField()
-    dropout = SettingField()
-    use_rslora = SettingField()
-    seed = SettingField()
-    init = SettingField()
-    use_dora = SettingField()
 
     @property
     def rewrites_kernel(self) -> bool:

@@ -11,11 +11,11 @@ from keras_lora import _keras_internals, adapter_state, dora, low_rank
 from keras_lora.initialization import a_initializer, check_layer_init
 from keras_lora.kernel_split import KernelSplit, split_kernel
 from keras_lora.quantized import check_quantization_mode, float_policy, kernel_path
-from keras_lora.settings import LoraSettings, SettingField
+from keras_lora.settings import LoraSettings, SettingsAttributes
 
 
 @keras.saving.register_keras_serializable(package="keras_lora")
-class LoraLayer(keras.layers.Layer):
+class LoraLayer(SettingsAttributes, keras.layers.Layer):
     """Wraps a built `Dense` or `EinsumDense` layer with a LoRA update.
 
     The output is `activation(original(x) + scale * B(A(dropout(x))))` with
@@ -236,15 +236,6 @@ class LoraLayer(keras.layers.Layer):
     def lora_b(self) -> keras.Variable:
         """The first adapter's B."""
         return self.adapters.first.lora_b
-
-    rank = SettingField()
-    alpha = SettingField()
-    scale = SettingField()
-    dropout = SettingField()
-    use_rslora = SettingField()
-    seed = SettingField()
-    init = SettingField()
-    use_dora = SettingField()
 
     @property
     def lora_magnitude(self):

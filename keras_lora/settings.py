@@ -123,3 +123,18 @@ class SettingField:
         if instance is None:
             return self
         return getattr(instance.settings, self.name)
+
+
+class SettingsAttributes:
+    """Mixin: read-only `rank`, `alpha`, `scale`, ... of `self.settings`,
+    for the classes that hold a `LoraSettings` (an adapter record, and a
+    `LoraLayer` for its first adapter)."""
+
+    rank = SettingField()
+    alpha = SettingField()
+    scale = SettingField()
+    dropout = SettingField()
+    use_rslora = SettingField()
+    seed = SettingField()
+    init = SettingField()
+    use_dora = SettingField()
