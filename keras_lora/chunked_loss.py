@@ -28,6 +28,10 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+# How `chunked_sparse_cross_entropy` reduces the weighted token losses (the
+# Keras loss reductions of the same names).
+REDUCTIONS = ("sum_over_batch_size", "sum")
+
 
 def chunk_bounds(length: int, num_chunks: int) -> list[tuple[int, int]]:
     """`num_chunks` contiguous (start, stop) ranges covering `length` items.
@@ -55,6 +59,7 @@ def chunked_sparse_cross_entropy(
     num_chunks: int = 8,
     sample_weight=None,
     remat: bool = True,
+    reduction: str = "sum_over_batch_size",
 ):
     """Mean token cross-entropy of `head(hidden_states)` against `labels`,
     computed one chunk of sequence positions at a time.
@@ -73,12 +78,16 @@ def chunked_sparse_cross_entropy(
         sample_weight: optional (batch, seq) weights (e.g. a padding mask).
         remat: recompute each chunk's logits in the backward pass
             (`keras.remat`); without it autodiff keeps every chunk's.
+        reduction: "sum_over_batch_size" (the weighted losses' sum over
+            the number of tokens) or "sum" (the sum alone: weights already
+            normalised, e.g. divided by each batch's count of label tokens).
 
     Returns:
         A float32 scalar.
 
     Raises:
-        ValueError: if `num_chunks` < 1 or the shapes disagree.
+        ValueError: if `num_chunks` < 1, the shapes disagree or the
+            reduction is another.
 
     >>> import numpy as np
     >>> h = np.ones((2, 6, 4), "float32")
@@ -90,6 +99,10 @@ def chunked_sparse_cross_entropy(
     """
     if num_chunks < 1:
         raise ValueError(f"num_chunks must be at least 1, got {num_chunks}.")
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}."
+        )
     if len(hidden_states.shape) != 3 or len(labels.shape) != 2:
         raise ValueError(
             "chunked_sparse_cross_entropy expects hidden states (batch, seq, "
@@ -108,11 +121,15 @@ def chunked_sparse_cross_entropy(
         losses = ops.sparse_categorical_crossentropy(y, logits, from_logits=True)
         return ops.sum(ops.multiply(losses, w))
 
+    def reduce(total):
+        if reduction == "sum":
+            return total
+        return ops.divide(total, ops.cast(ops.size(labels), "float32"))
+
     seq = hidden_states.shape[1]
     if remat and keras.backend.backend() == "jax" and seq and seq % num_chunks == 0:
-        return ops.divide(
-            _scanned_jax(chunk_loss, hidden_states, labels, weights, num_chunks),
-            ops.cast(ops.size(labels), "float32"),
+        return reduce(
+            _scanned_jax(chunk_loss, hidden_states, labels, weights, num_chunks)
         )
     if remat:
         chunk_loss = keras.remat(chunk_loss)
@@ -134,8 +151,7 @@ def chunked_sparse_cross_entropy(
     for h, y, w in pieces:
         part = chunk_loss(h, y, w)
         total = part if total is None else ops.add(total, part)
-    count = ops.cast(ops.size(labels), "float32")
-    return ops.divide(total, count)
+    return reduce(total)
 
 
 def _scanned_jax(chunk_loss, hidden_states, labels, weights, num_chunks):
@@ -177,6 +193,8 @@ class ChunkedCausalLM(keras.Model):
         num_chunks: pieces of the sequence axis (see
             `chunked_sparse_cross_entropy`).
         remat: recompute each chunk's logits in the backward pass.
+        reduction: "sum_over_batch_size" or "sum" (see
+            `chunked_sparse_cross_entropy`).
     """
 
     def __init__(
@@ -186,16 +204,22 @@ class ChunkedCausalLM(keras.Model):
         head_kwargs: dict | None = None,
         num_chunks: int = 8,
         remat: bool = True,
+        reduction: str = "sum_over_batch_size",
         **kwargs,
     ):
         if num_chunks < 1:
             raise ValueError(f"num_chunks must be at least 1, got {num_chunks}.")
+        if reduction not in REDUCTIONS:
+            raise ValueError(
+                f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}."
+            )
         super().__init__(**kwargs)
         self.hidden = hidden
         self.head = head
         self.head_kwargs = dict(head_kwargs or {})
         self.num_chunks = int(num_chunks)
         self.chunk_remat = bool(remat)
+        self.reduction = reduction
 
     def call(self, inputs, training=None):
         return self.hidden(inputs, training=training)
@@ -219,6 +243,7 @@ class ChunkedCausalLM(keras.Model):
             self.num_chunks,
             sample_weight=sample_weight,
             remat=self.chunk_remat,
+            reduction=self.reduction,
         )
         if self.losses:
             loss = ops.add(loss, ops.sum(self.losses))
@@ -226,7 +251,10 @@ class ChunkedCausalLM(keras.Model):
 
 
 def chunked_causal_lm(
-    lm: keras.Model, num_chunks: int = 8, remat: bool = True
+    lm: keras.Model,
+    num_chunks: int = 8,
+    remat: bool = True,
+    reduction: str = "sum_over_batch_size",
 ) -> ChunkedCausalLM:
     """A `ChunkedCausalLM` over a keras-hub `CausalLM` (shares its layers).
 
@@ -238,6 +266,8 @@ def chunked_causal_lm(
         lm: a model with a `backbone` that has a `token_embedding` layer.
         num_chunks: pieces of the sequence axis.
         remat: recompute each chunk's logits in the backward pass.
+        reduction: "sum_over_batch_size" or "sum" (see
+            `chunked_sparse_cross_entropy`).
 
     Returns:
         The wrapper, uncompiled.
@@ -255,5 +285,10 @@ def chunked_causal_lm(
             "layer giving its hidden states and its output projection."
         )
     return ChunkedCausalLM(
-        backbone, head, {"reverse": True}, num_chunks=num_chunks, remat=remat
+        backbone,
+        head,
+        {"reverse": True},
+        num_chunks=num_chunks,
+        remat=remat,
+        reduction=reduction,
     )

@@ -9,7 +9,20 @@ from keras_lora.initialization import check_init
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 # Flags whose defaults are SftConfig's: passed on only when given.
-CONFIG_DEFAULTS = ("init", "use_dora", "steps", "epochs", "optimizer", "eval_every")
+CONFIG_DEFAULTS = (
+    "init",
+    "use_dora",
+    "steps",
+    "epochs",
+    "optimizer",
+    "eval_every",
+    "quantize",
+    "remat",
+    "chunked_loss",
+    "distribution",
+)
+# `--chunked-loss` without a count: pieces of the sequence axis.
+CHUNKS = 8
 
 
 def add_sft(sub) -> None:
@@ -117,7 +130,43 @@ def add_sft(sub) -> None:
         help="also evaluate every N steps (report.json's eval_loss_every).",
     )
     sft.add_argument("--seed", type=int, default=0)
+    _add_memory(sft)
     sft.set_defaults(run=sft_command)
+
+
+def _add_memory(sft) -> None:
+    """The memory-budget and scale-out flags (`recipes.sft.memory`)."""
+    sft.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=argparse.SUPPRESS,
+        help="quantize the base's projections and token embedding (LoRA stays "
+        "float; not with --use-dora, pissa or olora).",
+    )
+    sft.add_argument(
+        "--remat",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="recompute each decoder block in the backward pass.",
+    )
+    sft.add_argument(
+        "--chunked-loss",
+        type=positive_int,
+        nargs="?",
+        const=CHUNKS,
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help=f"compute the loss N pieces of the sequence at a time (N={CHUNKS} "
+        "when not given): the full logits never exist.",
+    )
+    sft.add_argument(
+        "--distribution",
+        choices=("data", "model"),
+        default=argparse.SUPPRESS,
+        help="JAX only: keras.distribution over every device JAX sees; data: "
+        "DataParallel; model: ModelParallel with the family's layout map. "
+        "--batch must divide over the data-parallel replicas.",
+    )
 
 
 def _init(text: str) -> str:

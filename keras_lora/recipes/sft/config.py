@@ -9,13 +9,24 @@ from keras_lora.recipes.sft.data import Columns
 from keras_lora.recipes.sft.encode import LOSS_ON
 from keras_lora.settings import LoraSettings
 
-__all__ = ["ALL_LINEAR", "DEFAULT_STEPS", "OPTIMIZERS", "SftConfig"]
+__all__ = [
+    "ALL_LINEAR",
+    "DEFAULT_STEPS",
+    "DISTRIBUTIONS",
+    "OPTIMIZERS",
+    "QUANTIZE_MODES",
+    "SftConfig",
+]
 
 OPTIMIZERS = ("adamw", "sgd")
 # PEFT's shortcut for every linear layer but the output head.
 ALL_LINEAR = "all-linear"
 # Steps of a run given neither `steps` nor `epochs`.
 DEFAULT_STEPS = 20
+# The base's kernels under `--quantize` (`keras_lora.quantized`).
+QUANTIZE_MODES = ("int8", "int4")
+# `--distribution`: keras.distribution's DataParallel or ModelParallel.
+DISTRIBUTIONS = ("data", "model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +69,19 @@ class SftConfig:
         eval_every: also evaluate after every this many steps; None: before
             and after training only.
         seed: seeds the LoRA factors, the split and the order of examples.
+        quantize: "int8" or "int4": the base's projections and token
+            embedding quantized (LoRA over them stays float); None: float.
+        remat: recompute each decoder block in the backward pass
+            (`keras_lora.remat_layers`).
+        chunked_loss: train with the loss computed this many pieces of the
+            sequence at a time (`keras_lora.chunked_causal_lm`), so the full
+            logits never exist; None: the plain loss.
+        distribution: "data" or "model": `keras.distribution` over the
+            devices JAX sees (JAX only; `keras_lora.recipes.sft.memory`).
 
     Raises:
-        ValueError: for a setting out of range, or both `steps` and `epochs`.
+        ValueError: for a setting out of range, both `steps` and `epochs`,
+            or options that do not go together.
 
     Example:
 
@@ -99,6 +120,10 @@ class SftConfig:
     learning_rate: float = 2e-4
     eval_every: int | None = None
     seed: int = 0
+    quantize: str | None = None
+    remat: bool = False
+    chunked_loss: int | None = None
+    distribution: str | None = None
 
     def __post_init__(self):
         if self.loss_on not in LOSS_ON:
@@ -131,11 +156,57 @@ class SftConfig:
                 )
         # LoraSettings raises for a bad alpha, dropout or init.
         _ = self.lora
+        self._check_memory_options()
         if self.text_column is not None and (
             self.prompt_column is not None or self.completion_column is not None
         ):
             raise ValueError(
                 "give either a text column or prompt and completion columns, not both"
+            )
+
+    def _check_memory_options(self) -> None:
+        """`quantize`, `chunked_loss` and `distribution` (`__post_init__`)."""
+        if self.quantize is not None:
+            if self.quantize not in QUANTIZE_MODES:
+                raise ValueError(
+                    f"quantize must be one of {', '.join(QUANTIZE_MODES)}, "
+                    f"got {self.quantize!r}"
+                )
+            if self.use_dora:
+                raise ValueError(
+                    "DoRA rescales each column of the full kernel, which a "
+                    f"{self.quantize} base does not hold: drop --use-dora or "
+                    "--quantize"
+                )
+            if self.init not in ("kaiming", "gaussian"):
+                raise ValueError(
+                    f"init={self.init!r} moves part of each kernel into the "
+                    f"factors, which a {self.quantize} kernel cannot give: use "
+                    "--init kaiming or gaussian with --quantize"
+                )
+        if self.chunked_loss is not None and self.chunked_loss < 1:
+            raise ValueError(
+                f"chunked_loss must be at least 1, got {self.chunked_loss}"
+            )
+        if self.distribution is None:
+            return
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"distribution must be one of {', '.join(DISTRIBUTIONS)}, "
+                f"got {self.distribution!r}"
+            )
+        import keras
+
+        if keras.backend.backend() != "jax":
+            raise ValueError(
+                "--distribution runs keras.distribution, which needs the JAX "
+                f"backend; this is {keras.backend.backend()!r}: run with "
+                "KERAS_BACKEND=jax"
+            )
+        if self.quantize is not None:
+            raise ValueError(
+                "--distribution lays out float weights only: drop --quantize "
+                "or --distribution"
             )
 
     @property

@@ -12,6 +12,7 @@ import time
 import keras
 import numpy as np
 
+from keras_lora import ChunkedCausalLM
 from keras_lora.recipes.sft.batches import padded_arrays, sequence_length
 from keras_lora.recipes.sft.encode import Encoded
 
@@ -22,7 +23,8 @@ def eval_loss(model, examples: list[Encoded], batch: int, pad_id: int) -> float:
     """Mean token cross-entropy over all label positions of `examples`.
 
     Args:
-        model: a causal LM taking `{"token_ids", "padding_mask"}`.
+        model: a causal LM taking `{"token_ids", "padding_mask"}`, or a
+            `ChunkedCausalLM` over one.
         examples: encoded examples.
         batch: examples per forward pass.
         pad_id: the padding id.
@@ -36,6 +38,8 @@ def eval_loss(model, examples: list[Encoded], batch: int, pad_id: int) -> float:
     for start in range(0, len(examples), batch):
         x, y, mask = padded_arrays(examples[start : start + batch], length, pad_id)
         logits = model(x, training=False)
+        if isinstance(model, ChunkedCausalLM):  # Its call gives hidden states.
+            logits = model.head(logits, **model.head_kwargs)
         losses = keras.losses.sparse_categorical_crossentropy(
             y, keras.ops.cast(logits, "float32"), from_logits=True
         )

@@ -35,6 +35,11 @@ from keras_lora.recipes.sft.encode import EncodedData, encode_examples
 from keras_lora.recipes.sft.evaluation import EvalEvery, eval_loss
 from keras_lora.recipes.sft.inspection import describe_shape, prepare_data
 from keras_lora.recipes.sft.loss_plot import LOSS_PLOT, loss_png, plot_available
+from keras_lora.recipes.sft.memory import (
+    distribution_scope,
+    quantize_base,
+    training_model,
+)
 from keras_lora.recipes.training import StepLog
 
 __all__ = ["REPORT", "load_causal_lm", "make_optimizer", "train"]
@@ -128,6 +133,14 @@ def train(config: SftConfig) -> dict:
     >>> report["eval_loss_after"] < report["eval_loss_before"]  # doctest: +SKIP
     True
     """
+    # The distribution (and its batch check) comes first, and every variable
+    # is made inside its scope.
+    with distribution_scope(config):
+        return _train(config)
+
+
+def _train(config: SftConfig) -> dict:
+    """`train` inside the run's distribution scope."""
     tokenizer, examples, data = prepare_data(config)
     train_examples, eval_examples, eval_source = _split(config, data, tokenizer)
     if not eval_examples:
@@ -142,20 +155,16 @@ def train(config: SftConfig) -> dict:
     lm = load_causal_lm(config.model)
     family = family_of(lm)
     targets = config.targets or family.default_targets
+    quantize_base(lm, config.quantize)
     inject_lora(lm, targets=tuple(targets), **dataclasses.asdict(config.lora))
-    lm.compile(
-        optimizer=make_optimizer(config),
-        loss=keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction="sum"
-        ),
-    )
+    trainer = training_model(lm, config, make_optimizer(config))
     before = eval_loss(lm, eval_examples, config.batch, pad_id)
     steps = StepLog()
     every = None
     if config.eval_every is not None:
         every = EvalEvery(config.eval_every, eval_examples, config.batch, pad_id)
     start = time.perf_counter()
-    lm.fit(
+    trainer.fit(
         batches.x,
         batches.y,
         sample_weight=batches.sample_weight,
@@ -207,6 +216,10 @@ def train(config: SftConfig) -> dict:
             "max_length": config.max_length,
             "loss_on": config.loss_on,
             "seed": config.seed,
+            "quantize": config.quantize,
+            "remat": config.remat,
+            "chunked_loss": config.chunked_loss,
+            "distribution": config.distribution,
             "backend": keras.backend.backend(),
         },
     }
