@@ -9,7 +9,15 @@ from keras_lora.initialization import check_init
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 # Flags whose defaults are SftConfig's: passed on only when given.
-CONFIG_DEFAULTS = ("init", "use_dora", "steps", "epochs", "optimizer", "eval_every")
+CONFIG_DEFAULTS = (
+    "init",
+    "use_dora",
+    "steps",
+    "epochs",
+    "optimizer",
+    "eval_every",
+    "checkpoint_every",
+)
 
 
 def add_sft(sub) -> None:
@@ -117,6 +125,27 @@ def add_sft(sub) -> None:
         help="also evaluate every N steps (report.json's eval_loss_every).",
     )
     sft.add_argument("--seed", type=int, default=0)
+    sft.add_argument(
+        "--init-adapter",
+        help="start from this keras-lora adapter's factors (e.g. an earlier "
+        "run's OUT/adapter; the same rank, targets and DoRA setting).",
+    )
+    sft.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=argparse.SUPPRESS,
+        help="save a checkpoint in OUT/checkpoints every N steps (default "
+        "100) and at the end.",
+    )
+    sft.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in OUT, exactly (the same "
+        "settings; --steps/--epochs may grow).",
+    )
+    sft.add_argument(
+        "--quiet", action="store_true", help="no progress output while training."
+    )
     sft.set_defaults(run=sft_command)
 
 
@@ -153,6 +182,9 @@ def sft_command(args: argparse.Namespace) -> int:
         batch=args.batch,
         learning_rate=args.learning_rate,
         seed=args.seed,
+        init_adapter=args.init_adapter,
+        resume=args.resume,
+        quiet=args.quiet,
         **{name: getattr(args, name) for name in CONFIG_DEFAULTS if name in args},
     )
     if not config.inspect:

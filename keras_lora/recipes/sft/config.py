@@ -5,17 +5,26 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from keras_lora.initialization import rewrites_kernel
 from keras_lora.recipes.sft.data import Columns
 from keras_lora.recipes.sft.encode import LOSS_ON
 from keras_lora.settings import LoraSettings
 
-__all__ = ["ALL_LINEAR", "DEFAULT_STEPS", "OPTIMIZERS", "SftConfig"]
+__all__ = [
+    "ALL_LINEAR",
+    "DEFAULT_CHECKPOINT_EVERY",
+    "DEFAULT_STEPS",
+    "OPTIMIZERS",
+    "SftConfig",
+]
 
 OPTIMIZERS = ("adamw", "sgd")
 # PEFT's shortcut for every linear layer but the output head.
 ALL_LINEAR = "all-linear"
 # Steps of a run given neither `steps` nor `epochs`.
 DEFAULT_STEPS = 20
+# Steps between checkpoints (OUT/checkpoints); a run also saves one at its end.
+DEFAULT_CHECKPOINT_EVERY = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +67,15 @@ class SftConfig:
         eval_every: also evaluate after every this many steps; None: before
             and after training only.
         seed: seeds the LoRA factors, the split and the order of examples.
+        init_adapter: a keras-lora adapter directory (`save_adapter`, e.g.
+            an earlier run's `OUT/adapter`) whose factors training starts
+            from; its layout must be the run's (rank, targets, DoRA).
+        checkpoint_every: save a checkpoint in `OUT/checkpoints` every this
+            many steps (and at the end), for `resume`.
+        resume: continue from the newest checkpoint in `out`, exactly;
+            every setting but `steps`/`epochs`, `eval_every`,
+            `checkpoint_every` and `quiet` must be the checkpoint's.
+        quiet: no progress output during training.
 
     Raises:
         ValueError: for a setting out of range, or both `steps` and `epochs`.
@@ -99,6 +117,10 @@ class SftConfig:
     learning_rate: float = 2e-4
     eval_every: int | None = None
     seed: int = 0
+    init_adapter: str | None = None
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    resume: bool = False
+    quiet: bool = False
 
     def __post_init__(self):
         if self.loss_on not in LOSS_ON:
@@ -109,7 +131,14 @@ class SftConfig:
             raise ValueError(f"max_length must be at least 1, got {self.max_length}")
         if not 0.0 <= self.eval_split < 1.0:
             raise ValueError(f"eval_split must be in [0, 1), got {self.eval_split}")
-        for name in ("rank", "steps", "epochs", "batch", "eval_every"):
+        for name in (
+            "rank",
+            "steps",
+            "epochs",
+            "batch",
+            "eval_every",
+            "checkpoint_every",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -129,6 +158,13 @@ class SftConfig:
                     f"{ALL_LINEAR} stands alone: give it or layer names, "
                     f"got {' '.join(self.targets)}"
                 )
+        if self.init_adapter is not None and rewrites_kernel(self.init):
+            raise ValueError(
+                f"init {self.init!r} rewrites the base kernels; an init_adapter "
+                "starts from saved factors on the original kernels: give one"
+            )
+        if self.resume and self.inspect:
+            raise ValueError("resume continues training; inspect does not train")
         # LoraSettings raises for a bad alpha, dropout or init.
         _ = self.lora
         if self.text_column is not None and (
