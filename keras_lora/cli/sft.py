@@ -196,7 +196,7 @@ def sft_command(args: argparse.Namespace) -> int:
             f"{report['eval_loss_after']:.4f} after {report['steps']} steps "
             f"({report['eval_data']})"
         )
-        names = ["adapter", "peft", report["loss_plot"], "report.json"]
+        names = ["adapter", "peft", report["loss_plot"], "report.json", "checkpoints"]
         print("wrote " + ", ".join(f"{config.out}/{n}" for n in names if n))
         for note in report["notes"]:
             print(note)
