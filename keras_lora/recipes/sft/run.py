@@ -127,7 +127,9 @@ def train(config: SftConfig) -> dict:
 
     Raises:
         DataError: bad data; nothing is written.
-        ValueError: a model keras-hub or keras-lora does not support.
+        ValueError: a model keras-hub or keras-lora does not support; a
+            `resume` whose settings differ from the checkpoint's.
+        FileNotFoundError: `resume` with no checkpoint in `OUT`.
 
     Example:
 
