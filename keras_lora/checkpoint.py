@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Callable
 
 import keras
 
@@ -37,6 +39,9 @@ class AdapterCheckpoint(keras.callbacks.Callback):
             holds one); may be left out when the model holds one. Checked
             when training begins: a model holding several adapters needs
             it, and it must be one of them.
+        on_save: called as `on_save(directory, model)` after the adapter is
+            written, to add files of its own (a recipe's optimizer state)
+            to the checkpoint before it appears under its final name.
 
     Example:
 
@@ -62,6 +67,7 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         save_at_epoch_end: bool = True,
         keep: int | None = 3,
         adapter_name: str | None = None,
+        on_save: Callable[[str, keras.Model], None] | None = None,
     ):
         super().__init__()
         if adapter_name is not None:
@@ -87,6 +93,7 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         self.save_at_epoch_end = save_at_epoch_end
         self.keep = keep
         self.adapter_name = adapter_name
+        self.on_save = on_save
         self.steps = 0  # Optimizer steps taken, as of the last callback.
         self._epoch_start = 0
         self._saved_at: int | None = None
@@ -164,8 +171,22 @@ class AdapterCheckpoint(keras.callbacks.Callback):
 
     def _save(self) -> None:
         self._saved_at = self.steps
-        target = os.path.join(self.directory, f"step-{self.steps:08d}")
-        save_adapter(self.model, target, adapter_name=self.adapter_name)
+        name = f"step-{self.steps:08d}"
+        target = os.path.join(self.directory, name)
+        os.makedirs(self.directory, exist_ok=True)
+        # Built under a name `checkpoints` skips, then renamed: a run
+        # stopped mid-save leaves no partial checkpoint to resume from.
+        staging = tempfile.mkdtemp(dir=self.directory, prefix=f".{name}-")
+        try:
+            model = self.model
+            save_adapter(model, staging, adapter_name=self.adapter_name)
+            if self.on_save is not None:
+                self.on_save(staging, model)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         if self.keep is not None:
             for old in self.checkpoints[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)

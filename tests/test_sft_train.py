@@ -29,6 +29,7 @@ def test_sft_trains_and_peft_gives_the_reported_loss(tmp_path, capsys):
     )
     assert sorted(set(os.listdir(out)) - {"loss.png"}) == [
         "adapter",
+        "checkpoints",
         "peft",
         "report.json",
     ]

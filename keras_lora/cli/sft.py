@@ -20,6 +20,7 @@ CONFIG_DEFAULTS = (
     "remat",
     "chunked_loss",
     "distribution",
+    "checkpoint_every",
 )
 # `--chunked-loss` without a count: pieces of the sequence axis.
 CHUNKS = 8
@@ -131,6 +132,27 @@ def add_sft(sub) -> None:
     )
     sft.add_argument("--seed", type=int, default=0)
     _add_memory(sft)
+    sft.add_argument(
+        "--init-adapter",
+        help="start from this keras-lora adapter's factors (e.g. an earlier "
+        "run's OUT/adapter; the same rank, targets and DoRA setting).",
+    )
+    sft.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=argparse.SUPPRESS,
+        help="save a checkpoint in OUT/checkpoints every N steps (default "
+        "100) and at the end.",
+    )
+    sft.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in OUT, exactly (the same "
+        "settings; --steps/--epochs may grow).",
+    )
+    sft.add_argument(
+        "--quiet", action="store_true", help="no progress output while training."
+    )
     sft.set_defaults(run=sft_command)
 
 
@@ -202,6 +224,9 @@ def sft_command(args: argparse.Namespace) -> int:
         batch=args.batch,
         learning_rate=args.learning_rate,
         seed=args.seed,
+        init_adapter=args.init_adapter,
+        resume=args.resume,
+        quiet=args.quiet,
         **{name: getattr(args, name) for name in CONFIG_DEFAULTS if name in args},
     )
     if not config.inspect:
@@ -213,7 +238,7 @@ def sft_command(args: argparse.Namespace) -> int:
             f"{report['eval_loss_after']:.4f} after {report['steps']} steps "
             f"({report['eval_data']})"
         )
-        names = ["adapter", "peft", report["loss_plot"], "report.json"]
+        names = ["adapter", "peft", report["loss_plot"], "report.json", "checkpoints"]
         print("wrote " + ", ".join(f"{config.out}/{n}" for n in names if n))
         for note in report["notes"]:
             print(note)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from keras_lora.initialization import rewrites_kernel
 from keras_lora.recipes.sft.data import Columns
 from keras_lora.recipes.sft.encode import LOSS_ON
 from keras_lora.settings import LoraSettings
 
 __all__ = [
     "ALL_LINEAR",
+    "DEFAULT_CHECKPOINT_EVERY",
     "DEFAULT_STEPS",
     "DISTRIBUTIONS",
     "OPTIMIZERS",
@@ -27,6 +29,8 @@ DEFAULT_STEPS = 20
 QUANTIZE_MODES = ("int8", "int4")
 # `--distribution`: keras.distribution's DataParallel or ModelParallel.
 DISTRIBUTIONS = ("data", "model")
+# Steps between checkpoints (OUT/checkpoints); a run also saves one at its end.
+DEFAULT_CHECKPOINT_EVERY = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +82,15 @@ class SftConfig:
             logits never exist; None: the plain loss.
         distribution: "data" or "model": `keras.distribution` over the
             devices JAX sees (JAX only; `keras_lora.recipes.sft.memory`).
+        init_adapter: a keras-lora adapter directory (`save_adapter`, e.g.
+            an earlier run's `OUT/adapter`) whose factors training starts
+            from; its layout must be the run's (rank, targets, DoRA).
+        checkpoint_every: save a checkpoint in `OUT/checkpoints` every this
+            many steps (and at the end), for `resume`.
+        resume: continue from the newest checkpoint in `out`, exactly;
+            every setting but `steps`/`epochs`, `eval_every`,
+            `checkpoint_every` and `quiet` must be the checkpoint's.
+        quiet: no progress output during training.
 
     Raises:
         ValueError: for a setting out of range, both `steps` and `epochs`,
@@ -124,6 +137,10 @@ class SftConfig:
     remat: bool = False
     chunked_loss: int | None = None
     distribution: str | None = None
+    init_adapter: str | None = None
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    resume: bool = False
+    quiet: bool = False
 
     def __post_init__(self):
         if self.loss_on not in LOSS_ON:
@@ -134,7 +151,14 @@ class SftConfig:
             raise ValueError(f"max_length must be at least 1, got {self.max_length}")
         if not 0.0 <= self.eval_split < 1.0:
             raise ValueError(f"eval_split must be in [0, 1), got {self.eval_split}")
-        for name in ("rank", "steps", "epochs", "batch", "eval_every"):
+        for name in (
+            "rank",
+            "steps",
+            "epochs",
+            "batch",
+            "eval_every",
+            "checkpoint_every",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
@@ -154,6 +178,13 @@ class SftConfig:
                     f"{ALL_LINEAR} stands alone: give it or layer names, "
                     f"got {' '.join(self.targets)}"
                 )
+        if self.init_adapter is not None and rewrites_kernel(self.init):
+            raise ValueError(
+                f"init {self.init!r} rewrites the base kernels; an init_adapter "
+                "starts from saved factors on the original kernels: give one"
+            )
+        if self.resume and self.inspect:
+            raise ValueError("resume continues training; inspect does not train")
         # LoraSettings raises for a bad alpha, dropout or init.
         _ = self.lora
         self._check_memory_options()

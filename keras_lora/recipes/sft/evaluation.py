@@ -57,6 +57,8 @@ class EvalEvery(keras.callbacks.Callback):
         examples: the encoded evaluation examples.
         batch: examples per forward pass.
         pad_id: the padding id.
+        first_step: steps taken before this `fit` (a resumed run's), so
+            evaluations fall where an uninterrupted run's do.
 
     Attributes:
         losses: `(step, loss)` pairs, steps counted from 1.
@@ -70,7 +72,14 @@ class EvalEvery(keras.callbacks.Callback):
     ValueError: every must be at least 1, got 0
     """
 
-    def __init__(self, every: int, examples: list[Encoded], batch: int, pad_id: int):
+    def __init__(
+        self,
+        every: int,
+        examples: list[Encoded],
+        batch: int,
+        pad_id: int,
+        first_step: int = 0,
+    ):
         super().__init__()
         if every < 1:
             raise ValueError(f"every must be at least 1, got {every}")
@@ -78,11 +87,12 @@ class EvalEvery(keras.callbacks.Callback):
         self.examples = examples
         self.batch = batch
         self.pad_id = pad_id
+        self.first_step = first_step
         self.losses: list[tuple[int, float]] = []
         self.seconds = 0.0
 
     def on_train_batch_end(self, batch, logs=None):
-        step = batch + 1
+        step = self.first_step + batch + 1
         if step % self.every:
             return
         start = time.perf_counter()

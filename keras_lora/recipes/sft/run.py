@@ -24,7 +24,13 @@ import time
 import keras
 import numpy as np
 
-from keras_lora import inject_lora, lora_layers, save_adapter, trainable_summary
+from keras_lora import (
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    save_adapter,
+    trainable_summary,
+)
 from keras_lora.families import family_of
 from keras_lora.files import atomic_write
 from keras_lora.interop import export_peft
@@ -40,6 +46,8 @@ from keras_lora.recipes.sft.memory import (
     quantize_base,
     training_model,
 )
+from keras_lora.recipes.sft.progress import Progress
+from keras_lora.recipes.sft.resume import checkpoint_callback, find_resume_point
 from keras_lora.recipes.training import StepLog
 
 __all__ = ["REPORT", "load_causal_lm", "make_optimizer", "train"]
@@ -124,7 +132,9 @@ def train(config: SftConfig) -> dict:
 
     Raises:
         DataError: bad data; nothing is written.
-        ValueError: a model keras-hub or keras-lora does not support.
+        ValueError: a model keras-hub or keras-lora does not support; a
+            `resume` whose settings differ from the checkpoint's.
+        FileNotFoundError: `resume` with no checkpoint in `OUT`.
 
     Example:
 
@@ -141,6 +151,7 @@ def train(config: SftConfig) -> dict:
 
 def _train(config: SftConfig) -> dict:
     """`train` inside the run's distribution scope."""
+    resume = find_resume_point(config)  # Refused settings read nothing.
     tokenizer, examples, data = prepare_data(config)
     train_examples, eval_examples, eval_source = _split(config, data, tokenizer)
     if not eval_examples:
@@ -148,6 +159,12 @@ def _train(config: SftConfig) -> dict:
     plot_note = plot_available()
     pad_id = _pad_id(tokenizer)
     total_steps = config.total_steps(len(train_examples))
+    done = 0 if resume is None else resume.step
+    if done > total_steps:
+        raise ValueError(
+            f"--resume: the checkpoint {resume.directory} holds {done} steps, "
+            f"more than this run's {total_steps}; give --steps {done} or more"
+        )
     batches = make_batches(
         train_examples, config.batch, total_steps, pad_id, config.seed
     )
@@ -157,31 +174,56 @@ def _train(config: SftConfig) -> dict:
     targets = config.targets or family.default_targets
     quantize_base(lm, config.quantize)
     inject_lora(lm, targets=tuple(targets), **dataclasses.asdict(config.lora))
+    if config.init_adapter is not None:
+        load_adapter(lm, config.init_adapter)
     trainer = training_model(lm, config, make_optimizer(config))
-    before = eval_loss(lm, eval_examples, config.batch, pad_id)
+    if resume is None:
+        before = eval_loss(lm, eval_examples, config.batch, pad_id)
+    else:
+        resume.restore(trainer)
+        before = resume.eval_loss_before
     steps = StepLog()
     every = None
     if config.eval_every is not None:
-        every = EvalEvery(config.eval_every, eval_examples, config.batch, pad_id)
+        every = EvalEvery(
+            config.eval_every, eval_examples, config.batch, pad_id, first_step=done
+        )
+    earlier_losses = [] if resume is None else resume.train_loss
+    earlier_evals = [] if resume is None else [tuple(p) for p in resume.eval_loss_every]
+
+    def progress() -> dict:
+        points = earlier_evals + ([] if every is None else every.losses)
+        return {
+            "train_loss": earlier_losses + steps.losses,
+            "eval_loss_before": before,
+            "eval_loss_every": [list(point) for point in points],
+        }
+
+    callbacks = [steps, *([] if every is None else [every])]
+    callbacks.append(checkpoint_callback(config, resume is not None, progress))
+    if not config.quiet:
+        callbacks.append(Progress(total_steps, done, steps))
+    skip = done * config.batch  # Resumed: the batches already trained on.
     start = time.perf_counter()
-    trainer.fit(
-        batches.x,
-        batches.y,
-        sample_weight=batches.sample_weight,
-        batch_size=config.batch,
-        epochs=1,
-        shuffle=False,
-        verbose=0,
-        callbacks=[steps] if every is None else [steps, every],
-    )
+    if done < total_steps:
+        trainer.fit(
+            {name: array[skip:] for name, array in batches.x.items()},
+            batches.y[skip:],
+            sample_weight=batches.sample_weight[skip:],
+            batch_size=config.batch,
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
+        )
     seconds = time.perf_counter() - start
-    eval_points = [] if every is None else every.losses
+    eval_points = earlier_evals + ([] if every is None else every.losses)
     seconds -= 0.0 if every is None else every.seconds
     after = eval_loss(lm, eval_examples, config.batch, pad_id)
     # The first step includes tracing and compiling; the others are steady.
     times = steps.step_times
     steady = sum(times[1:]) / max(len(times) - 1, 1)
-    tokens = int(batches.x["padding_mask"].sum())
+    tokens = int(batches.x["padding_mask"][skip:].sum())
     report = {
         "model": config.model,
         "family": family.name,
@@ -192,7 +234,8 @@ def _train(config: SftConfig) -> dict:
         "eval_loss_before": before,
         "eval_loss_after": after,
         "eval_loss_every": [[step, loss] for step, loss in eval_points],
-        "train_loss": steps.losses,
+        "train_loss": earlier_losses + steps.losses,
+        "resumed_from": None if resume is None else resume.directory,
         "padding_fraction": batches.padding_fraction,
         "train_tokens_per_s": tokens / seconds if seconds > 0 else None,
         "compile_s": max(times[0] - steady, 0.0) if times else None,
@@ -220,6 +263,8 @@ def _train(config: SftConfig) -> dict:
             "remat": config.remat,
             "chunked_loss": config.chunked_loss,
             "distribution": config.distribution,
+            "init_adapter": config.init_adapter,
+            "checkpoint_every": config.checkpoint_every,
             "backend": keras.backend.backend(),
         },
     }
@@ -229,7 +274,7 @@ def _train(config: SftConfig) -> dict:
         if not eval_points or eval_points[-1][0] != total_steps:
             points.append((total_steps, after))
         title = f"{family.name} sft: {os.path.basename(config.data)}"
-        png = loss_png(steps.losses, points, title)
+        png = loss_png(earlier_losses + steps.losses, points, title)
     _write_outputs(lm, config, report, png)
     return report
 
