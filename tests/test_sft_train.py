@@ -24,6 +24,7 @@ def test_sft_trains_and_peft_gives_the_reported_loss(tmp_path, capsys):
     out = str(tmp_path / "out")
     argv = ["sft", "--model", model, "--data", data, "--out", out]
     settings = ["--steps", "4", "--batch", "2", "--learning-rate", "0.01"]
+    settings += ["--generate-prompts", "0"]  # tested in test_sft_generate
     assert (
         main([*argv, *settings, "--targets", "query", "value", "attention_output"]) == 0
     )

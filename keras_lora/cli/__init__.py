@@ -10,6 +10,7 @@
     keras-lora import-peft --preset BASE --peft PEFT_DIR --out ADAPTER
     keras-lora compare --tiny --steps 2      # the benchmark
     keras-lora sft --model HF_DIR --data train.jsonl --out runs/sft --inspect
+    keras-lora generate --model HF_DIR --adapter runs/sft/adapter --chat "Hi"
 
 Models: a keras-hub preset name (downloads need network), a local Keras
 preset directory, a local Hugging Face GPT-2 directory (config.json +

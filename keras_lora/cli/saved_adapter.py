@@ -8,16 +8,68 @@ from keras_lora.cli.arguments import add_base, positive_int
 from keras_lora.recipes import saved_adapter
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
+# `generate` defaults, applied after the flags are checked (None: not given).
+PRESET_MAX_LENGTH = 40
+MAX_NEW_TOKENS = 32
 
 
 def add_commands(sub) -> None:
-    gen = sub.add_parser("generate", help="Generate text.", formatter_class=FMT)
-    add_base(gen)
+    gen = sub.add_parser(
+        "generate",
+        help="Generate text greedily (--chat: an answer with the chat template).",
+        description="Greedy generation of a keras-hub preset (--preset, "
+        "--prompt) or of a Hugging Face model directory (--model) of any "
+        "family: --chat renders each prompt as a user message with the "
+        "model's chat template and prints the answer, stopped at the "
+        "end-of-turn token or EOS.",
+        formatter_class=FMT,
+    )
+    base = gen.add_mutually_exclusive_group(required=True)
+    base.add_argument(
+        "--preset",
+        help="base model: keras-hub preset name, local Keras preset dir or "
+        "local Hugging Face GPT-2 dir.",
+    )
+    base.add_argument(
+        "--model",
+        help="local Hugging Face model directory (weights, tokenizer.json, "
+        "chat template) of any family keras-lora knows.",
+    )
+    gen.add_argument(
+        "--tokenizer", help="(--preset) directory with vocab.json and merges.txt."
+    )
+    gen.add_argument(
+        "--seq", type=positive_int, default=128, help="(--preset) preprocessor length."
+    )
     gen.add_argument("--adapter", help="adapter directory (save_adapter format).")
-    gen.add_argument("--prompt", action="append", required=True, help="repeatable.")
-    gen.add_argument("--max-length", type=positive_int, default=40)
+    asked = gen.add_mutually_exclusive_group(required=True)
+    asked.add_argument(
+        "--prompt", action="append", help="text to continue; repeatable."
+    )
+    asked.add_argument(
+        "--chat",
+        action="append",
+        metavar="MESSAGE",
+        help="(--model) a user message, rendered with the chat template; "
+        "prints the answer; repeatable.",
+    )
+    gen.add_argument(
+        "--chat-template",
+        help="(--model) Jinja chat template file (overrides the model's).",
+    )
+    gen.add_argument(
+        "--max-length",
+        type=positive_int,
+        help="(--preset) generation length in tokens, prompt included "
+        f"(default {PRESET_MAX_LENGTH}).",
+    )
+    gen.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        help=f"(--model) the most new tokens of an answer (default {MAX_NEW_TOKENS}).",
+    )
     gen.add_argument("--merge", action="store_true", help="merge before generating.")
-    gen.set_defaults(run=generate)
+    gen.set_defaults(run=generate, usage_error=gen.error)
 
     mg = sub.add_parser(
         "merge", help="Merge an adapter into a new local preset.", formatter_class=FMT
@@ -54,12 +106,29 @@ def add_commands(sub) -> None:
 
 def generate(args: argparse.Namespace) -> int:
     """`keras-lora generate`: base model (+ adapter) text generation."""
+    _check_generate_flags(args)
+    if args.model is not None:
+        answers, labels = saved_adapter.generate_hf(
+            args.model,
+            args.chat or args.prompt,
+            chat=args.chat is not None,
+            adapter=args.adapter,
+            merge=args.merge,
+            max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS,
+            chat_template=args.chat_template,
+        )
+        template = labels["chat_template"] if args.chat else None
+        print(f"model: {args.model}; chat template: {template or 'none'}")
+        print(f"adapter: {args.adapter or 'none'}")
+        for answer in answers:
+            print(answer)
+        return 0
     outputs, labels = saved_adapter.generate(
         args.preset,
         args.prompt,
         adapter=args.adapter,
         merge=args.merge,
-        max_length=args.max_length,
+        max_length=args.max_length or PRESET_MAX_LENGTH,
         sequence_length=args.seq,
         tokenizer=args.tokenizer,
     )
@@ -68,6 +137,23 @@ def generate(args: argparse.Namespace) -> int:
     for output in outputs:
         print(output)
     return 0
+
+
+def _check_generate_flags(args: argparse.Namespace) -> None:
+    """Flags of one base model kind given with the other: a usage error."""
+    if args.model is not None:
+        wrong = {"--tokenizer": args.tokenizer, "--max-length": args.max_length}
+        kind = "--preset"
+    else:
+        wrong = {
+            "--chat": args.chat,
+            "--chat-template": args.chat_template,
+            "--max-new-tokens": args.max_new_tokens,
+        }
+        kind = "--model HF_DIR (a keras-hub preset carries no chat template)"
+    given = [flag for flag, value in wrong.items() if value is not None]
+    if given:
+        args.usage_error(f"{', '.join(given)} needs {kind}")
 
 
 def merge(args: argparse.Namespace) -> int:

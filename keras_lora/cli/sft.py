@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 
-from keras_lora.cli.arguments import fraction, positive_float, positive_int
+from keras_lora.cli.arguments import (
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from keras_lora.initialization import check_init
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
@@ -153,6 +159,28 @@ def add_sft(sub) -> None:
     sft.add_argument(
         "--quiet", action="store_true", help="no progress output while training."
     )
+    sft.add_argument(
+        "--generate-prompts",
+        type=non_negative_int,
+        default=3,
+        metavar="K",
+        help="greedy generations for the first K eval prompts, before and "
+        "after training (report.json's generations); 0: none.",
+    )
+    sft.add_argument(
+        "--generate-tokens",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="the most new tokens of a generation (it stops at the "
+        "end-of-turn token or EOS).",
+    )
+    sft.add_argument(
+        "--merged-hf",
+        metavar="DIR",
+        help="also write the merged model here: a Hugging Face directory "
+        "with the tokenizer and chat template (transformers loads it).",
+    )
     sft.set_defaults(run=sft_command)
 
 
@@ -227,6 +255,9 @@ def sft_command(args: argparse.Namespace) -> int:
         init_adapter=args.init_adapter,
         resume=args.resume,
         quiet=args.quiet,
+        generate_prompts=args.generate_prompts,
+        generate_tokens=args.generate_tokens,
+        merged_hf=args.merged_hf,
         **{name: getattr(args, name) for name in CONFIG_DEFAULTS if name in args},
     )
     if not config.inspect:
@@ -238,8 +269,17 @@ def sft_command(args: argparse.Namespace) -> int:
             f"{report['eval_loss_after']:.4f} after {report['steps']} steps "
             f"({report['eval_data']})"
         )
+        for number, generation in enumerate(report["generations"], 1):
+            prompt = json.dumps(generation["prompt"], ensure_ascii=False)
+            print(f"generation {number}: {prompt}")
+            for when in ("before", "after"):
+                answer = json.dumps(generation[when], ensure_ascii=False)
+                print(f"  {when}: {answer}")
         names = ["adapter", "peft", report["loss_plot"], "report.json", "checkpoints"]
-        print("wrote " + ", ".join(f"{config.out}/{n}" for n in names if n))
+        written = [f"{config.out}/{n}" for n in names if n]
+        if config.merged_hf is not None:
+            written.append(f"{config.merged_hf} (merged)")
+        print("wrote " + ", ".join(written))
         for note in report["notes"]:
             print(note)
         return 0

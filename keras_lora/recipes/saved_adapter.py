@@ -1,6 +1,7 @@
 """Recipes around a saved adapter: generate, merge, PEFT export and import.
 
-Each loads a GPT-2 base (`models.load_task`), applies an adapter directory
+Each loads a GPT-2 base (`models.load_task`), or for `generate_hf` a
+Hugging Face model directory of any family, applies an adapter directory
 and does one thing, returning what the caller reports. Paths are checked
 before any model is built, so a typo fails fast.
 """
@@ -69,6 +70,71 @@ def generate(
         merge_lora(lm)
     lm.compile(sampler="greedy")
     return models.generate(lm, prompts, max_length), labels
+
+
+def generate_hf(
+    model_dir: str,
+    prompts: list[str],
+    chat: bool = False,
+    adapter: str | None = None,
+    merge: bool = False,
+    max_new_tokens: int = 32,
+    chat_template: str | None = None,
+) -> tuple[list[str], dict]:
+    """Greedy answers of a Hugging Face model directory (+ adapter).
+
+    Prompts are encoded as `keras-lora sft` trains them
+    (`keras_lora.recipes.sft.generation`): with `chat`, each is one user
+    message rendered with the chat template and `add_generation_prompt`;
+    else a plain string with the tokenizer's special tokens. An answer stops
+    at the template's end-of-turn token or EOS.
+
+    Args:
+        model_dir: a local Hugging Face model directory (weights, tokenizer,
+            chat template) of a family keras-hub converts.
+        prompts: the prompts (user messages with `chat`).
+        chat: render the prompts with the chat template.
+        adapter: a `save_adapter` directory (`keras-lora sft`'s
+            `OUT/adapter`), or None for the base alone.
+        merge: merge the adapter into the kernels first.
+        max_new_tokens: the most tokens of each answer.
+        chat_template: a template file overriding the directory's.
+
+    Returns:
+        `(answers, {"model": ..., "chat_template": where it came from})`,
+        each answer without its prompt and stop token.
+
+    Raises:
+        FileNotFoundError: a missing directory or file.
+        ValueError: no chat template for `chat`, or an adapter that does
+            not fit the model.
+
+    Example:
+
+    >>> generate_hf("HF_DIR", ["What is LoRA?"], chat=True)  # doctest: +SKIP
+    (['A low-rank adapter.'], {'model': 'HF_DIR', 'chat_template': ...})
+    """
+    from keras_lora import load_adapter, merge_lora
+    from keras_lora.recipes.sft.chat_template import chat_template_origin
+    from keras_lora.recipes.sft.generation import encode_prompt, generate
+    from keras_lora.recipes.sft.run import load_causal_lm
+    from keras_lora.recipes.sft.tokenizer import load_tokenizer
+
+    models.check_path(adapter, "adapter")
+    tokenizer = load_tokenizer(model_dir, chat_template)
+    encoded = [
+        encode_prompt(tokenizer, [{"role": "user", "content": p}] if chat else p)
+        for p in prompts
+    ]
+    lm = load_causal_lm(model_dir)
+    if adapter:
+        load_adapter(lm, adapter)
+        if merge:
+            merge_lora(lm)
+    lm.compile(sampler="greedy")
+    answers = [g.text for g in generate(lm, tokenizer, encoded, max_new_tokens)]
+    origin = chat_template_origin(model_dir, chat_template)
+    return answers, {"model": model_dir, "chat_template": origin}
 
 
 # What `merge_to_preset` writes: a keras-hub preset or a Hugging Face model.

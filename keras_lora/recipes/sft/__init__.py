@@ -9,6 +9,9 @@
 - `inspection`: `--inspect`, the encoded data and its report on disk;
 - `batches`: encoded examples as fixed-shape arrays and sample weights;
 - `evaluation`: the eval loss, before and after training and every N steps;
+- `generation`: greedy generations (eval prompts before and after,
+  `keras-lora generate --model --chat`), stopped at the end of turn;
+- `merged_hf`: `--merged-hf`, the merged model for transformers;
 - `loss_plot`: `OUT/loss.png` (matplotlib, the "bench" extra);
 - `run`: training (keras-hub model, `inject_lora`, `fit`, adapter + PEFT out).
 

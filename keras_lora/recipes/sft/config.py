@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 from keras_lora.initialization import rewrites_kernel
 from keras_lora.recipes.sft.data import Columns
@@ -91,6 +92,14 @@ class SftConfig:
             every setting but `steps`/`epochs`, `eval_every`,
             `checkpoint_every` and `quiet` must be the checkpoint's.
         quiet: no progress output during training.
+        generate_prompts: greedy generations for this many eval prompts,
+            before and after training (`report.json`'s `generations`); 0:
+            none.
+        generate_tokens: the most new tokens of each generation (it stops
+            earlier at the end-of-turn token or EOS).
+        merged_hf: also write the merged model here, as a Hugging Face
+            directory with the tokenizer and chat template (transformers
+            loads it as it is); None: not written.
 
     Raises:
         ValueError: for a setting out of range, both `steps` and `epochs`,
@@ -141,6 +150,9 @@ class SftConfig:
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     resume: bool = False
     quiet: bool = False
+    generate_prompts: int = 3
+    generate_tokens: int = 32
+    merged_hf: str | None = None
 
     def __post_init__(self):
         if self.loss_on not in LOSS_ON:
@@ -185,6 +197,16 @@ class SftConfig:
             )
         if self.resume and self.inspect:
             raise ValueError("resume continues training; inspect does not train")
+        if self.generate_prompts < 0:
+            raise ValueError(
+                f"generate_prompts must be 0 or more, got {self.generate_prompts}"
+            )
+        if self.generate_tokens < 1:
+            raise ValueError(
+                f"generate_tokens must be at least 1, got {self.generate_tokens}"
+            )
+        if self.merged_hf is not None:
+            _check_merged_hf(self.merged_hf, self.out, self.model)
         # LoraSettings raises for a bad alpha, dropout or init.
         _ = self.lora
         self._check_memory_options()
@@ -262,3 +284,16 @@ class SftConfig:
     def columns(self) -> Columns:
         """The CSV/TSV column names."""
         return Columns(self.text_column, self.prompt_column, self.completion_column)
+
+
+def _check_merged_hf(merged: str, out: str, model: str) -> None:
+    """`merged` replaces a whole directory: never OUT, the base model, a
+    folder above either, or OUT's adapter directories."""
+    merged = os.path.abspath(merged)
+    out, model = os.path.abspath(out), os.path.abspath(model)
+    taken = {out, model, os.path.join(out, "adapter"), os.path.join(out, "peft")}
+    if merged in taken or any(p.startswith(merged + os.sep) for p in (out, model)):
+        raise ValueError(
+            f"merged_hf {merged} would replace the output directory, the base "
+            "model or their adapters: give the merged model a directory of its own"
+        )

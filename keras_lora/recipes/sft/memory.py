@@ -80,14 +80,18 @@ def training_model(
             for i in range(found.num_blocks)
         ]
         remat_layers(blocks)
+    # Greedy: the run's generations (`recipes.sft.generation`) use `lm`'s
+    # sampler, whichever model trains.
     if config.chunked_loss is None:
         lm.compile(
             optimizer=optimizer,
             loss=keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True, reduction="sum"
             ),
+            sampler="greedy",
         )
         return lm
+    lm.compile(sampler="greedy")
     trainer: ChunkedCausalLM = chunked_causal_lm(
         lm, num_chunks=config.chunked_loss, reduction="sum"
     )

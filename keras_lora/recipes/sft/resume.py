@@ -60,6 +60,9 @@ MAY_CHANGE = (
     "checkpoint_every",
     "resume",
     "quiet",
+    "generate_prompts",
+    "generate_tokens",
+    "merged_hf",
 )
 # Files whose content, not only their path, must be the checkpoint's.
 FILES = ("data", "eval_data", "chat_template", "init_adapter")

@@ -39,6 +39,7 @@ from keras_lora.recipes.sft.config import SftConfig
 from keras_lora.recipes.sft.data import read_examples
 from keras_lora.recipes.sft.encode import EncodedData, encode_examples
 from keras_lora.recipes.sft.evaluation import EvalEvery, eval_loss
+from keras_lora.recipes.sft.generation import EvalGenerations
 from keras_lora.recipes.sft.inspection import describe_shape, prepare_data
 from keras_lora.recipes.sft.loss_plot import LOSS_PLOT, loss_png, plot_available
 from keras_lora.recipes.sft.memory import (
@@ -46,6 +47,7 @@ from keras_lora.recipes.sft.memory import (
     quantize_base,
     training_model,
 )
+from keras_lora.recipes.sft.merged_hf import check_merged_dir, write_merged_hf
 from keras_lora.recipes.sft.progress import Progress
 from keras_lora.recipes.sft.resume import checkpoint_callback, find_resume_point
 from keras_lora.recipes.training import StepLog
@@ -152,10 +154,13 @@ def train(config: SftConfig) -> dict:
 def _train(config: SftConfig) -> dict:
     """`train` inside the run's distribution scope."""
     resume = find_resume_point(config)  # Refused settings read nothing.
+    if config.merged_hf is not None:
+        check_merged_dir(config.merged_hf)
     tokenizer, examples, data = prepare_data(config)
     train_examples, eval_examples, eval_source = _split(config, data, tokenizer)
     if not eval_examples:
         raise ValueError("no evaluation example keeps an answer within --max-length")
+    generations = EvalGenerations.of(config, examples, eval_examples, tokenizer)
     plot_note = plot_available()
     pad_id = _pad_id(tokenizer)
     total_steps = config.total_steps(len(train_examples))
@@ -177,6 +182,8 @@ def _train(config: SftConfig) -> dict:
     if config.init_adapter is not None:
         load_adapter(lm, config.init_adapter)
     trainer = training_model(lm, config, make_optimizer(config))
+    # Before any checkpoint is restored: the starting adapter's answers.
+    generations.run(lm, "before")
     if resume is None:
         before = eval_loss(lm, eval_examples, config.batch, pad_id)
     else:
@@ -220,6 +227,7 @@ def _train(config: SftConfig) -> dict:
     eval_points = earlier_evals + ([] if every is None else every.losses)
     seconds -= 0.0 if every is None else every.seconds
     after = eval_loss(lm, eval_examples, config.batch, pad_id)
+    generations.run(lm, "after")
     # The first step includes tracing and compiling; the others are steady.
     times = steps.step_times
     steady = sum(times[1:]) / max(len(times) - 1, 1)
@@ -240,6 +248,8 @@ def _train(config: SftConfig) -> dict:
         "train_tokens_per_s": tokens / seconds if seconds > 0 else None,
         "compile_s": max(times[0] - steady, 0.0) if times else None,
         "steps": total_steps,
+        "generations": generations.records(),
+        "merged_hf": config.merged_hf and os.path.abspath(config.merged_hf),
         "epochs": config.epochs,
         "loss_plot": LOSS_PLOT if plot_note is None else None,
         "notes": [] if plot_note is None else [plot_note],
@@ -265,6 +275,7 @@ def _train(config: SftConfig) -> dict:
             "distribution": config.distribution,
             "init_adapter": config.init_adapter,
             "checkpoint_every": config.checkpoint_every,
+            "generate_tokens": config.generate_tokens,
             "backend": keras.backend.backend(),
         },
     }
@@ -289,8 +300,9 @@ def _pad_id(tokenizer) -> int:
 
 
 def _write_outputs(lm, config: SftConfig, report: dict, png: bytes | None) -> None:
-    """OUT/adapter, OUT/peft (each built beside, then moved in), loss.png
-    (when drawn), report.json."""
+    """OUT/adapter, OUT/peft (each built beside, then moved in), the merged
+    model (`merged_hf`, which merges `lm`), loss.png (when drawn),
+    report.json."""
     os.makedirs(config.out, exist_ok=True)
     for name, write in (
         ("adapter", lambda path: save_adapter(lm, path)),
@@ -310,6 +322,8 @@ def _write_outputs(lm, config: SftConfig, report: dict, png: bytes | None) -> No
             os.replace(os.path.join(staging, name), final)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    if config.merged_hf is not None:
+        write_merged_hf(lm, config.merged_hf, config.model, config.chat_template)
     plot = os.path.join(config.out, LOSS_PLOT)
     if png is not None:
         atomic_write(plot, png)
