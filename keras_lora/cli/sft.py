@@ -46,7 +46,9 @@ def add_sft(sub) -> None:
         "--model",
         required=True,
         help="local Hugging Face model directory (tokenizer.json, "
-        "tokenizer_config.json, chat_template.jinja).",
+        "tokenizer_config.json, chat_template.jinja), or a keras-hub preset: a "
+        "name such as llama3_8b_en (downloaded by keras-hub) or a directory "
+        "saved with save_to_preset (the family's built-in chat template).",
     )
     sft.add_argument(
         "--data",
@@ -61,7 +63,9 @@ def add_sft(sub) -> None:
         help="tokenize only: write OUT/encoded.jsonl and OUT/data_report.json.",
     )
     sft.add_argument(
-        "--chat-template", help="Jinja chat template file (overrides the model's)."
+        "--chat-template",
+        help="Jinja chat template file (overrides the model's, or a preset's "
+        "built-in one).",
     )
     sft.add_argument("--text-column", help="CSV/TSV column of the texts.")
     sft.add_argument("--prompt-column", help="CSV/TSV column of the prompts.")

@@ -27,13 +27,22 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplate", "chat_template_origin", "find_chat_template"]
+__all__ = [
+    "ChatTemplate",
+    "MissingChatTemplate",
+    "chat_template_origin",
+    "find_chat_template",
+]
 
 TEMPLATE_FILE = "chat_template.jinja"
 CONFIG_FILE = "tokenizer_config.json"
 # Names a message's reasoning is passed under; templates read the first
 # (transformers' `_REASONING_FIELDS`).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class MissingChatTemplate(ValueError):
+    """Conversational data for a model without a chat template."""
 
 
 def find_chat_template(model_dir: str, override: str | None = None) -> str | None:

@@ -40,7 +40,8 @@ class SftConfig:
 
     Args:
         model: a local Hugging Face model directory (tokenizer.json, and
-            config.json + weights for training).
+            config.json + weights for training), or a keras-hub preset name
+            or `save_to_preset` directory.
         data: the training data file (`data.read_examples`).
         out: the output directory.
         chat_template: a Jinja template file overriding the model's.

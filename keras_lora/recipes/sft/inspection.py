@@ -13,7 +13,6 @@ import os
 import time
 
 from keras_lora.files import atomic_write
-from keras_lora.recipes.sft.chat_template import chat_template_origin
 from keras_lora.recipes.sft.config import SftConfig
 from keras_lora.recipes.sft.data import Example, read_examples
 from keras_lora.recipes.sft.encode import EncodedData, encode_examples
@@ -109,7 +108,7 @@ def inspect_data(config: SftConfig) -> dict:
         "model": config.model,
         "data": config.data,
         "shape": describe_shape(examples[0]),
-        "chat_template": chat_template_origin(config.model, config.chat_template)
+        "chat_template": tokenizer.template_origin
         if examples[0].conversational
         else None,
         "loss_on": config.loss_on,

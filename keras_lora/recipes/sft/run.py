@@ -48,6 +48,11 @@ from keras_lora.recipes.sft.memory import (
     training_model,
 )
 from keras_lora.recipes.sft.merged_hf import check_merged_dir, write_merged_hf
+from keras_lora.recipes.sft.preset_tokenizer import (
+    is_keras_hub_preset,
+    model_reference,
+    preset_load_error,
+)
 from keras_lora.recipes.sft.progress import Progress
 from keras_lora.recipes.sft.resume import checkpoint_callback, find_resume_point
 from keras_lora.recipes.training import StepLog
@@ -58,11 +63,13 @@ REPORT = "report.json"
 
 
 def load_causal_lm(model_dir: str):
-    """The keras-hub causal LM of a Hugging Face directory, no preprocessor.
+    """The keras-hub causal LM of a Hugging Face directory (or a keras-hub
+    preset), no preprocessor.
 
     Args:
         model_dir: config.json + model.safetensors of a family keras-hub
-            converts (GPT-2, Llama, Mistral, Qwen2, Gemma, ...).
+            converts (GPT-2, Llama, Mistral, Qwen2, Gemma, ...), or a
+            keras-hub preset name or `save_to_preset` directory.
 
     Returns:
         The keras-hub `CausalLM`.
@@ -72,6 +79,11 @@ def load_causal_lm(model_dir: str):
     """
     import keras_hub
 
+    if is_keras_hub_preset(model_dir):
+        try:
+            return keras_hub.models.CausalLM.from_preset(model_dir, preprocessor=None)
+        except Exception as error:  # keras-hub and its download clients raise many.
+            raise preset_load_error(model_dir, error) from None
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(
             f"{model_dir} has no config.json: training needs the model's "
@@ -294,8 +306,8 @@ def _pad_id(tokenizer) -> int:
     """The pad token's id, else the EOS's, else 0 (pads are never targets)."""
     for name in ("pad_token", "eos_token"):
         token = tokenizer.special_tokens.get(name)
-        if token is not None and tokenizer.tokenizer.token_to_id(token) is not None:
-            return tokenizer.tokenizer.token_to_id(token)
+        if token is not None and tokenizer.token_to_id(token) is not None:
+            return tokenizer.token_to_id(token)
     return 0
 
 
@@ -309,7 +321,7 @@ def _write_outputs(lm, config: SftConfig, report: dict, png: bytes | None) -> No
         (
             "peft",
             lambda path: export_peft(
-                lm, path, base_model_name_or_path=os.path.abspath(config.model)
+                lm, path, base_model_name_or_path=model_reference(config.model)
             ),
         ),
     ):

@@ -24,8 +24,15 @@ from tokenizers import AddedToken, Tokenizer
 
 from keras_lora.recipes.sft.chat_template import (
     ChatTemplate,
+    MissingChatTemplate,
+    chat_template_origin,
     find_chat_template,
     read_tokenizer_config,
+)
+from keras_lora.recipes.sft.preset_tokenizer import (
+    PresetTokenizer,
+    is_keras_hub_preset,
+    load_preset_tokenizer,
 )
 
 __all__ = [
@@ -48,10 +55,6 @@ SPECIAL_TOKEN_NAMES = (
 TOKENIZER_FILE = "tokenizer.json"
 
 
-class MissingChatTemplate(ValueError):
-    """Conversational data for a model without a chat template."""
-
-
 class ModelTokenizer:
     """A model's tokenizer, its named special tokens and its chat template.
 
@@ -60,6 +63,7 @@ class ModelTokenizer:
         special_tokens: named special tokens, e.g. `{"eos_token": "</s>"}`.
         chat_template: the template text, or None.
         source: where it came from (for messages).
+        template_origin: where the template comes from (for reports).
 
     Example:
 
@@ -74,10 +78,12 @@ class ModelTokenizer:
         special_tokens: dict[str, str],
         chat_template: str | None,
         source: str,
+        template_origin: str | None = None,
     ):
         self.tokenizer = tokenizer
         self.special_tokens = dict(special_tokens)
         self.source = source
+        self.template_origin = template_origin
         self.chat_template_source = chat_template
         self._template = None
 
@@ -106,6 +112,14 @@ class ModelTokenizer:
             )
         return self._template
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of `token`, None when the vocabulary lacks it."""
+        return self.tokenizer.token_to_id(token)
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids`, special tokens included."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
     def encode(self, text: str, add_special_tokens: bool = True):
         """The `tokenizers.Encoding` of `text` (`.ids`, `.offsets`).
 
@@ -123,16 +137,21 @@ class ModelTokenizer:
         return self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
 
 
-def load_tokenizer(model_dir: str, chat_template: str | None = None) -> ModelTokenizer:
-    """Load the tokenizer and chat template of a Hugging Face directory.
+def load_tokenizer(
+    model_dir: str, chat_template: str | None = None
+) -> ModelTokenizer | PresetTokenizer:
+    """Load the tokenizer and chat template of a Hugging Face directory, or
+    of a keras-hub preset (`preset_tokenizer`).
 
     Args:
         model_dir: a directory with `tokenizer.json` (and usually
-            `tokenizer_config.json`, `chat_template.jinja`).
-        chat_template: a template file that overrides the directory's.
+            `tokenizer_config.json`, `chat_template.jinja`), or a keras-hub
+            preset name or `save_to_preset` directory.
+        chat_template: a template file that overrides the directory's (or
+            the preset's built-in one).
 
     Returns:
-        The `ModelTokenizer`.
+        The `ModelTokenizer` (a `PresetTokenizer` for a keras-hub preset).
 
     Raises:
         FileNotFoundError: if the directory or `tokenizer.json` is missing.
@@ -145,6 +164,8 @@ def load_tokenizer(model_dir: str, chat_template: str | None = None) -> ModelTok
     ...
     FileNotFoundError: no model directory /no/such/dir
     """
+    if is_keras_hub_preset(model_dir):
+        return load_preset_tokenizer(model_dir, chat_template)
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"no model directory {model_dir}")
     path = os.path.join(model_dir, TOKENIZER_FILE)
@@ -167,7 +188,11 @@ def load_tokenizer(model_dir: str, chat_template: str | None = None) -> ModelTok
             [AddedToken(t, special=True, normalized=False) for t in missing]
         )
     return ModelTokenizer(
-        tokenizer, special, find_chat_template(model_dir, chat_template), model_dir
+        tokenizer,
+        special,
+        find_chat_template(model_dir, chat_template),
+        model_dir,
+        chat_template_origin(model_dir, chat_template),
     )
 
 
