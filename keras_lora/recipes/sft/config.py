@@ -9,6 +9,7 @@ import os
 from keras_lora.initialization import rewrites_kernel
 from keras_lora.recipes.sft.data import Columns
 from keras_lora.recipes.sft.encode import LOSS_ON
+from keras_lora.recipes.sft.preset_tokenizer import is_keras_hub_preset
 from keras_lora.settings import LoraSettings
 
 __all__ = [
@@ -211,6 +212,17 @@ class SftConfig:
         # LoraSettings raises for a bad alpha, dropout or init.
         _ = self.lora
         self._check_memory_options()
+        if is_keras_hub_preset(self.model):
+            for name, given in (
+                ("merged_hf", self.merged_hf is not None),
+                ("distribution='model'", self.distribution == "model"),
+            ):
+                if given:
+                    raise ValueError(
+                        f"{name} reads the Hugging Face files of the model "
+                        f"(config.json, the tokenizer); {self.model} is a "
+                        "keras-hub preset: give a Hugging Face directory"
+                    )
         if self.text_column is not None and (
             self.prompt_column is not None or self.completion_column is not None
         ):
