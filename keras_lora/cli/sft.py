@@ -9,7 +9,16 @@ from keras_lora.initialization import check_init
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 # Flags whose defaults are SftConfig's: passed on only when given.
-CONFIG_DEFAULTS = ("init", "use_dora", "steps", "epochs", "optimizer", "eval_every")
+CONFIG_DEFAULTS = (
+    "init",
+    "use_dora",
+    "steps",
+    "epochs",
+    "optimizer",
+    "eval_every",
+    "packing",
+    "buckets",
+)
 
 
 def add_sft(sub) -> None:
@@ -115,6 +124,21 @@ def add_sft(sub) -> None:
         type=positive_int,
         default=argparse.SUPPRESS,
         help="also evaluate every N steps (report.json's eval_loss_every).",
+    )
+    sft.add_argument(
+        "--packing",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="several examples share each row of --max-length tokens, each "
+        "attending only to itself; --batch counts rows (not for GPT-2, Gemma).",
+    )
+    sft.add_argument(
+        "--buckets",
+        choices=("on", "off"),
+        default=argparse.SUPPRESS,
+        type=str,
+        help="on (the default): batches of a few padded lengths (8, 16, 32, "
+        "... tokens); off: every batch padded to the longest example.",
     )
     sft.add_argument("--seed", type=int, default=0)
     sft.set_defaults(run=sft_command)

@@ -58,6 +58,12 @@ class SftConfig:
         eval_every: also evaluate after every this many steps; None: before
             and after training only.
         seed: seeds the LoRA factors, the split and the order of examples.
+        packing: several examples share each row of `max_length` tokens,
+            each attending only to itself (`recipes.sft.packing`); `batch`
+            then counts rows.
+        buckets: "on": each batch is padded to the smallest of a few
+            lengths (8, 16, 32, ... tokens) that holds it; "off": every batch
+            is padded to the longest example (packed rows: to `max_length`).
 
     Raises:
         ValueError: for a setting out of range, or both `steps` and `epochs`.
@@ -99,6 +105,8 @@ class SftConfig:
     learning_rate: float = 2e-4
     eval_every: int | None = None
     seed: int = 0
+    packing: bool = False
+    buckets: str = "on"
 
     def __post_init__(self):
         if self.loss_on not in LOSS_ON:
@@ -118,6 +126,8 @@ class SftConfig:
                 "give either steps or epochs, not both (epochs trains "
                 "ceil(examples / batch) steps per pass)"
             )
+        if self.buckets not in ("on", "off"):
+            raise ValueError(f"buckets must be on or off, got {self.buckets!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, "

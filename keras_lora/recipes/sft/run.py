@@ -5,7 +5,8 @@ The model comes from keras-hub's own converters
 for a local directory); `inject_lora` adapts the family's default targets
 (or `targets`, "all-linear" included) with the run's init and DoRA
 settings; plain `model.fit` trains with the loss mask as `sample_weight`
-(see `batches`). Losses are those of `evaluation`.
+on batches of a few lengths, or packed rows (see `buckets`, `feeding`,
+`packed_model`). Losses are those of `evaluation`.
 
 Everything is read and encoded before `OUT` is touched; the adapter, the
 PEFT directory, `loss.png` and the report are written at the end, each
@@ -19,7 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 
 import keras
 import numpy as np
@@ -28,13 +28,15 @@ from keras_lora import inject_lora, lora_layers, save_adapter, trainable_summary
 from keras_lora.families import family_of
 from keras_lora.files import atomic_write
 from keras_lora.interop import export_peft
-from keras_lora.recipes.sft.batches import make_batches
+from keras_lora.recipes.sft.buckets import plan_steps
 from keras_lora.recipes.sft.config import SftConfig
 from keras_lora.recipes.sft.data import read_examples
 from keras_lora.recipes.sft.encode import EncodedData, encode_examples
 from keras_lora.recipes.sft.evaluation import EvalEvery, eval_loss
+from keras_lora.recipes.sft.feeding import StepTraces, fit_data, throughput
 from keras_lora.recipes.sft.inspection import describe_shape, prepare_data
 from keras_lora.recipes.sft.loss_plot import LOSS_PLOT, loss_png, plot_available
+from keras_lora.recipes.sft.packed_model import packed_causal_lm
 from keras_lora.recipes.training import StepLog
 
 __all__ = ["REPORT", "load_causal_lm", "make_optimizer", "train"]
@@ -134,45 +136,39 @@ def train(config: SftConfig) -> dict:
         raise ValueError("no evaluation example keeps an answer within --max-length")
     plot_note = plot_available()
     pad_id = _pad_id(tokenizer)
-    total_steps = config.total_steps(len(train_examples))
-    batches = make_batches(
-        train_examples, config.batch, total_steps, pad_id, config.seed
-    )
+    batches = plan_steps(config, train_examples, pad_id)
+    total_steps = len(batches.steps)
     keras.utils.set_random_seed(config.seed)
     lm = load_causal_lm(config.model)
     family = family_of(lm)
     targets = config.targets or family.default_targets
     inject_lora(lm, targets=tuple(targets), **dataclasses.asdict(config.lora))
-    lm.compile(
+    # With packing, `fit` trains a model over the LM's own (LoRA) layers.
+    model = packed_causal_lm(lm) if config.packing else lm
+    packed = config.max_length if config.packing else None
+    model.compile(
         optimizer=make_optimizer(config),
         loss=keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction="sum"
         ),
     )
-    before = eval_loss(lm, eval_examples, config.batch, pad_id)
+    before = eval_loss(model, eval_examples, config.batch, pad_id, packed)
     steps = StepLog()
     every = None
     if config.eval_every is not None:
-        every = EvalEvery(config.eval_every, eval_examples, config.batch, pad_id)
-    start = time.perf_counter()
-    lm.fit(
-        batches.x,
-        batches.y,
-        sample_weight=batches.sample_weight,
-        batch_size=config.batch,
+        every = EvalEvery(
+            config.eval_every, eval_examples, config.batch, pad_id, packed
+        )
+    traces = StepTraces(model)
+    model.fit(
+        fit_data(batches),
         epochs=1,
-        shuffle=False,
         verbose=0,
         callbacks=[steps] if every is None else [steps, every],
     )
-    seconds = time.perf_counter() - start
     eval_points = [] if every is None else every.losses
-    seconds -= 0.0 if every is None else every.seconds
-    after = eval_loss(lm, eval_examples, config.batch, pad_id)
-    # The first step includes tracing and compiling; the others are steady.
-    times = steps.step_times
-    steady = sum(times[1:]) / max(len(times) - 1, 1)
-    tokens = int(batches.x["padding_mask"].sum())
+    after = eval_loss(model, eval_examples, config.batch, pad_id, packed)
+    tokens_per_s, compile_s = throughput(batches, steps.step_times)
     report = {
         "model": config.model,
         "family": family.name,
@@ -185,8 +181,12 @@ def train(config: SftConfig) -> dict:
         "eval_loss_every": [[step, loss] for step, loss in eval_points],
         "train_loss": steps.losses,
         "padding_fraction": batches.padding_fraction,
-        "train_tokens_per_s": tokens / seconds if seconds > 0 else None,
-        "compile_s": max(times[0] - steady, 0.0) if times else None,
+        "train_tokens_per_s": tokens_per_s,
+        "compile_s": compile_s,
+        "rows": batches.rows,
+        "examples_per_row": batches.examples_per_row,
+        "traced_step_functions": traces.traced,
+        "batch_shapes": [list(shape) for shape in batches.shapes],
         "steps": total_steps,
         "epochs": config.epochs,
         "loss_plot": LOSS_PLOT if plot_note is None else None,
@@ -207,6 +207,8 @@ def train(config: SftConfig) -> dict:
             "max_length": config.max_length,
             "loss_on": config.loss_on,
             "seed": config.seed,
+            "packing": config.packing,
+            "buckets": config.buckets,
             "backend": keras.backend.backend(),
         },
     }
