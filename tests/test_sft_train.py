@@ -23,7 +23,7 @@ def test_sft_trains_and_peft_gives_the_reported_loss(tmp_path, capsys):
     data = fx.write_jsonl(str(tmp_path / "train.jsonl"), fx.MESSAGES * 2)
     out = str(tmp_path / "out")
     argv = ["sft", "--model", model, "--data", data, "--out", out]
-    settings = ["--steps", "4", "--batch", "2", "--learning-rate", "0.01"]
+    settings = ["--steps", "4", "--batch", "2", "--learning-rate", "0.02"]
     settings += ["--generate-prompts", "0"]  # tested in test_sft_generate
     assert (
         main([*argv, *settings, "--targets", "query", "value", "attention_output"]) == 0

@@ -27,6 +27,8 @@ CONFIG_DEFAULTS = (
     "chunked_loss",
     "distribution",
     "checkpoint_every",
+    "packing",
+    "buckets",
 )
 # `--chunked-loss` without a count: pieces of the sequence axis.
 CHUNKS = 8
@@ -139,6 +141,21 @@ def add_sft(sub) -> None:
         type=positive_int,
         default=argparse.SUPPRESS,
         help="also evaluate every N steps (report.json's eval_loss_every).",
+    )
+    sft.add_argument(
+        "--packing",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="several examples share each row of --max-length tokens, each "
+        "attending only to itself; --batch counts rows (not for GPT-2, Gemma).",
+    )
+    sft.add_argument(
+        "--buckets",
+        choices=("on", "off"),
+        default=argparse.SUPPRESS,
+        type=str,
+        help="on (the default): batches of a few padded lengths (8, 16, 32, "
+        "... tokens); off: every batch padded to the longest example.",
     )
     sft.add_argument("--seed", type=int, default=0)
     _add_memory(sft)

@@ -35,6 +35,7 @@ from keras_lora.families.family import (
     HEADS_ROW,
     HIDDEN,
     ROW,
+    DecoderStack,
     Projection,
     Sharding,
 )
@@ -100,3 +101,9 @@ SHARDING = Sharding(
 # PEFT's defaults for these models (peft's
 # TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING: q_proj, v_proj).
 DEFAULT_TARGETS = ("query", "value")
+
+# keras-hub's `LlamaTransformerDecoder`, `MistralTransformerDecoder` and
+# `QwenTransformerDecoder` take `decoder_attention_mask` (batch, query, key)
+# beside the padding mask and take its minimum with their causal (Mistral:
+# sliding-window) mask; the backbones name their layers as below.
+DECODER_STACK = DecoderStack()

@@ -155,6 +155,30 @@ class Sharding:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecoderStack:
+    """How a backbone's layers run outside its own graph, as names.
+
+    The packed forward (`keras_lora.recipes.sft.packed_model`) calls the
+    backbone's own layers in the backbone's order: `embedding`, each of
+    `layers` with `attention_mask_argument` (a (batch, query, key) mask the
+    layer combines with its causal mask), `final_norm`, and the embedding's
+    reverse (the tied or untied output head).
+
+    Args:
+        embedding: the token embedding attribute of the backbone.
+        layers: the attribute listing the transformer layers.
+        final_norm: the attribute of the final layer norm.
+        attention_mask_argument: the keyword of the layers' `call` that
+            takes an attention mask.
+    """
+
+    embedding: str = "token_embedding"
+    layers: str = "transformer_layers"
+    final_norm: str = "layer_norm"
+    attention_mask_argument: str = "decoder_attention_mask"
+
+
+@dataclasses.dataclass(frozen=True)
 class Family:
     """A keras-hub model family.
 
@@ -190,6 +214,10 @@ class Family:
         hf_output_heads: transformers class -> its output head module at
             the model's root ("lm_head"), which a tied embedding's update
             also goes through (exported as PEFT's tied head).
+        decoder_stack: how the packed forward runs the backbone's layers
+            with a block-diagonal attention mask; None: packing is refused
+            with `packing_refusal`.
+        packing_refusal: why examples of this family cannot share a row.
     """
 
     name: str
@@ -208,6 +236,8 @@ class Family:
     embedding: str = "token_embedding"
     hf_embedding: str = ""
     hf_output_heads: dict[str, str] = dataclasses.field(default_factory=dict)
+    decoder_stack: DecoderStack | None = None
+    packing_refusal: str = ""
 
     @property
     def label(self) -> str:

@@ -83,6 +83,12 @@ GPT2 = Family(
     # The token embedding (tied to the LM head on both sides).
     hf_embedding="wte",
     hf_output_heads={"GPT2LMHeadModel": "lm_head"},
+    packing_refusal=(
+        "GPT-2 adds learned absolute position embeddings: a packed example "
+        "would see positions that do not start at 0 and compute something "
+        "other than it computes alone; train GPT-2 without --packing "
+        "(length buckets already cut most padding)"
+    ),
     sharding=Sharding(
         embeddings={
             "token_embedding/embeddings": (None, HIDDEN),

@@ -22,4 +22,5 @@ LLAMA = Family(
     hf_embedding="embed_tokens",
     hf_output_heads={"LlamaForCausalLM": "lm_head"},
     sharding=decoder.SHARDING,
+    decoder_stack=decoder.DECODER_STACK,
 )

@@ -21,4 +21,5 @@ MISTRAL = Family(
     hf_class_prefix="Mistral",
     hf_task_types={"MistralForCausalLM": "CAUSAL_LM"},
     sharding=decoder.SHARDING,
+    decoder_stack=decoder.DECODER_STACK,
 )

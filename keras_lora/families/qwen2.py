@@ -21,4 +21,5 @@ QWEN2 = Family(
     hf_class_prefix="Qwen2",
     hf_task_types={"Qwen2ForCausalLM": "CAUSAL_LM"},
     sharding=decoder.SHARDING,
+    decoder_stack=decoder.DECODER_STACK,
 )

@@ -102,6 +102,12 @@ class SftConfig:
         merged_hf: also write the merged model here, as a Hugging Face
             directory with the tokenizer and chat template (transformers
             loads it as it is); None: not written.
+        packing: several examples share each row of `max_length` tokens,
+            each attending only to itself (`recipes.sft.packing`); `batch`
+            then counts rows.
+        buckets: "on": each batch is padded to the smallest of a few
+            lengths (8, 16, 32, ... tokens) that holds it; "off": every batch
+            is padded to the longest example (packed rows: to `max_length`).
 
     Raises:
         ValueError: for a setting out of range, both `steps` and `epochs`,
@@ -155,6 +161,8 @@ class SftConfig:
     generate_prompts: int = 3
     generate_tokens: int = 32
     merged_hf: str | None = None
+    packing: bool = False
+    buckets: str = "on"
 
     def __post_init__(self):
         if self.loss_on not in LOSS_ON:
@@ -181,6 +189,8 @@ class SftConfig:
                 "give either steps or epochs, not both (epochs trains "
                 "ceil(examples / batch) steps per pass)"
             )
+        if self.buckets not in ("on", "off"):
+            raise ValueError(f"buckets must be on or off, got {self.buckets!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
@@ -254,6 +264,17 @@ class SftConfig:
             raise ValueError(
                 f"chunked_loss must be at least 1, got {self.chunked_loss}"
             )
+        if self.packing:
+            for name, given in (
+                ("chunked_loss", self.chunked_loss is not None),
+                ("distribution", self.distribution is not None),
+            ):
+                if given:
+                    raise ValueError(
+                        f"packing does not combine with {name}: the packed "
+                        "model runs the decoder blocks itself, and that pair "
+                        f"is not built; drop --packing or --{name.replace('_', '-')}"
+                    )
         if self.distribution is None:
             return
         if self.distribution not in DISTRIBUTIONS:

@@ -31,6 +31,7 @@ from keras_lora import ChunkedCausalLM, chunked_causal_lm, remat_layers
 from keras_lora.families import FAMILIES, Family, layout_map
 from keras_lora.interop.peft_modules import locate
 from keras_lora.recipes.sft.config import SftConfig
+from keras_lora.recipes.sft.packed_model import packed_causal_lm
 
 __all__ = [
     "distribution_scope",
@@ -58,10 +59,13 @@ def quantize_base(lm: keras.Model, mode: str | None) -> None:
 def training_model(
     lm: keras.Model, config: SftConfig, optimizer: keras.optimizers.Optimizer
 ) -> keras.Model:
-    """The model `fit` trains, compiled: `lm`, or a `ChunkedCausalLM` over it
-    (`config.chunked_loss`), with its blocks rematerialised (`config.remat`).
+    """The model `fit` trains, compiled: `lm`, its packed form
+    (`config.packing`: `packed_model.packed_causal_lm`) or a
+    `ChunkedCausalLM` over it (`config.chunked_loss`), with its blocks
+    rematerialised (`config.remat`). `lm` itself is compiled with the greedy
+    sampler the run's generations use.
 
-    Both compute the mean cross-entropy over each batch's label tokens from
+    Each computes the mean cross-entropy over each batch's label tokens from
     `batches.make_batches`' targets and normalised sample weights ("sum"
     reduction); the wrapper shares `lm`'s layers, so training it trains `lm`.
 
@@ -82,6 +86,16 @@ def training_model(
         remat_layers(blocks)
     # Greedy: the run's generations (`recipes.sft.generation`) use `lm`'s
     # sampler, whichever model trains.
+    if config.packing:
+        lm.compile(sampler="greedy")
+        packed = packed_causal_lm(lm)
+        packed.compile(
+            optimizer=optimizer,
+            loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, reduction="sum"
+            ),
+        )
+        return packed
     if config.chunked_loss is None:
         lm.compile(
             optimizer=optimizer,

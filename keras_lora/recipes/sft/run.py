@@ -5,7 +5,8 @@ The model comes from keras-hub's own converters
 for a local directory); `inject_lora` adapts the family's default targets
 (or `targets`, "all-linear" included) with the run's init and DoRA
 settings; plain `model.fit` trains with the loss mask as `sample_weight`
-(see `batches`). Losses are those of `evaluation`.
+on batches of a few lengths, or packed rows (see `buckets`, `feeding`,
+`packed_model`). Losses are those of `evaluation`.
 
 Everything is read and encoded before `OUT` is touched; the adapter, the
 PEFT directory, `loss.png` and the report are written at the end, each
@@ -19,7 +20,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 
 import keras
 import numpy as np
@@ -34,11 +34,12 @@ from keras_lora import (
 from keras_lora.families import family_of
 from keras_lora.files import atomic_write
 from keras_lora.interop import export_peft
-from keras_lora.recipes.sft.batches import make_batches
+from keras_lora.recipes.sft.buckets import plan_steps
 from keras_lora.recipes.sft.config import SftConfig
 from keras_lora.recipes.sft.data import read_examples
 from keras_lora.recipes.sft.encode import EncodedData, encode_examples
 from keras_lora.recipes.sft.evaluation import EvalEvery, eval_loss
+from keras_lora.recipes.sft.feeding import StepTraces, fit_data, throughput
 from keras_lora.recipes.sft.generation import EvalGenerations
 from keras_lora.recipes.sft.inspection import describe_shape, prepare_data
 from keras_lora.recipes.sft.loss_plot import LOSS_PLOT, loss_png, plot_available
@@ -175,16 +176,14 @@ def _train(config: SftConfig) -> dict:
     generations = EvalGenerations.of(config, examples, eval_examples, tokenizer)
     plot_note = plot_available()
     pad_id = _pad_id(tokenizer)
-    total_steps = config.total_steps(len(train_examples))
+    batches = plan_steps(config, train_examples, pad_id)
+    total_steps = len(batches.steps)
     done = 0 if resume is None else resume.step
     if done > total_steps:
         raise ValueError(
             f"--resume: the checkpoint {resume.directory} holds {done} steps, "
             f"more than this run's {total_steps}; give --steps {done} or more"
         )
-    batches = make_batches(
-        train_examples, config.batch, total_steps, pad_id, config.seed
-    )
     keras.utils.set_random_seed(config.seed)
     lm = load_causal_lm(config.model)
     family = family_of(lm)
@@ -193,11 +192,14 @@ def _train(config: SftConfig) -> dict:
     inject_lora(lm, targets=tuple(targets), **dataclasses.asdict(config.lora))
     if config.init_adapter is not None:
         load_adapter(lm, config.init_adapter)
+    # `fit` trains `trainer` over the LM's own (LoRA) layers: the LM, its
+    # packed or chunked-loss form.
     trainer = training_model(lm, config, make_optimizer(config))
+    packed = config.max_length if config.packing else None
     # Before any checkpoint is restored: the starting adapter's answers.
     generations.run(lm, "before")
     if resume is None:
-        before = eval_loss(lm, eval_examples, config.batch, pad_id)
+        before = eval_loss(trainer, eval_examples, config.batch, pad_id, packed)
     else:
         resume.restore(trainer)
         before = resume.eval_loss_before
@@ -205,7 +207,12 @@ def _train(config: SftConfig) -> dict:
     every = None
     if config.eval_every is not None:
         every = EvalEvery(
-            config.eval_every, eval_examples, config.batch, pad_id, first_step=done
+            config.eval_every,
+            eval_examples,
+            config.batch,
+            pad_id,
+            packed_length=packed,
+            first_step=done,
         )
     earlier_losses = [] if resume is None else resume.train_loss
     earlier_evals = [] if resume is None else [tuple(p) for p in resume.eval_loss_every]
@@ -222,28 +229,15 @@ def _train(config: SftConfig) -> dict:
     callbacks.append(checkpoint_callback(config, resume is not None, progress))
     if not config.quiet:
         callbacks.append(Progress(total_steps, done, steps))
-    skip = done * config.batch  # Resumed: the batches already trained on.
-    start = time.perf_counter()
-    if done < total_steps:
-        trainer.fit(
-            {name: array[skip:] for name, array in batches.x.items()},
-            batches.y[skip:],
-            sample_weight=batches.sample_weight[skip:],
-            batch_size=config.batch,
-            epochs=1,
-            shuffle=False,
-            verbose=0,
-            callbacks=callbacks,
-        )
-    seconds = time.perf_counter() - start
+    # Resumed: the steps already trained are skipped.
+    remaining = batches.after(done)
+    traces = StepTraces(trainer)
+    if remaining.steps:
+        trainer.fit(fit_data(remaining), epochs=1, verbose=0, callbacks=callbacks)
     eval_points = earlier_evals + ([] if every is None else every.losses)
-    seconds -= 0.0 if every is None else every.seconds
-    after = eval_loss(lm, eval_examples, config.batch, pad_id)
+    after = eval_loss(trainer, eval_examples, config.batch, pad_id, packed)
     generations.run(lm, "after")
-    # The first step includes tracing and compiling; the others are steady.
-    times = steps.step_times
-    steady = sum(times[1:]) / max(len(times) - 1, 1)
-    tokens = int(batches.x["padding_mask"][skip:].sum())
+    tokens_per_s, compile_s = throughput(remaining, steps.step_times)
     report = {
         "model": config.model,
         "family": family.name,
@@ -257,8 +251,12 @@ def _train(config: SftConfig) -> dict:
         "train_loss": earlier_losses + steps.losses,
         "resumed_from": None if resume is None else resume.directory,
         "padding_fraction": batches.padding_fraction,
-        "train_tokens_per_s": tokens / seconds if seconds > 0 else None,
-        "compile_s": max(times[0] - steady, 0.0) if times else None,
+        "train_tokens_per_s": tokens_per_s,
+        "compile_s": compile_s,
+        "rows": batches.rows,
+        "examples_per_row": batches.examples_per_row,
+        "traced_step_functions": traces.traced,
+        "batch_shapes": [list(shape) for shape in batches.shapes],
         "steps": total_steps,
         "generations": generations.records(),
         "merged_hf": config.merged_hf and os.path.abspath(config.merged_hf),
@@ -288,6 +286,8 @@ def _train(config: SftConfig) -> dict:
             "init_adapter": config.init_adapter,
             "checkpoint_every": config.checkpoint_every,
             "generate_tokens": config.generate_tokens,
+            "packing": config.packing,
+            "buckets": config.buckets,
             "backend": keras.backend.backend(),
         },
     }
