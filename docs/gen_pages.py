@@ -36,6 +36,7 @@ BENCH_NAV_TITLES = {
     "memory": "Memory",
     "forgetting": "Quality and forgetting (demo)",
 }
+HAND_WRITTEN = {"e2e.md": "E2E NLG BLEU (sft)"}
 
 
 # ---------------------------------------------------------------- API
@@ -385,8 +386,18 @@ def benchmark_nav(pages: dict[str, str]) -> list:
         if name.endswith(".md")
     )
     notes = [{_title(page).removeprefix("archive / "): page} for page in archive]
+    # Pages written by hand beside the generated ones (docs/benchmarks/*.md).
+    written = sorted(
+        name
+        for name in os.listdir(os.path.join(ROOT, "docs", "benchmarks"))
+        if name.endswith(".md")
+    )
     return [
         {"All benchmarks": "benchmarks/index.md"},
+        *[
+            {HAND_WRITTEN.get(name, name[:-3]): f"benchmarks/{name}"}
+            for name in written
+        ],
         *build(tree, 0),
         {"Measurement notes": notes},
     ]
