@@ -138,7 +138,7 @@ def test_installed_demo_runs_from_an_empty_directory(site, tmp_path):
     assert "| held-out loss |" in proc.stdout and "demo finished in" in proc.stdout
 
 
-def test_installed_sft_inspects_from_outside_the_checkout(site, tmp_path):
+def test_installed_sft_inspects_and_trains_from_outside_the_checkout(site, tmp_path):
     pytest.importorskip("tokenizers")
     from tests import sft_fixtures as fx
 
@@ -168,3 +168,15 @@ def test_installed_sft_inspects_from_outside_the_checkout(site, tmp_path):
     here = str(tmp_path / "here")
     assert main(["sft", *flags, "--out", here]) == 0
     assert (tmp_path / "here" / "encoded.jsonl").read_text() == encoded
+
+    # A tiny training run: the adapter, the PEFT directory and the report.
+    fx.save_tiny_llama(model)
+    train = ["--model", model, "--data", data, "--steps", "2", "--batch", "2"]
+    train += ["--generate-prompts", "1", "--generate-tokens", "2", "--quiet"]
+    proc = run_installed(site, ["sft", *train, "--out", "trained"], run)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    written = set(os.listdir(run / "trained"))
+    assert {"adapter", "peft", "report.json", "checkpoints"} <= written
+    report = json.loads((run / "trained" / "report.json").read_text())
+    assert report["family"] == "llama" and len(report["train_loss"]) == 2
+    assert len(report["generations"]) == 1
