@@ -201,7 +201,7 @@ def test_preset_encodes_as_keras_hub_with_the_prompt_masked(presets, family, tmp
         labelled = [i for i in example.labels if i != IGNORE]
         assert tokenizer.decode(labelled) == answer
         # The template writes the start token (none is added on top).
-        assert example.input_ids[0] == kt.start_token_id
+        assert example.input_ids[0] == kt.start_token_id != example.input_ids[1]
 
 
 @pytest.mark.parametrize("family", sp.PRESET_FAMILIES)
