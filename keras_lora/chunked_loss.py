@@ -96,6 +96,12 @@ def chunked_sparse_cross_entropy(
     >>> loss = chunked_sparse_cross_entropy(h, y, lambda x: x @ kernel, 3)
     >>> round(float(loss), 4)  # uniform logits: log(10)
     2.3026
+    >>> w = np.zeros((2, 6), "float32")
+    >>> w[0, 0] = 1.0  # one token, weight 1: "sum" gives its loss alone
+    >>> loss = chunked_sparse_cross_entropy(
+    ...     h, y, lambda x: x @ kernel, 3, sample_weight=w, reduction="sum")
+    >>> round(float(loss), 4)
+    2.3026
     """
     if num_chunks < 1:
         raise ValueError(f"num_chunks must be at least 1, got {num_chunks}.")

@@ -126,6 +126,11 @@ def make_distribution(config: SftConfig) -> keras.distribution.Distribution | No
     Raises:
         ValueError: when `config.batch` does not divide over the
             data-parallel replicas, or the model is of no known family.
+
+    Example:
+
+    >>> make_distribution(SftConfig("m", "d.jsonl", "o")) is None
+    True
     """
     if config.distribution is None:
         return None
