@@ -27,7 +27,13 @@ from keras_lora.recipes.sft.run import train  # noqa: E402
 
 def run(model: str, data: str, out: str, **options) -> dict:
     config = SftConfig(
-        model, data, out, **({"steps": 3, "batch": 8, "learning_rate": 0.01} | options)
+        model,
+        data,
+        out,
+        **(
+            {"steps": 3, "batch": 8, "learning_rate": 0.01, "generate_prompts": 0}
+            | options
+        ),
     )
     report = train(config)
     keys = ("train_loss", "eval_loss_before", "eval_loss_after")

@@ -24,7 +24,8 @@ transformers = pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "sft_dist_worker.py")
-OPTIONS = {"steps": 3, "batch": 2, "learning_rate": 0.01}
+# Generations are tested in test_sft_generate.
+OPTIONS = {"steps": 3, "batch": 2, "learning_rate": 0.01, "generate_prompts": 0}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,7 @@ def test_chunked_loss_and_remat_give_the_plain_losses(llama, plain, tmp_path):
     out = str(tmp_path / "out")
     argv = ["sft", "--model", model, "--data", data, "--out", out]
     flags = ["--steps", "3", "--batch", "2", "--learning-rate", "0.01"]
+    flags += ["--generate-prompts", "0"]
     # --chunked-loss without a count: 8 pieces (on JAX, a scan over them).
     assert main([*argv, *flags, "--chunked-loss", "--remat"]) == 0
     with open(os.path.join(out, "report.json")) as f:

@@ -218,6 +218,7 @@ def test_sft_on_a_preset_inspects_trains_and_exports(presets, family, tmp_path):
     assert len(inspected) == 4
 
     settings = ["--steps", "2", "--batch", "2", "--learning-rate", "0.01"]
+    settings += ["--generate-prompts", "0"]  # tested in test_sft_generate
     assert main([*argv, *settings]) == 0
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)

@@ -52,6 +52,7 @@ def test_resume_equals_an_uninterrupted_run(llama, tmp_path, monkeypatch, capsys
             eval_every=3,
             checkpoint_every=2,
             quiet=True,
+            generate_prompts=0,
         )
         return SftConfig(**(settings | changes))
 

@@ -61,6 +61,7 @@ def test_first_steps_equal_transformers_peft(tmp_path):
         targets=TARGETS,
         init_adapter=init,
         quiet=True,
+        generate_prompts=0,
     )
     report = train(config)
 
