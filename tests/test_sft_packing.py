@@ -60,9 +60,9 @@ def _tiny_model():
 
 
 def test_buckets_trace_no_more_step_functions_than_buckets():
-    lengths = [3, 5, 7, 9, 12, 15, 20, 26, 31, 40, 47, 55, 60, 70, 90, 100] * 2
-    batches = bucketed_steps(_examples(lengths), 2, 16, 0, seed=1, max_length=100)
-    buckets = bucket_lengths(100)
+    lengths = [3, 5, 7, 9, 12, 15, 20, 26, 31, 40, 47, 55, 60] * 2
+    batches = bucketed_steps(_examples(lengths), 2, 10, 0, seed=1, max_length=64)
+    buckets = bucket_lengths(64)
     used = {shape[1] for shape in batches.shapes}
     assert used <= set(buckets) and len(used) >= 4
     # Each batch is one bucket's: every example in it needs that bucket.
@@ -81,7 +81,7 @@ def test_buckets_trace_no_more_step_functions_than_buckets():
     model.fit(fit_data(batches), epochs=1, verbose=0)
     if keras.backend.backend() == "torch":
         # Eager: the step's Python body runs once per step, nothing traced.
-        assert traces.traced is None and traces.count == 16
+        assert traces.traced is None and traces.count == 10
     else:
         assert 1 <= traces.traced <= len(used)
 
@@ -106,7 +106,11 @@ def _tiny_lm(family: str):
 
 
 def _token_losses(model, x, y) -> np.ndarray:
-    logits = model(x, training=False)
+    if keras.backend.backend() == "jax":
+        # One compiled forward: eager JAX compiles every op on its own.
+        logits = model.predict_on_batch(x)
+    else:
+        logits = model(x, training=False)
     losses = keras.losses.sparse_categorical_crossentropy(
         y, keras.ops.cast(logits, "float32"), from_logits=True
     )
