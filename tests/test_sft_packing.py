@@ -206,6 +206,7 @@ def test_packed_sft_eval_loss_is_what_peft_computes_alone(tmp_path):
     out = str(tmp_path / "out")
     argv = ["sft", "--model", model, "--data", data, "--out", out]
     settings = ["--steps", "3", "--batch", "1", "--learning-rate", "0.01"]
+    settings += ["--generate-prompts", "0"]  # tested in test_sft_generate
     assert main([*argv, *settings, "--packing", "--max-length", "96"]) == 0
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
