@@ -78,6 +78,51 @@ def export_hf_model(model: keras.layers.Layer, path: str | os.PathLike) -> str:
             "directory holds plain weights. Call `merge_lora(model)` first (or "
             "`export_peft` to save the adapter alone)."
         )
+    check_hf_exportable(model)
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=".tmp-hf-")
+    try:
+        try:
+            model.export_to_transformers(staging)
+        except ValueError as e:
+            raise ValueError(
+                f"keras-hub cannot export this {family.label} model "
+                f"({type(getattr(model, 'backbone', model)).__name__}) to "
+                f"transformers: {e}"
+            ) from None
+        _rewrite_projections(model, staging)
+        os.makedirs(path, exist_ok=True)
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(path, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def check_hf_exportable(model: keras.layers.Layer) -> None:
+    """Raise unless keras-hub can export `model`'s architecture faithfully.
+
+    What `export_hf_model` checks before it writes anything, for callers
+    that want the answer before they train (`keras-lora sft --merged-hf`).
+
+    Args:
+        model: a keras-hub task model or backbone of a family in
+            `keras_lora.families` (LoRA layers may still be in it).
+
+    Raises:
+        ValueError: as `export_hf_model`, for the model's kind.
+
+    Example:
+
+    >>> import keras_hub
+    >>> backbone = keras_hub.models.GPT2Backbone(
+    ...     vocabulary_size=64, num_layers=1, num_heads=2, hidden_dim=16,
+    ...     intermediate_dim=32, max_sequence_length=16)
+    >>> check_hf_exportable(backbone)
+    """
+    family = family_of(model)
     if not hasattr(model, "export_to_transformers"):
         raise ValueError(
             f"{type(model).__name__} has no `export_to_transformers`; this "
@@ -99,26 +144,6 @@ def export_hf_model(model: keras.layers.Layer, path: str | os.PathLike) -> str:
             f"backbone has {unsupported} (a Gemma 2 is written as a Gemma). "
             "Save the adapter with `export_peft` and merge it in PEFT instead."
         )
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".tmp-hf-")
-    try:
-        try:
-            model.export_to_transformers(staging)
-        except ValueError as e:
-            raise ValueError(
-                f"keras-hub cannot export this {family.label} model "
-                f"({type(getattr(model, 'backbone', model)).__name__}) to "
-                f"transformers: {e}"
-            ) from None
-        _rewrite_projections(model, staging)
-        os.makedirs(path, exist_ok=True)
-        for name in sorted(os.listdir(staging)):
-            os.replace(os.path.join(staging, name), os.path.join(path, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return path
 
 
 def _rewrite_projections(model, directory: str) -> None:

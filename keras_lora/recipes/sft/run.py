@@ -34,6 +34,7 @@ from keras_lora import (
 from keras_lora.families import family_of
 from keras_lora.files import atomic_write
 from keras_lora.interop import export_peft
+from keras_lora.interop.hf_model import check_hf_exportable
 from keras_lora.recipes.sft.buckets import plan_steps
 from keras_lora.recipes.sft.config import SftConfig
 from keras_lora.recipes.sft.data import read_examples
@@ -187,6 +188,8 @@ def _train(config: SftConfig) -> dict:
     keras.utils.set_random_seed(config.seed)
     lm = load_causal_lm(config.model)
     family = family_of(lm)
+    if config.merged_hf is not None:
+        check_hf_exportable(lm)  # Before training, not after.
     targets = config.targets or family.default_targets
     quantize_base(lm, config.quantize)
     inject_lora(lm, targets=tuple(targets), **dataclasses.asdict(config.lora))
