@@ -232,7 +232,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--held-out", type=int, default=100, help="MRs held out")
     p.add_argument("--limit", type=int, help="use only the first N rows of DATA")
     p.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
