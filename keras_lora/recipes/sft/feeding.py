@@ -74,9 +74,13 @@ def fit_data(batches: StepBatches):
         return tf.TensorSpec((None, None), tf.as_dtype(array.dtype))
 
     signature = ({k: spec(v) for k, v in x.items()}, spec(y), spec(weight))
-    return tf.data.Dataset.from_generator(
+    dataset = tf.data.Dataset.from_generator(
         lambda: iter(batches.steps), output_signature=signature
     )
+    # A known length: Keras's TensorFlow trainer, run to the end of a
+    # dataset of unknown length, counts one optimizer step too many
+    # (`optimizer.iterations`, which checkpoints are named after).
+    return dataset.apply(tf.data.experimental.assert_cardinality(len(batches.steps)))
 
 
 class StepTraces:

@@ -236,7 +236,13 @@ def _train(config: SftConfig) -> dict:
     remaining = batches.after(done)
     traces = StepTraces(trainer)
     if remaining.steps:
-        trainer.fit(fit_data(remaining), epochs=1, verbose=0, callbacks=callbacks)
+        trainer.fit(
+            fit_data(remaining),
+            epochs=1,
+            shuffle=False,
+            verbose=0,
+            callbacks=callbacks,
+        )
     eval_points = earlier_evals + ([] if every is None else every.losses)
     after = eval_loss(trainer, eval_examples, config.batch, pad_id, packed)
     generations.run(lm, "after")
