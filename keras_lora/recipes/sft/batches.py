@@ -18,7 +18,7 @@ import numpy as np
 
 from keras_lora.recipes.sft.encode import IGNORE, Encoded
 
-__all__ = ["Batches", "make_batches", "padded_arrays"]
+__all__ = ["Batches", "make_batches", "padded_arrays", "require_examples"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,23 @@ def sequence_length(examples: list[Encoded]) -> int:
     return -(-longest // 8) * 8
 
 
+def require_examples(examples: list) -> None:
+    """Raise unless there is an example (or packed row) to train on.
+
+    Example:
+
+    >>> require_examples([])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: no training example keeps an answer token within --max-length; ...
+    """
+    if not examples:
+        raise ValueError(
+            "no training example keeps an answer token within --max-length; "
+            "raise --max-length"
+        )
+
+
 def make_batches(
     examples: list[Encoded], batch: int, steps: int, pad_id: int, seed: int
 ) -> Batches:
@@ -106,11 +123,7 @@ def make_batches(
     Raises:
         ValueError: when there is no example (all were dropped).
     """
-    if not examples:
-        raise ValueError(
-            "no training example keeps an answer token within --max-length; "
-            "raise --max-length"
-        )
+    require_examples(examples)
     rng = np.random.default_rng(seed)
     order: list[int] = []
     while len(order) < steps * batch:

@@ -25,7 +25,11 @@ import dataclasses
 
 import numpy as np
 
-from keras_lora.recipes.sft.batches import make_batches, padded_arrays
+from keras_lora.recipes.sft.batches import (
+    make_batches,
+    padded_arrays,
+    require_examples,
+)
 from keras_lora.recipes.sft.config import SftConfig
 from keras_lora.recipes.sft.encode import Encoded
 from keras_lora.recipes.sft.packing import pack_rows, packed_arrays
@@ -157,14 +161,6 @@ def _order(n: int, count: int, rng: np.random.Generator) -> list[int]:
     return order[:count]
 
 
-def _check(examples: list) -> None:
-    if not examples:
-        raise ValueError(
-            "no training example keeps an answer token within --max-length; "
-            "raise --max-length"
-        )
-
-
 def fixed_steps(
     examples: list[Encoded], batch: int, steps: int, pad_id: int, seed: int
 ) -> StepBatches:
@@ -209,7 +205,7 @@ def bucketed_steps(
         seed: seeds the order.
         max_length: the longest sequence (sets the buckets).
     """
-    _check(examples)
+    require_examples(examples)
     rng = np.random.default_rng(seed)
     pending: dict[int, list[Encoded]] = {}
     out, real = [], []
@@ -240,7 +236,7 @@ def packed_rows(examples: list[Encoded], max_length: int) -> list[list[Encoded]]
     >>> [len(row) for row in rows]
     [2, 1]
     """
-    _check(examples)
+    require_examples(examples)
     rows = pack_rows([len(e.input_ids) for e in examples], max_length)
     return [[examples[i] for i in row] for row in rows]
 
@@ -266,7 +262,7 @@ def packed_steps(
         bucketed: pad a batch to the bucket of its fullest row; False:
             to `max_length` rounded up to a multiple of 8.
     """
-    _check(rows)
+    require_examples(rows)
     order = _order(len(rows), steps * batch, np.random.default_rng(seed))
     out, real = [], []
     for s in range(steps):
