@@ -36,7 +36,10 @@ BENCH_NAV_TITLES = {
     "memory": "Memory",
     "forgetting": "Quality and forgetting (demo)",
 }
-HAND_WRITTEN = {"e2e.md": "E2E NLG BLEU (sft)"}
+HAND_WRITTEN = {
+    "e2e.md": "E2E NLG BLEU (sft)",
+    "packing.md": "Padding, buckets, packing (sft)",
+}
 
 
 # ---------------------------------------------------------------- API
