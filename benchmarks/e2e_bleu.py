@@ -238,6 +238,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--learning-rate", type=float, default=2e-3)
     p.add_argument("--full-learning-rate", type=float, help="default: --learning-rate")
+    p.add_argument(
+        "--lora-learning-rate",
+        type=float,
+        help="the LoRA runs' rate (lora and trl); default: --learning-rate",
+    )
+    p.add_argument(
+        "--targets",
+        nargs="+",
+        help="LoRA targets for the sft recipe (roles, or all-linear); default: "
+        "the family's",
+    )
+    p.add_argument(
+        "--no-base",
+        action="store_true",
+        help="do not decode the base model (its scores do not change)",
+    )
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--examples", type=int, default=10, help="generations shown")
@@ -289,6 +305,8 @@ def main(argv=None) -> int:
         "alpha": args.alpha,
         "learning_rate": args.learning_rate,
         "full_learning_rate": args.full_learning_rate or args.learning_rate,
+        "lora_learning_rate": args.lora_learning_rate or args.learning_rate,
+        "targets": args.targets,
         "max_length": args.max_length,
         "max_new_tokens": args.max_new_tokens,
         "seed": args.seed,
@@ -318,7 +336,8 @@ def main(argv=None) -> int:
     decode_spec = {
         **spec,
         "prompts": [prompt_of(m) for m in mrs],
-        "models": {"base": {}} | {k: results[k]["model"] for k in args.runs},
+        "models": ({} if args.no_base else {"base": {}})
+        | {k: results[k]["model"] for k in args.runs},
     }
     decoded = _run_worker("decode", decode_spec, args.out, backend)
     seconds["decode"] = decoded["process_seconds"]

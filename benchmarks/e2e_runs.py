@@ -86,10 +86,12 @@ def prepare(base: str, train: str, evals: str, out: str, settings: dict) -> dict
     from keras_lora.bench.peft_run import peft_target_modules
     from keras_lora.families import GPT2
     from keras_lora.recipes.sft.batches import make_batches
+    from keras_lora.recipes.sft.config import ALL_LINEAR
     from keras_lora.recipes.sft.data import read_examples
     from keras_lora.recipes.sft.encode import encode_examples
     from keras_lora.recipes.sft.inspection import prepare_data
 
+    targets = tuple(settings.get("targets") or GPT2.default_targets)
     card = write_base(base)
     config = _sft_config(settings | {"base": base, "train": train, "eval": evals}, out)
     tokenizer, _, data = prepare_data(config)
@@ -120,8 +122,11 @@ def prepare(base: str, train: str, evals: str, out: str, settings: dict) -> dict
             "base_model": "keras-lora's pretrained GPT-2 (keras_lora/recipes/assets: "
             "4 layers, hidden 128, 128 positions, vocabulary 4096, 1.33M "
             f"parameters), trained on {card['card']}",
-            "lora_targets": list(GPT2.default_targets),
-            "peft_target_modules": peft_target_modules(GPT2.default_targets),
+            "lora_targets": list(targets),
+            # PEFT's own all-linear picks every Linear/Conv1D but the head.
+            "peft_target_modules": (
+                "all-linear" if ALL_LINEAR in targets else peft_target_modules(targets)
+            ),
             "train_data": data.report(),
             "eval_data": held.report(),
             "padding_fraction": round(batches.padding_fraction, 4),
@@ -144,6 +149,7 @@ def _sft_config(spec: dict, out: str, **changes):
         batch=spec["batch"],
         learning_rate=spec["learning_rate"],
         seed=spec["seed"],
+        targets=tuple(spec["targets"]) if spec.get("targets") else None,
     )
     return dataclasses.replace(config, **changes)
 
@@ -164,7 +170,8 @@ def run_lora(spec: dict) -> dict:
 
     out = os.path.join(spec["out"], "lora")
     start = time.perf_counter()
-    report = train(_sft_config(spec, out))
+    rate = spec.get("lora_learning_rate") or spec["learning_rate"]
+    report = train(_sft_config(spec, out, learning_rate=rate))
     seconds = time.perf_counter() - start
     summary = _summary(
         report["train_loss"], seconds, report["settings"]["trainable_params"]
@@ -250,7 +257,7 @@ def run_trl(spec: dict) -> dict:
         output_dir=os.path.join(out, "trainer"),
         max_steps=spec["steps"],
         per_device_train_batch_size=spec["batch"],
-        learning_rate=spec["learning_rate"],
+        learning_rate=spec.get("lora_learning_rate") or spec["learning_rate"],
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.004,  # Keras AdamW's defaults, as the Keras runs use.

@@ -91,6 +91,22 @@ def test_rouge_l_is_the_best_lcs_f_score_over_the_references():
     assert e2e.rouge_l(["", "a b"], [["a"], ["a b"]]) == pytest.approx(50.0)
 
 
+def test_lora_rate_and_targets_reach_the_lora_run_only(tmp_path):
+    e2e = load_script()
+    runs = sys.modules["e2e_runs"]
+    argv = ["d.csv", "--out", str(tmp_path)]
+    assert e2e.parse_args(argv).lora_learning_rate is None
+    args = e2e.parse_args(
+        argv + ["--lora-learning-rate", "0.02", "--targets", "all-linear"]
+    )
+    assert args.lora_learning_rate == 0.02 and args.targets == ["all-linear"]
+    spec = dict(base="b", train="t", eval="e", max_length=128, rank=2, alpha=4.0)
+    spec |= dict(steps=3, batch=2, learning_rate=1e-3, seed=0)
+    assert runs._sft_config(spec, str(tmp_path)).targets is None
+    config = runs._sft_config(spec | {"targets": ["all-linear"]}, str(tmp_path))
+    assert config.targets == ("all-linear",) and config.learning_rate == 1e-3
+
+
 def test_base_tokenizer_order_and_losses_are_shared_with_transformers(tmp_path):
     """The benchmark's Hugging Face base: transformers tokenizes as the sft
     recipe does (EOS one token), the order TRL gets is the order the recipe
