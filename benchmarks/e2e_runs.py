@@ -150,6 +150,9 @@ def _sft_config(spec: dict, out: str, **changes):
         learning_rate=spec["learning_rate"],
         seed=spec["seed"],
         targets=tuple(spec["targets"]) if spec.get("targets") else None,
+        # One padded length: the order `make_batches` gives, which the full
+        # fine-tuning and TRL runs are handed (buckets would reorder steps).
+        buckets="off",
     )
     return dataclasses.replace(config, **changes)
 

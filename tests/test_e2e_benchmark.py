@@ -17,7 +17,11 @@ ROWS = [
     ("name[Aromi], food[Chinese]", "Chinese food is served at Aromi."),
     ("name[Bibimbap], area[riverside]", "Bibimbap is by the riverside."),
     ("name[Bibimbap], area[riverside]", "By the riverside you find Bibimbap."),
-    ("name[Bibimbap], area[riverside]", "Bibimbap, riverside."),
+    (
+        "name[Bibimbap], area[riverside]",
+        "Down by the riverside, past the old bridge and the boats, there is a "
+        "small and friendly place called Bibimbap that everyone likes to visit.",
+    ),
     ("name[Cotto], eatType[pub]", "Cotto is a pub."),
     ("name[Cotto], eatType[pub]", "There is a pub called Cotto."),
     ("name[Zizzi], near[The Sorrento]", "Zizzi is near The Sorrento."),
@@ -114,6 +118,7 @@ def test_base_tokenizer_order_and_losses_are_shared_with_transformers(tmp_path):
     import transformers
 
     from keras_lora.recipes.sft.batches import make_batches
+    from keras_lora.recipes.sft.buckets import plan_steps
     from keras_lora.recipes.sft.encode import Encoded
     from keras_lora.recipes.sft.evaluation import eval_loss
     from keras_lora.recipes.sft.inspection import prepare_data
@@ -151,6 +156,14 @@ def test_base_tokenizer_order_and_losses_are_shared_with_transformers(tmp_path):
     _, _, data = prepare_data(config)
     assert data.examples[0].input_ids == ids
     batches = make_batches(data.examples, 2, 3, eos, 0)
+    # The sft recipe trains on these very arrays (padding included) with
+    # the benchmark's config, so the order handed to TRL is its order.
+    trained = plan_steps(config, data.examples, eos).steps
+    for step, (x, y, weight) in enumerate(trained):
+        rows = slice(2 * step, 2 * step + 2)
+        np.testing.assert_array_equal(x["token_ids"], batches.x["token_ids"][rows])
+        np.testing.assert_array_equal(y, batches.y[rows])
+        np.testing.assert_array_equal(weight, batches.sample_weight[rows])
     records = [json.loads(line) for line in open(paths["train"], encoding="utf-8")]
     for row, line in enumerate(prep["order"]):
         record = records[line - 1]
