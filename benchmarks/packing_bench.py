@@ -232,6 +232,10 @@ def run_trl(spec: dict) -> dict:
         max_length=spec["max_length"],
         packing=spec["packing"],
         use_cpu=True,
+        # TRL's SFTConfig defaults to bf16 autocast and gradient checkpointing;
+        # the Keras runs train in float32 without remat, so these match them.
+        bf16=False,
+        gradient_checkpointing=False,
         disable_tqdm=True,
     )
     lora = peft.LoraConfig(
