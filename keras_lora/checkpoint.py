@@ -22,8 +22,9 @@ class AdapterCheckpoint(keras.callbacks.Callback):
 
     Each checkpoint is an adapter directory `directory/step-00000123`
     (`save_adapter` format, loadable with `load_adapter`), named after the
-    number of optimizer steps taken so far (`model.optimizer.iterations`,
-    so a second `fit` continues the count). Only the newest `keep` are kept.
+    number of optimizer steps taken so far (`model.optimizer.iterations`
+    when `fit` begins plus the steps taken since, so a second `fit`
+    continues the count). Only the newest `keep` are kept.
 
     With `steps_per_execution > 1` Keras runs several steps between
     callbacks; a checkpoint is then saved at the end of the first execution
@@ -95,7 +96,9 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         self.adapter_name = adapter_name
         self.on_save = on_save
         self.steps = 0  # Optimizer steps taken, as of the last callback.
-        self._epoch_start = 0
+        self._epoch_start = 0  # `steps` when the epoch began.
+        self._epoch_iterations = 0  # The optimizer's count then.
+        self._in_epoch = 0  # Steps of this epoch Keras has reported.
         self._saved_at: int | None = None
 
     @property
@@ -131,13 +134,15 @@ class AdapterCheckpoint(keras.callbacks.Callback):
                 f"AdapterCheckpoint: model '{self.model.name}' has no adapter "
                 f"{self.adapter_name!r}; its adapters are {known}."
             )
+        self.steps = self._iterations(default=self.steps)
 
     def on_epoch_begin(self, epoch, logs=None):
         # The optimizer's step counter is read once an epoch and when a
         # save may be due: on JAX, reading model state forces a state sync,
         # which every step would slow training down.
-        self._epoch_start = self._iterations()
-        self.steps = self._epoch_start
+        self._epoch_start = self.steps
+        self._epoch_iterations = self._iterations(default=0)
+        self._in_epoch = 0
 
     def on_train_batch_end(self, batch, logs=None):
         # `batch` is the last step index of the execution that just ran
@@ -148,26 +153,40 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         in_epoch = int(batch) + 1
         if steps_per_epoch:
             in_epoch = min(in_epoch, int(steps_per_epoch))
+        self._in_epoch = in_epoch
         previous, estimate = self.steps, self._epoch_start + in_epoch
         n = self.every_n_steps
         if n and estimate // n > previous // n:
-            self.steps = self._iterations()
+            self.steps = self._epoch_start + self._steps_in_epoch()
             if self.steps // n > previous // n:
                 self._save()
         else:
             self.steps = estimate
 
-    def _iterations(self) -> int:
-        """`model.optimizer.iterations`, or the last count without one."""
-        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
-        if iterations is None:
-            return self.steps
-        return int(keras.ops.convert_to_numpy(iterations))
-
     def on_epoch_end(self, epoch, logs=None):
-        self.steps = self._iterations()
+        self.steps = self._epoch_start + self._steps_in_epoch()
         if self.save_at_epoch_end and self._saved_at != self.steps:
             self._save()
+
+    def _steps_in_epoch(self) -> int:
+        """The optimizer steps of this epoch so far.
+
+        The optimizer's count since the epoch began, but never more than
+        the steps Keras reported: Keras's TensorFlow trainer adds one to
+        `optimizer.iterations`, without a step, when it reaches the end of
+        data of unknown length (a generator, a filtered `tf.data`).
+        """
+        done = self._iterations(default=None)
+        if done is None:
+            return self._in_epoch
+        return min(self._in_epoch, done - self._epoch_iterations)
+
+    def _iterations(self, default: int | None) -> int | None:
+        """`model.optimizer.iterations`, or `default` without an optimizer."""
+        iterations = getattr(getattr(self.model, "optimizer", None), "iterations", None)
+        if iterations is None:
+            return default
+        return int(keras.ops.convert_to_numpy(iterations))
 
     def _save(self) -> None:
         self._saved_at = self.steps

@@ -134,6 +134,26 @@ def test_a_second_fit_continues_the_count(tmp_path):
     ]
 
 
+def test_data_of_unknown_length_names_checkpoints_by_steps_taken(tmp_path):
+    # A generator has no length. Keras's TensorFlow trainer counts one
+    # optimizer iteration more than it steps when such data runs out.
+    model = mlp()
+    inject_lora(model, rank=2, targets="hidden_1")
+    model.compile(optimizer="sgd", loss="mse")
+
+    def four_batches():
+        for _ in range(4):
+            yield np.ones((2, 784), "float32"), np.zeros((2, 10), "float32")
+
+    checkpoint = AdapterCheckpoint(tmp_path, every_n_steps=3, keep=None)
+    model.fit(four_batches(), epochs=1, callbacks=[checkpoint], verbose=0)
+    assert [os.path.basename(p) for p in checkpoint.checkpoints] == [
+        "step-00000003",
+        "step-00000004",
+    ]
+    assert checkpoint.steps == 4
+
+
 def test_checkpoint_saves_the_named_adapter(tmp_path):
     model = mlp()
     inject_lora(model, rank=2, targets="hidden_1")

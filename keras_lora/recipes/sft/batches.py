@@ -18,7 +18,14 @@ import numpy as np
 
 from keras_lora.recipes.sft.encode import IGNORE, Encoded
 
-__all__ = ["Batches", "make_batches", "padded_arrays", "require_examples"]
+__all__ = [
+    "Batches",
+    "label_weights",
+    "make_batches",
+    "padded_arrays",
+    "require_examples",
+    "seeded_order",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +112,47 @@ def require_examples(examples: list) -> None:
         )
 
 
+def seeded_order(n: int, count: int, seed: int) -> list[int]:
+    """`count` indices of range(n): a fresh seeded permutation per pass.
+
+    Args:
+        n: how many items there are.
+        count: how many indices to draw.
+        seed: seeds the permutations.
+
+    Example:
+
+    >>> order = seeded_order(3, 7, 0)
+    >>> len(order), sorted(order[:3]) == sorted(order[3:6]) == [0, 1, 2]
+    (7, True)
+    """
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while len(order) < count:
+        order.extend(rng.permutation(n).tolist())
+    return order[:count]
+
+
+def label_weights(mask: np.ndarray) -> np.ndarray:
+    """One step's loss mask divided by its count of label tokens.
+
+    Under a "sum" loss the step then minimises the mean cross-entropy over
+    its label tokens. A step without label tokens (every example a single
+    label at position 0) gets zero weight.
+
+    Args:
+        mask: the step's 0/1 loss mask, any shape.
+
+    Example:
+
+    >>> label_weights(np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])).tolist()
+    [[0.25, 0.25, 0.0], [0.25, 0.25, 0.0]]
+    """
+    count = float(mask.sum())
+    scale = 1.0 / count if count > 0 else 0.0
+    return (mask * scale).astype("float32")
+
+
 def make_batches(
     examples: list[Encoded], batch: int, steps: int, pad_id: int, seed: int
 ) -> Batches:
@@ -124,17 +172,11 @@ def make_batches(
         ValueError: when there is no example (all were dropped).
     """
     require_examples(examples)
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while len(order) < steps * batch:
-        order.extend(rng.permutation(len(examples)).tolist())
-    chosen = [examples[i] for i in order[: steps * batch]]
-    length = sequence_length(examples)
-    x, y, mask = padded_arrays(chosen, length, pad_id)
-    counts = mask.reshape(steps, batch, length).sum(axis=(1, 2))
-    # A batch without label tokens (possible only when every one of its
-    # examples has a single label at position 0) gets zero weight.
-    scale = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
-    weights = mask * np.repeat(scale, batch)[:, None]
+    order = seeded_order(len(examples), steps * batch, seed)
+    chosen = [examples[i] for i in order]
+    x, y, mask = padded_arrays(chosen, sequence_length(examples), pad_id)
+    weights = np.concatenate(
+        [label_weights(mask[s * batch : (s + 1) * batch]) for s in range(steps)]
+    )
     padding = 1.0 - float(x["padding_mask"].mean())
-    return Batches(x, y, weights.astype("float32"), padding, int(mask.sum()))
+    return Batches(x, y, weights, padding, int(mask.sum()))

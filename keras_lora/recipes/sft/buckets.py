@@ -26,9 +26,11 @@ import dataclasses
 import numpy as np
 
 from keras_lora.recipes.sft.batches import (
+    label_weights,
     make_batches,
     padded_arrays,
     require_examples,
+    seeded_order,
 )
 from keras_lora.recipes.sft.config import SftConfig
 from keras_lora.recipes.sft.encode import Encoded
@@ -145,22 +147,6 @@ def bucket_length(size: int, max_length: int) -> int:
     raise AssertionError("the last bucket holds max_length")
 
 
-def _weighted(x: dict, y: np.ndarray, mask: np.ndarray, real: int) -> tuple:
-    count = float(mask.sum())
-    # A batch without label tokens (every example a single label at
-    # position 0) gets zero weight.
-    scale = 1.0 / count if count > 0 else 0.0
-    return (x, y, (mask * scale).astype("float32")), real
-
-
-def _order(n: int, count: int, rng: np.random.Generator) -> list[int]:
-    """`count` indices of range(n): a fresh permutation per pass."""
-    order: list[int] = []
-    while len(order) < count:
-        order.extend(rng.permutation(n).tolist())
-    return order[:count]
-
-
 def fixed_steps(
     examples: list[Encoded], batch: int, steps: int, pad_id: int, seed: int
 ) -> StepBatches:
@@ -218,9 +204,8 @@ def bucketed_steps(
             if len(group) < batch:
                 continue
             x, y, mask = padded_arrays(group, length, pad_id)
-            step, tokens = _weighted(x, y, mask, int(x["padding_mask"].sum()))
-            out.append(step)
-            real.append(tokens)
+            out.append((x, y, label_weights(mask)))
+            real.append(int(x["padding_mask"].sum()))
             pending[length] = []
             if len(out) == steps:
                 break
@@ -263,16 +248,15 @@ def packed_steps(
             to `max_length` rounded up to a multiple of 8.
     """
     require_examples(rows)
-    order = _order(len(rows), steps * batch, np.random.default_rng(seed))
+    order = seeded_order(len(rows), steps * batch, seed)
     out, real = [], []
     for s in range(steps):
         chosen = [rows[i] for i in order[s * batch : (s + 1) * batch]]
         used = max(sum(len(e.input_ids) for e in row) for row in chosen)
         length = bucket_length(used if bucketed else max_length, max_length)
         x, y, mask = packed_arrays(chosen, length, pad_id)
-        step, tokens = _weighted(x, y, mask, int((x["segment_ids"] > 0).sum()))
-        out.append(step)
-        real.append(tokens)
+        out.append((x, y, label_weights(mask)))
+        real.append(int((x["segment_ids"] > 0).sum()))
     examples = sum(len(row) for row in rows)
     return StepBatches(out, real, rows=len(rows), examples=examples)
 
