@@ -158,7 +158,7 @@ def layout_lines() -> list[str]:
     """One line per module of keras_lora: its path and docstring's summary."""
     rows = []
     for folder, dirs, files in os.walk(PACKAGE):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(("__", ".")))
         for file in sorted(files):
             if not file.endswith(".py"):
                 continue

@@ -206,11 +206,21 @@ def write_jsonl(path: str, rows: list) -> str:
 def save_tiny_llama(model_dir: str) -> str:
     """Add random tiny Llama weights (transformers, saved offline) to a
     tokenizer directory of `build_model_dir`, sized to its vocabulary."""
+    return _save_tiny_weights(model_dir, "LlamaForCausalLM", "LlamaConfig")
+
+
+def save_tiny_gemma(model_dir: str) -> str:
+    """Add random tiny Gemma weights (tied head, head_dim 8) to a tokenizer
+    directory of `build_model_dir`, sized to its vocabulary."""
+    return _save_tiny_weights(model_dir, "GemmaForCausalLM", "GemmaConfig", head_dim=8)
+
+
+def _save_tiny_weights(model_dir: str, model: str, config: str, **extra) -> str:
     import torch
     import transformers
 
     vocab = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-    config = transformers.LlamaConfig(
+    settings = dict(
         vocab_size=vocab.get_vocab_size(),
         hidden_size=16,
         intermediate_size=32,
@@ -218,10 +228,11 @@ def save_tiny_llama(model_dir: str) -> str:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=config == "GemmaConfig",
     )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(model_dir)
+    hf_config = getattr(transformers, config)(**settings, **extra)
+    getattr(transformers, model)(hf_config).save_pretrained(model_dir)
     return model_dir
 
 

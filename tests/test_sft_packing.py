@@ -6,6 +6,7 @@ on its adapter, each example alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -23,6 +24,7 @@ from keras_lora.recipes.sft.feeding import StepTraces, fit_data
 from keras_lora.recipes.sft.packed_model import packed_causal_lm
 from keras_lora.recipes.sft.packing import pack_rows, packed_arrays
 from tests import sft_fixtures as fx
+from tests.family_cases import CASES, FamilyCase
 from tests.helpers import randomize_lora_b, to_numpy
 
 VOCAB = 40
@@ -86,23 +88,19 @@ def test_buckets_trace_no_more_step_functions_than_buckets():
         assert 1 <= traces.traced <= len(used)
 
 
-def _tiny_lm(family: str):
-    common = dict(
-        vocabulary_size=VOCAB,
-        num_layers=2,
-        num_query_heads=4,
-        num_key_value_heads=2,
-        hidden_dim=16,
-        intermediate_dim=32,
-    )
-    if family == "llama":
-        backbone = keras_hub.models.LlamaBackbone(**common)
-        return keras_hub.models.LlamaCausalLM(backbone, preprocessor=None)
-    if family == "qwen2":
-        backbone = keras_hub.models.QwenBackbone(**common)
-        return keras_hub.models.QwenCausalLM(backbone, preprocessor=None)
-    backbone = keras_hub.models.MistralBackbone(**common, sliding_window=6)
-    return keras_hub.models.MistralCausalLM(backbone, preprocessor=None)
+def _window(case: FamilyCase) -> FamilyCase:
+    """`case` with a sliding window shorter than the test's examples, where
+    the family has one, so it takes part in what is compared."""
+    config = dict(case.backbone_config)
+    if case.id == "mistral":
+        config["sliding_window"] = 6
+    if case.id in ("gemma2", "gemma3"):
+        config.update(use_sliding_window_attention=True, sliding_window_size=6)
+    return dataclasses.replace(case, backbone_config=config)
+
+
+# Every family that packs: the rotary ones (GPT-2's refusal is tested below).
+PACKING_CASES = [_window(c) for c in CASES if c.family.decoder_stack is not None]
 
 
 def _token_losses(model, x, y) -> np.ndarray:
@@ -135,11 +133,13 @@ def _sgd_gradients(model, x, y, weights) -> list[np.ndarray]:
     return grads
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_packed_row_matches_each_example_alone(family):
+@pytest.mark.parametrize("case", PACKING_CASES, ids=lambda c: c.id)
+def test_packed_row_matches_each_example_alone(case):
     keras.utils.set_random_seed(0)
-    lm = _tiny_lm(family)
-    inject_lora(lm, rank=2, targets=("query", "value", "feedforward_output_dense"))
+    lm = case.make_task(case.make_backbone())
+    roles = [p.role for p in case.family.projections]
+    # Attention and the last MLP projection: every kind of kernel layout.
+    inject_lora(lm, rank=2, targets=("query", "value", roles[-1]))
     randomize_lora_b(lm, scale=0.3)
     examples = _examples([9, 5, 7, 3])
     [row] = packed_rows(examples, 24)
@@ -166,7 +166,7 @@ def test_packed_row_matches_each_example_alone(family):
         np.testing.assert_allclose(got, expected, atol=1e-4 * max(scale, 1.0))
 
 
-def test_families_that_cannot_pack_say_why():
+def test_gpt2_cannot_pack_and_says_why():
     gpt2 = keras_hub.models.GPT2CausalLM(
         keras_hub.models.GPT2Backbone(
             vocabulary_size=VOCAB,
@@ -180,34 +180,24 @@ def test_families_that_cannot_pack_say_why():
     )
     with pytest.raises(ValueError, match="GPT-2: .*learned absolute position"):
         packed_causal_lm(gpt2)
-    gemma = keras_hub.models.GemmaCausalLM(
-        keras_hub.models.GemmaBackbone(
-            vocabulary_size=VOCAB,
-            num_layers=1,
-            num_query_heads=2,
-            num_key_value_heads=1,
-            hidden_dim=8,
-            intermediate_dim=16,
-            head_dim=4,
-        ),
-        preprocessor=None,
-    )
-    with pytest.raises(ValueError, match="Gemma: .*takes only a padding mask"):
-        packed_causal_lm(gemma)
 
 
-def test_packed_sft_eval_loss_is_what_peft_computes_alone(tmp_path):
+@pytest.mark.parametrize("family", ["llama3", "gemma"])
+def test_packed_sft_eval_loss_is_what_peft_computes_alone(tmp_path, family):
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     del torch
-    model = fx.save_tiny_llama(fx.build_model_dir("llama3", str(tmp_path / "llama")))
+    save = {"llama3": fx.save_tiny_llama, "gemma": fx.save_tiny_gemma}[family]
+    # Rows long enough for several of the family's encoded examples.
+    max_length = {"llama3": "96", "gemma": "160"}[family]
+    model = save(fx.build_model_dir(family, str(tmp_path / family)))
     data = fx.write_jsonl(str(tmp_path / "train.jsonl"), fx.MESSAGES * 3)
     out = str(tmp_path / "out")
     argv = ["sft", "--model", model, "--data", data, "--out", out]
     settings = ["--steps", "3", "--batch", "1", "--learning-rate", "0.01"]
     settings += ["--generate-prompts", "0"]  # tested in test_sft_generate
-    assert main([*argv, *settings, "--packing", "--max-length", "96"]) == 0
+    assert main([*argv, *settings, "--packing", "--max-length", max_length]) == 0
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
     assert report["settings"]["packing"] is True
@@ -221,10 +211,10 @@ def test_packed_sft_eval_loss_is_what_peft_computes_alone(tmp_path):
         assert 1 <= report["traced_step_functions"] <= len(shapes)
     assert report["eval_loss_after"] < report["eval_loss_before"]
 
-    assert main([*argv, "--inspect", "--max-length", "96"]) == 0
+    assert main([*argv, "--inspect", "--max-length", max_length]) == 0
     with open(os.path.join(out, "encoded.jsonl")) as f:
         encoded = [json.loads(line) for line in f]
-    base = transformers.LlamaForCausalLM.from_pretrained(model).eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
     assert fx.hf_eval_loss(base, encoded) == pytest.approx(
         report["eval_loss_before"], rel=2e-3
     )

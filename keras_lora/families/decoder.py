@@ -103,7 +103,7 @@ SHARDING = Sharding(
 DEFAULT_TARGETS = ("query", "value")
 
 # keras-hub's `LlamaTransformerDecoder`, `MistralTransformerDecoder` and
-# `QwenTransformerDecoder` take `decoder_attention_mask` (batch, query, key)
-# beside the padding mask and take its minimum with their causal (Mistral:
-# sliding-window) mask; the backbones name their layers as below.
+# `QwenTransformerDecoder` build their causal (Mistral: sliding-window) mask
+# in `_compute_self_attention_mask`; the backbones list them in
+# `transformer_layers`.
 DECODER_STACK = DecoderStack()

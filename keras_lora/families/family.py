@@ -156,26 +156,22 @@ class Sharding:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderStack:
-    """How a backbone's layers run outside its own graph, as names.
+    """Where a block-diagonal attention mask reaches a backbone's layers.
 
-    The packed forward (`keras_lora.recipes.sft.packed_model`) calls the
-    backbone's own layers in the backbone's order: `embedding`, each of
-    `layers` with `attention_mask_argument` (a (batch, query, key) mask the
-    layer combines with its causal mask), `final_norm`, and the embedding's
-    reverse (the tied or untied output head).
+    The packed forward (`keras_lora.recipes.sft.packed_model`) runs the
+    causal LM's own graph with each of `layers` attending only within an
+    example: the mask each layer builds in `attention_mask_method`
+    (causal, sliding window) is narrowed by the block-diagonal one
+    (`keras_lora._keras_internals.narrowed_attention_masks`).
 
     Args:
-        embedding: the token embedding attribute of the backbone.
-        layers: the attribute listing the transformer layers.
-        final_norm: the attribute of the final layer norm.
-        attention_mask_argument: the keyword of the layers' `call` that
-            takes an attention mask.
+        layers: the backbone attribute listing the transformer layers.
+        attention_mask_method: the layers' (private) method that returns
+            their (batch, query, key) attention mask.
     """
 
-    embedding: str = "token_embedding"
     layers: str = "transformer_layers"
-    final_norm: str = "layer_norm"
-    attention_mask_argument: str = "decoder_attention_mask"
+    attention_mask_method: str = "_compute_self_attention_mask"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ from keras_lora.families.family import (
     HEADS_ROW,
     HIDDEN,
     ROW,
+    DecoderStack,
     Family,
     Projection,
     Sharding,
@@ -67,12 +68,10 @@ GEMMA = Family(
     hf_task_types={"GemmaForCausalLM": "CAUSAL_LM", "Gemma2ForCausalLM": "CAUSAL_LM"},
     # keras-hub 0.32's exporter writes every GemmaBackbone as a Gemma (1)
     # config: Gemma 2's extra norms, soft caps and sliding window are lost.
-    packing_refusal=(
-        "keras-hub's GemmaDecoderBlock.call takes only a padding mask (no "
-        "attention mask argument), so a block-diagonal mask cannot reach its "
-        "attention without overriding keras-hub internals; train Gemma "
-        "without --packing (length buckets already cut most padding)"
-    ),
+    # `GemmaDecoderBlock` takes no attention mask argument; it builds its
+    # causal mask in `_compute_attention_mask` (Gemma 2's sliding window is
+    # applied after, in the attention layer).
+    decoder_stack=DecoderStack(attention_mask_method="_compute_attention_mask"),
     hf_export_requires={
         "use_post_ffw_norm": False,
         "use_post_attention_norm": False,

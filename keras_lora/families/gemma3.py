@@ -22,11 +22,4 @@ GEMMA3 = dataclasses.replace(
     hf_class_prefix="Gemma3",
     hf_task_types={"Gemma3ForCausalLM": "CAUSAL_LM"},
     hf_export_requires={},
-    packing_refusal=(
-        "keras-hub's Gemma3DecoderBlock.call takes only padding and vision "
-        "masks (no attention mask argument), and its sliding-window layers "
-        "build their own masks, so a block-diagonal mask cannot reach its "
-        "attention without overriding keras-hub internals; train Gemma 3 "
-        "without --packing (length buckets already cut most padding)"
-    ),
 )

@@ -1,25 +1,24 @@
 """The packed forward: a causal LM whose rows hold several examples.
 
 keras-hub backbones take a padding mask only, so a block-diagonal mask
-cannot reach their attention through the backbone's own graph. This module
-builds a second functional model over the same layers, driven by the
-family's `DecoderStack` (`keras_lora.families.family`): it runs the
-backbone's token embedding, calls each transformer layer with a
-(batch, query, key) attention mask that is 1 only where query and key
-belong to the same example (keras-hub's Llama, Mistral and Qwen2 decoder
-layers accept it as `decoder_attention_mask` and combine it with their
-causal mask), the final layer norm, and the embedding's reverse (the output
-head, tied or not). No padding mask is passed: padding is segment 0, so a
-padded position attends to padding only, and no example ever sees it.
+cannot reach their attention through the backbone's inputs. The packed
+model runs the causal LM's own graph (embedding scale, norms, soft caps,
+output head: whatever the family's graph does) with every transformer
+layer's attention mask narrowed to the block-diagonal one: a query attends
+to a key only if both belong to the same example. Where the mask reaches
+each layer is family data (`Family.decoder_stack`: the layers and the
+method that builds their mask), applied by one door function,
+`keras_lora._keras_internals.narrowed_attention_masks`. Padding is segment
+0, so a padded position attends to padding only, and no example ever sees
+it; the padding mask passed to the graph is all ones.
 
-The layers are shared with the causal LM, LoRA wrappers included: fitting
-the packed model trains the causal LM's adapter.
+The layers are the causal LM's, LoRA wrappers included: fitting the packed
+model trains the causal LM's adapter.
 
 Rotary-position families need no position restart: their attention scores
 see only relative positions, so an example placed at any offset of a row
 computes what it computes alone. Families with learned absolute positions
-(GPT-2), or whose layers take no attention mask (Gemma, Gemma 3), are
-refused with the family's `packing_refusal`.
+(GPT-2) are refused with the family's `packing_refusal`.
 """
 
 from __future__ import annotations
@@ -27,21 +26,56 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_lora._keras_internals import narrowed_attention_masks
 from keras_lora.families import family_of
+from keras_lora.families.family import DecoderStack
 
-__all__ = ["packed_causal_lm"]
+__all__ = ["PackedCausalLM", "packed_causal_lm"]
 
 
-def packed_causal_lm(lm: keras.Model) -> keras.Model:
-    """A model over `lm`'s layers taking packed rows.
+class PackedCausalLM(keras.Model):
+    """A keras-hub causal LM over packed rows.
+
+    Args:
+        lm: the keras-hub causal LM whose graph and layers it runs.
+        decoder_stack: where the block-diagonal mask reaches `lm`'s layers.
+
+    Call arguments:
+        inputs: `{"token_ids", "segment_ids"}`, each (batch, length) int32;
+            segment 0 is padding, 1, 2, ... the row's examples.
+
+    Returns:
+        Logits (batch, length, vocabulary).
+    """
+
+    def __init__(self, lm: keras.Model, decoder_stack: DecoderStack, **kwargs):
+        super().__init__(**kwargs)
+        self.lm = lm
+        self.decoder_stack = decoder_stack
+
+    def call(self, inputs, training=False):
+        token_ids = inputs["token_ids"]
+        segment_ids = inputs["segment_ids"]
+        same_example = ops.equal(
+            ops.expand_dims(segment_ids, 2), ops.expand_dims(segment_ids, 1)
+        )
+        layers = getattr(self.lm.backbone, self.decoder_stack.layers)
+        method = self.decoder_stack.attention_mask_method
+        with narrowed_attention_masks(layers, method, same_example):
+            return self.lm(
+                {"token_ids": token_ids, "padding_mask": ops.ones_like(token_ids)},
+                training=training,
+            )
+
+
+def packed_causal_lm(lm: keras.Model) -> PackedCausalLM:
+    """A model over `lm`'s graph and layers taking packed rows.
 
     Args:
         lm: a keras-hub causal LM of a family with a `decoder_stack`.
 
     Returns:
-        A functional model from `{"token_ids", "segment_ids"}` (each
-        (batch, length) int32; segment 0 is padding, 1, 2, ... the row's
-        examples) to logits (batch, length, vocabulary).
+        A `PackedCausalLM` from `{"token_ids", "segment_ids"}` to logits.
 
     Raises:
         ValueError: for a family that cannot pack, saying why.
@@ -63,19 +97,4 @@ def packed_causal_lm(lm: keras.Model) -> keras.Model:
         raise ValueError(
             f"--packing is not supported for {family.label}: {family.packing_refusal}"
         )
-    backbone = lm.backbone
-    token_ids = keras.Input((None,), dtype="int32", name="token_ids")
-    segment_ids = keras.Input((None,), dtype="int32", name="segment_ids")
-    same = ops.equal(ops.expand_dims(segment_ids, 2), ops.expand_dims(segment_ids, 1))
-    block_mask = ops.cast(same, "int32")
-    embedding = getattr(backbone, stack.embedding)
-    x = embedding(token_ids)
-    for layer in getattr(backbone, stack.layers):
-        x = layer(x, **{stack.attention_mask_argument: block_mask})
-    x = getattr(backbone, stack.final_norm)(x)
-    logits = embedding(x, reverse=True)
-    return keras.Model(
-        {"token_ids": token_ids, "segment_ids": segment_ids},
-        logits,
-        name=f"{lm.name}_packed",
-    )
+    return PackedCausalLM(lm, stack, name=f"{lm.name}_packed")
