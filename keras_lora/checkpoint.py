@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 
 import keras
 
 from keras_lora.adapter_state import check_adapter_name
+from keras_lora.files import staging_directory
 from keras_lora.saving import save_adapter
 from keras_lora.switching import adapter_names
 
@@ -195,7 +195,7 @@ class AdapterCheckpoint(keras.callbacks.Callback):
         os.makedirs(self.directory, exist_ok=True)
         # Built under a name `checkpoints` skips, then renamed: a run
         # stopped mid-save leaves no partial checkpoint to resume from.
-        staging = tempfile.mkdtemp(dir=self.directory, prefix=f".{name}-")
+        staging = staging_directory(self.directory, f".{name}-")
         try:
             model = self.model
             save_adapter(model, staging, adapter_name=self.adapter_name)

@@ -1,4 +1,8 @@
-"""Writing files so that an interrupted write never leaves a broken one."""
+"""Writing files and directories so that an interrupted write never leaves
+a broken one: each is built under a temporary name in its final directory,
+then renamed into place, with the permissions `open` and `os.makedirs`
+give (`tempfile` makes them private to the user).
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ def atomic_write(final_path: str, data: bytes) -> None:
     directory = os.path.dirname(final_path) or "."
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
     try:
+        os.chmod(tmp_path, _default_mode(0o666))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -40,3 +45,34 @@ def atomic_write(final_path: str, data: bytes) -> None:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+
+
+def staging_directory(parent: str, prefix: str) -> str:
+    """A new empty directory in `parent` to build a directory in before it
+    is renamed into place, with the permissions `os.makedirs` would give it.
+
+    Args:
+        parent: the directory the result will be renamed within; it must
+            exist.
+        prefix: the start of the temporary name (".step-00000004-").
+
+    Returns:
+        The new directory's path; the caller renames or removes it.
+
+    Example:
+
+    >>> import stat
+    >>> path = staging_directory(tempfile.mkdtemp(), ".adapter-")
+    >>> stat.S_IMODE(os.stat(path).st_mode) == _default_mode(0o777)
+    True
+    """
+    path = tempfile.mkdtemp(dir=parent, prefix=prefix)
+    os.chmod(path, _default_mode(0o777))
+    return path
+
+
+def _default_mode(mode: int) -> int:
+    """`mode` less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask

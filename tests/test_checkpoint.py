@@ -39,6 +39,10 @@ def test_adapter_checkpoint_keeps_last_k(tmp_path):
         "step-00000004",
         "step-00000005",
     ]
+    # Renamed from a staging directory, with a plain directory's permissions.
+    os.makedirs(tmp_path / "plain")
+    mode = os.stat(tmp_path / "plain").st_mode
+    assert os.stat(checkpoint.latest).st_mode == mode
     restored = keras_hub.models.GPT2CausalLM.from_preset(
         str(tmp_path / "base"), preprocessor=None
     )

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
 import keras
 import numpy as np
 import safetensors.numpy
 
 from keras_lora.families import family_of
+from keras_lora.files import staging_directory
 from keras_lora.injection import lora_layers
 from keras_lora.interop.peft_modules import locate
 
@@ -82,7 +82,7 @@ def export_hf_model(model: keras.layers.Layer, path: str | os.PathLike) -> str:
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=".tmp-hf-")
+    staging = staging_directory(parent, ".tmp-hf-")
     try:
         try:
             model.export_to_transformers(staging)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
 from keras_lora import export_hf_model, merge_lora
+from keras_lora.files import staging_directory
 
 __all__ = ["TOKENIZER_FILES", "check_merged_dir", "write_merged_hf"]
 
@@ -91,7 +91,7 @@ def write_merged_hf(
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}-")
+    staging = staging_directory(parent, f".{os.path.basename(path)}-")
     try:
         built = os.path.join(staging, "model")
         export_hf_model(merge_lora(lm), built)

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 
 import keras
 import numpy as np
@@ -32,7 +31,7 @@ from keras_lora import (
     trainable_summary,
 )
 from keras_lora.families import family_of
-from keras_lora.files import atomic_write
+from keras_lora.files import atomic_write, staging_directory
 from keras_lora.interop import export_peft
 from keras_lora.interop.hf_model import check_hf_exportable
 from keras_lora.recipes.sft.buckets import plan_steps
@@ -335,7 +334,7 @@ def _write_outputs(lm, config: SftConfig, report: dict, png: bytes | None) -> No
         ),
     ):
         final = os.path.join(config.out, name)
-        staging = tempfile.mkdtemp(dir=config.out, prefix=f".{name}-")
+        staging = staging_directory(config.out, f".{name}-")
         try:
             write(os.path.join(staging, name))
             if os.path.isdir(final):
