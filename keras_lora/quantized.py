@@ -385,23 +385,47 @@ def initialize_quantized(model: keras.layers.Layer) -> int:
                 f"{' and '.join(REQUANTIZABLE_MODES)} layers only."
             )
     for layer in layers:
-        config = layer.get_config()
-        config["dtype"] = float_policy(layer.dtype_policy)
-        config.pop("quantization_config", None)
-        twin = type(layer).from_config(config)
-        twin.build_from_config(layer.get_build_config())
-        twin.quantize(quantization_mode(layer), config=_build_config(layer))
-        values = {v.name: v for v in twin.weights}
-        for variable in layer.weights:
-            variable.assign(values[variable.name].value)
-        # `quantize` also sets how the call treats its inputs: an int4
-        # ReversibleEmbedding built under the policy alone would quantize
-        # its inputs in the reverse call, one quantized by `quantize` not.
-        for name in ("quantization_config", "inputs_quantizer"):
-            if hasattr(twin, name):
-                setattr(layer, name, getattr(twin, name))
-        del twin, values
+        _fill_from_float_twin(layer)
     return len(layers)
+
+
+def fill_quantized(layer: keras.layers.Layer, kernel) -> None:
+    """Fill an int8/int4 Dense or EinsumDense layer built quantized from its
+    float `kernel`: what `model.quantize` gives a float layer holding it.
+
+    A float twin of the layer holds `kernel` (and the layer's bias), Keras's
+    `quantize` rounds it, and the quantized values are copied in; at most
+    this one layer's float weights exist at once.
+
+    Args:
+        layer: a built int8/int4 Dense or EinsumDense layer.
+        kernel: the float kernel, in the float layer's kernel shape.
+    """
+    _fill_from_float_twin(layer, kernel)
+
+
+def _fill_from_float_twin(layer, kernel=None) -> None:
+    """Copy into quantized `layer` what `quantize` makes of a float twin
+    holding `kernel` and `layer`'s bias, or its initializers' draws."""
+    config = layer.get_config()
+    config["dtype"] = float_policy(layer.dtype_policy)
+    config.pop("quantization_config", None)
+    twin = type(layer).from_config(config)
+    twin.build_from_config(layer.get_build_config())
+    if kernel is not None:
+        twin.kernel.assign(ops.cast(kernel, twin.kernel.dtype))
+        if getattr(layer, "bias", None) is not None:
+            twin.bias.assign(layer.bias.value)
+    twin.quantize(quantization_mode(layer), config=_build_config(layer))
+    values = {v.name: v for v in twin.weights}
+    for variable in layer.weights:
+        variable.assign(values[variable.name].value)
+    # `quantize` also sets how the call treats its inputs: an int4
+    # ReversibleEmbedding built under the policy alone would quantize
+    # its inputs in the reverse call, one quantized by `quantize` not.
+    for name in ("quantization_config", "inputs_quantizer"):
+        if hasattr(twin, name):
+            setattr(layer, name, getattr(twin, name))
 
 
 def _build_config(layer):

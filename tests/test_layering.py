@@ -126,10 +126,17 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# keras-hub's internals (the door's keras-hub part) import keras_hub, so
+# they sit at the interop tier: only interop and above use them.
+HUB_DOOR = f"{PACKAGE}._keras_internals.hub"
+
+
 def tier(module: str) -> str:
     """ "core", a subpackage name from UPPER, or "package" (the __init__)."""
     if module == PACKAGE:
         return "package"
+    if module == HUB_DOOR:
+        return INTEROP
     part = module.split(".")[1]
     return part if part in UPPER else "core"
 

@@ -8,8 +8,10 @@ names the private attribute it relies on and the Keras versions it was
 checked on. Where keras-nightly 3.16.dev differs, a function detects the
 feature itself, never a version string. tests/test_keras_internals.py
 fails on a private Keras access anywhere else, so a Keras upgrade has
-this package to read and nothing else: this module, and `quantized` (the
-quantized layers' internals, re-exported here).
+this package to read and nothing else: this module and `quantized` (the
+quantized layers' internals, re-exported here), and `hub`, keras-hub's
+internals (it imports keras_hub, so only modules above the core, which
+import it as `keras_lora._keras_internals.hub`, use it).
 
 "3.15" below means keras 3.15.1 with keras-hub 0.32.0, the pinned versions;
 "3.16.dev" means keras-nightly 3.16.0.dev2026102704 with keras-hub-nightly
@@ -19,10 +21,9 @@ quantized layers' internals, re-exported here).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 
 import keras
-from keras import ops
 
 from keras_lora._keras_internals.quantized import (
     dequantize_kernel,
@@ -40,7 +41,6 @@ __all__ = [
     "jax_train_state",
     "lay_out_variable",
     "move_graph_nodes",
-    "narrowed_attention_masks",
     "optimizer_built_variables",
     "optimizer_learning_rate",
     "optimizer_own_variables",
@@ -52,6 +52,7 @@ __all__ = [
     "rekey_graph_nodes",
     "replace_tracked_layer",
     "set_weight_path_prefix",
+    "take_policy_from_map",
     "stored_value",
     "stored_weight",
     "sublayers",
@@ -410,47 +411,19 @@ def lay_out_variable(
     variable._layout = distribution.get_variable_layout(variable)
 
 
-# --- keras-hub decoder layers ------------------------------------------------
+def take_policy_from_map(layer: keras.layers.Layer) -> None:
+    """Give a layer built under a `DTypePolicyMap` its own policy: the
+    map's entry for its path, or the map's default.
 
-
-@contextlib.contextmanager
-def narrowed_attention_masks(
-    layers: Sequence[keras.layers.Layer], method: str, mask
-) -> Iterator[None]:
-    """Inside, each of `layers` attends only where its own attention mask
-    and `mask` both allow.
-
-    keras-hub's decoder layers build their (batch, query, key) attention
-    mask (causal, padding, Mistral's sliding window) in a private method,
-    and Gemma's and Gemma 3's take no mask argument at all:
-    `LlamaTransformerDecoder`, `MistralTransformerDecoder` and
-    `QwenTransformerDecoder._compute_self_attention_mask`,
-    `GemmaDecoderBlock` and `Gemma3DecoderBlock._compute_attention_mask`
-    (keras-hub 0.32.0 with Keras 3.15, and 0.33.dev with 3.16.dev). Each
-    layer's method is shadowed on the instance, past Keras's and torch's
-    `__setattr__`, by one returning the AND of its result and `mask` (in
-    the result's dtype), and restored on exit. Gemma 2's and Gemma 3's
-    sliding windows are applied later, inside the attention layer, so they
-    still apply.
+    Such a layer holds the whole map in `Layer._dtype_policy` (Keras 3.15;
+    3.16.dev too, which adds a per-layer `_own_dtype_policy` not used here),
+    and 3.15's `quantize` names the new policy after the held one
+    ("int8_from_map_float32"), which no policy is; the public setter only
+    adds an entry to the map.
 
     Args:
-        layers: keras-hub transformer decoder layers.
-        method: the name of the layers' attention mask method.
-        mask: a boolean tensor broadcastable to (batch, query, key).
+        layer: a built layer.
     """
-
-    def narrowed(computed: Callable) -> Callable:
-        def call(*args, **kwargs):
-            own = computed(*args, **kwargs)
-            both = ops.logical_and(ops.cast(own, "bool"), mask)
-            return ops.cast(both, own.dtype)
-
-        return call
-
-    for layer in layers:
-        object.__setattr__(layer, method, narrowed(getattr(layer, method)))
-    try:
-        yield
-    finally:
-        for layer in layers:
-            object.__delattr__(layer, method)
+    policy = layer._dtype_policy
+    if isinstance(policy, keras.dtype_policies.DTypePolicyMap):
+        layer._dtype_policy = policy[layer.path]

@@ -147,7 +147,7 @@ def add_sft(sub) -> None:
         action="store_true",
         default=argparse.SUPPRESS,
         help="several examples share each row of --max-length tokens, each "
-        "attending only to itself; --batch counts rows (not for GPT-2, Gemma).",
+        "attending only to itself; --batch counts rows (not for GPT-2).",
     )
     sft.add_argument(
         "--buckets",

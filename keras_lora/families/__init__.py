@@ -7,7 +7,11 @@ from keras_lora.families.gpt2 import GPT2, gpt2_layout_map
 from keras_lora.families.layout import layout_map
 from keras_lora.families.llama import LLAMA
 from keras_lora.families.mistral import MISTRAL
-from keras_lora.families.quantized_build import quantized_dtype, quantized_paths
+from keras_lora.families.quantized_build import (
+    projection_paths,
+    quantized_dtype,
+    quantized_paths,
+)
 from keras_lora.families.qwen2 import QWEN2
 
 FAMILIES = (GPT2, LLAMA, MISTRAL, QWEN2, GEMMA, GEMMA3)
@@ -25,8 +29,10 @@ __all__ = [
     "Projection",
     "Sharding",
     "family_of",
+    "hf_family",
     "gpt2_layout_map",
     "layout_map",
+    "projection_paths",
     "quantized_dtype",
     "quantized_paths",
 ]
@@ -54,3 +60,19 @@ def family_of(model) -> Family:
         f"{type(model).__name__} is not a keras-hub model of a known family; "
         f"known: {known}."
     )
+
+
+def hf_family(architectures: list[str] | None) -> Family | None:
+    """The family of a Hugging Face config's `architectures`, or None.
+
+    Args:
+        architectures: the config's class names ("LlamaForCausalLM").
+
+    >>> hf_family(["Qwen2ForCausalLM"]).name
+    'qwen2'
+    """
+    for name in architectures or []:
+        for family in FAMILIES:
+            if name in family.hf_model_prefixes or name in family.hf_task_types:
+                return family
+    return None

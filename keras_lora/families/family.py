@@ -162,7 +162,7 @@ class DecoderStack:
     causal LM's own graph with each of `layers` attending only within an
     example: the mask each layer builds in `attention_mask_method`
     (causal, sliding window) is narrowed by the block-diagonal one
-    (`keras_lora._keras_internals.narrowed_attention_masks`).
+    (`keras_lora._keras_internals.hub.narrowed_attention_masks`).
 
     Args:
         layers: the backbone attribute listing the transformer layers.

@@ -25,6 +25,19 @@ from keras_lora.quantized import quantized_dtype_policy
 TOKEN_EMBEDDING = "token_embedding"
 
 
+def projection_paths(family: Family) -> list[str]:
+    """Regular expressions of the paths of every block's projections in a
+    backbone of `family`.
+
+    >>> from keras_lora.families import GPT2
+    >>> projection_paths(GPT2)[0]
+    'transformer_layer_\\\\d+/self_attention/query'
+    """
+    head, _, tail = family.block.partition("{block}")
+    block = re.escape(head) + r"\d+" + re.escape(tail)
+    return [f"{block}/{re.escape(p.path)}" for p in family.projections]
+
+
 def quantized_paths(family: Family) -> list[str]:
     """Regular expressions of the layer paths `model.quantize` would
     quantize in a backbone of `family`: every block's projections and the
@@ -34,10 +47,7 @@ def quantized_paths(family: Family) -> list[str]:
     >>> quantized_paths(GPT2)[0]
     'transformer_layer_\\\\d+/self_attention/query'
     """
-    head, _, tail = family.block.partition("{block}")
-    block = re.escape(head) + r"\d+" + re.escape(tail)
-    paths = [f"{block}/{re.escape(p.path)}" for p in family.projections]
-    return paths + [TOKEN_EMBEDDING]
+    return projection_paths(family) + [TOKEN_EMBEDDING]
 
 
 def quantized_dtype(

@@ -1,9 +1,12 @@
 """The memory-budget and scale-out options of `keras-lora sft`.
 
 - `--quantize int8|int4`: the base's projections and token embedding are
-  quantized by Keras (`model.quantize`) before LoRA is injected; LoRA's
-  factors stay float beside the quantized kernels (`keras_lora.quantized`),
-  and the PEFT export is for the float base.
+  quantized before LoRA is injected: a Hugging Face directory loads with
+  its projections built quantized (`keras_lora.interop.quantized_load`), a
+  keras-hub preset is quantized by Keras after a float load
+  (`quantize_base`); LoRA's factors stay float beside the quantized
+  kernels (`keras_lora.quantized`), and the PEFT export is for the float
+  base.
 - `--remat`: every decoder block recomputes its activations in the
   backward pass (`keras_lora.remat_layers`).
 - `--chunked-loss N`: `fit` trains a `keras_lora.ChunkedCausalLM` over the
@@ -28,7 +31,7 @@ import warnings
 import keras
 
 from keras_lora import ChunkedCausalLM, chunked_causal_lm, remat_layers
-from keras_lora.families import FAMILIES, Family, layout_map
+from keras_lora.families import Family, hf_family, layout_map
 from keras_lora.interop.peft_modules import locate
 from keras_lora.recipes.sft.config import SftConfig
 from keras_lora.recipes.sft.packed_model import packed_causal_lm
@@ -188,10 +191,9 @@ def _hf_config(model_dir: str) -> dict:
 
 def _family(hf_config: dict, model_dir: str) -> Family:
     """The family of a Hugging Face config, by its `architectures`."""
-    for name in hf_config.get("architectures") or []:
-        for family in FAMILIES:
-            if name in family.hf_model_prefixes or name in family.hf_task_types:
-                return family
+    family = hf_family(hf_config.get("architectures"))
+    if family is not None:
+        return family
     raise ValueError(
         f"{model_dir}/config.json names architectures "
         f"{hf_config.get('architectures')}, of no family --distribution model "

@@ -8,7 +8,7 @@ layer's attention mask narrowed to the block-diagonal one: a query attends
 to a key only if both belong to the same example. Where the mask reaches
 each layer is family data (`Family.decoder_stack`: the layers and the
 method that builds their mask), applied by one door function,
-`keras_lora._keras_internals.narrowed_attention_masks`. Padding is segment
+`keras_lora._keras_internals.hub.narrowed_attention_masks`. Padding is segment
 0, so a padded position attends to padding only, and no example ever sees
 it; the padding mask passed to the graph is all ones.
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_lora._keras_internals import narrowed_attention_masks
+from keras_lora._keras_internals.hub import narrowed_attention_masks
 from keras_lora.families import family_of
 from keras_lora.families.family import DecoderStack
 

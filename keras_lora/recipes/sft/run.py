@@ -34,6 +34,7 @@ from keras_lora.families import family_of
 from keras_lora.files import atomic_write, staging_directory
 from keras_lora.interop import export_peft
 from keras_lora.interop.hf_model import check_hf_exportable
+from keras_lora.interop.quantized_load import load_quantized_causal_lm
 from keras_lora.recipes.sft.buckets import plan_steps
 from keras_lora.recipes.sft.config import SftConfig
 from keras_lora.recipes.sft.data import read_examples
@@ -63,14 +64,20 @@ __all__ = ["REPORT", "load_causal_lm", "make_optimizer", "train"]
 REPORT = "report.json"
 
 
-def load_causal_lm(model_dir: str):
+def load_causal_lm(model_dir: str, quantize: str | None = None):
     """The keras-hub causal LM of a Hugging Face directory (or a keras-hub
-    preset), no preprocessor.
+    preset), no preprocessor, its base quantized to `quantize` if given.
+
+    A Hugging Face directory is loaded with its projections built quantized
+    (`keras_lora.interop.quantized_load`: no float copy of them exists); a
+    keras-hub preset holds float Keras weights, so it is loaded float and
+    then quantized (`memory.quantize_base`). Both give the same model.
 
     Args:
         model_dir: config.json + model.safetensors of a family keras-hub
             converts (GPT-2, Llama, Mistral, Qwen2, Gemma, ...), or a
             keras-hub preset name or `save_to_preset` directory.
+        quantize: "int8", "int4" or None (float).
 
     Returns:
         The keras-hub `CausalLM`.
@@ -82,15 +89,19 @@ def load_causal_lm(model_dir: str):
 
     if is_keras_hub_preset(model_dir):
         try:
-            return keras_hub.models.CausalLM.from_preset(model_dir, preprocessor=None)
+            lm = keras_hub.models.CausalLM.from_preset(model_dir, preprocessor=None)
         except Exception as error:  # keras-hub and its download clients raise many.
             raise preset_load_error(model_dir, error) from None
+        quantize_base(lm, quantize)
+        return lm
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(
             f"{model_dir} has no config.json: training needs the model's "
             "weights too (a Hugging Face directory saved with save_pretrained)"
         )
     try:
+        if quantize is not None:
+            return load_quantized_causal_lm(model_dir, quantize)
         return keras_hub.models.CausalLM.from_preset(model_dir, preprocessor=None)
     except (ValueError, KeyError) as error:
         raise ValueError(f"keras-hub cannot load {model_dir}: {error}") from None
@@ -185,12 +196,11 @@ def _train(config: SftConfig) -> dict:
             f"more than this run's {total_steps}; give --steps {done} or more"
         )
     keras.utils.set_random_seed(config.seed)
-    lm = load_causal_lm(config.model)
+    lm = load_causal_lm(config.model, config.quantize)
     family = family_of(lm)
     if config.merged_hf is not None:
         check_hf_exportable(lm)  # Before training, not after.
     targets = config.targets or family.default_targets
-    quantize_base(lm, config.quantize)
     inject_lora(lm, targets=tuple(targets), **dataclasses.asdict(config.lora))
     if config.init_adapter is not None:
         load_adapter(lm, config.init_adapter)

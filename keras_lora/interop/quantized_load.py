@@ -1,0 +1,121 @@
+"""Load a Hugging Face checkpoint into a keras-hub causal LM whose
+projections are built quantized: no float copy of them ever exists.
+
+`model.quantize(mode)` after `from_preset` holds the whole float model for
+a moment, and on a small machine that moment is the memory high-water
+mark. Here the backbone is built from the checkpoint's config with every
+block projection int8/int4 from the start
+(`keras_lora.families.quantized_paths`), then keras-hub's own converter
+reads the checkpoint tensor by tensor
+(`keras_lora._keras_internals.hub.convert_hf_weights`): a projection's float
+kernel is quantized into its layer as it arrives
+(`keras_lora.quantized.fill_quantized`, one layer's float at a time), every
+other tensor is assigned as keras-hub does. The token embedding (and an
+untied output head) is then quantized in place. The result equals
+`from_preset` followed by `model.quantize(mode)`.
+
+Which layer a checkpoint tensor fills is the family's data: the block's
+Hugging Face path (`Family.hf_block`) and each projection's module
+(`Projection.hf_module`). A tensor several projections share (GPT-2's fused
+`c_attn`) fills them in the family's projection order, the order keras-hub's
+converter reads it in (tests/test_quantized_load.py compares every family
+with `model.quantize`, so a change there is caught).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import warnings
+
+import keras
+
+from keras_lora import _keras_internals
+from keras_lora._keras_internals.hub import convert_hf_weights
+from keras_lora.families import Family, hf_family, projection_paths
+from keras_lora.quantized import (
+    REQUANTIZABLE_MODES,
+    fill_quantized,
+    quantized_dtype_policy,
+)
+
+__all__ = ["load_quantized_causal_lm"]
+
+
+def load_quantized_causal_lm(model_dir: str, mode: str) -> keras.Model:
+    """The keras-hub causal LM of a Hugging Face directory, quantized to
+    `mode` without a float copy of its projections.
+
+    Args:
+        model_dir: config.json + safetensors of a family keras-lora knows.
+        mode: "int8" or "int4".
+
+    Returns:
+        The keras-hub `CausalLM` (no preprocessor), its projections and
+        token embedding quantized.
+
+    Raises:
+        ValueError: for another mode, a config of no known family, or a
+            checkpoint without a tensor for some projection.
+    """
+    import keras_hub
+
+    if mode not in REQUANTIZABLE_MODES:
+        raise ValueError(
+            f"cannot load quantized with mode '{mode}': choose "
+            f"{' or '.join(REQUANTIZABLE_MODES)}"
+        )
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        architectures = json.load(f).get("architectures")
+    family = hf_family(architectures)
+    if family is None:
+        raise ValueError(
+            f"{model_dir}/config.json names architectures {architectures}, of "
+            "no family keras-lora knows"
+        )
+    lm = keras_hub.models.CausalLM.from_preset(
+        model_dir,
+        preprocessor=None,
+        load_weights=False,
+        dtype=quantized_dtype_policy(mode, projection_paths(family)),
+    )
+    waiting = _projections_by_hf_key(family, lm.backbone)
+
+    def port(hf_key: str, shape: list[int], load) -> bool:
+        parts = hf_key.split(".")
+        for start in range(len(parts)):
+            queue = waiting.get(".".join(parts[start:]))
+            if queue:
+                fill_quantized(queue.popleft(), load())
+                return True
+        return False
+
+    convert_hf_weights(lm.backbone, model_dir, port)
+    missing = [layer.path for queue in waiting.values() for layer in queue]
+    if missing:
+        raise ValueError(
+            f"{model_dir}: the checkpoint has no tensor for {', '.join(missing)}"
+        )
+    embedding = lm.backbone.get_layer(family.embedding)
+    _keras_internals.take_policy_from_map(embedding)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Layer .* does not have a `quantize`")
+        embedding.quantize(mode)
+    return lm
+
+
+def _projections_by_hf_key(family: Family, backbone) -> dict:
+    """Hugging Face weight key (no model prefix) -> the layers it fills, in
+    the family's projection order."""
+    layers = {layer.path: layer for layer in _keras_internals.flatten_layers(backbone)}
+    waiting = collections.defaultdict(collections.deque)
+    block = 0
+    while family.block.format(block=block) in layers:
+        keras_block = family.block.format(block=block)
+        hf_block = family.hf_block.format(block=block)
+        for projection in family.projections:
+            layer = layers[f"{keras_block}/{projection.path}"]
+            waiting[f"{hf_block}.{projection.hf_module}.weight"].append(layer)
+        block += 1
+    return dict(waiting)

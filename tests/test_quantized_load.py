@@ -1,0 +1,99 @@
+"""interop.quantized_load: a Hugging Face checkpoint loaded into a model
+whose projections are built quantized equals `from_preset` followed by
+`model.quantize`, weight for weight and logit for logit, for every family,
+int8 and int4."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import keras_hub
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import transformers  # noqa: E402
+
+from keras_lora.interop.quantized_load import load_quantized_causal_lm  # noqa: E402
+from tests.family_cases import CASES, VOCAB  # noqa: E402
+from tests.helpers import to_numpy  # noqa: E402
+from tests.peft_helpers import save_tiny_model  # noqa: E402
+
+HF_CASES = [case for case in CASES if case.hf_config is not None]
+
+
+def _save_tiny_gpt2(path) -> str:
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2, n_positions=64
+    )
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    return os.fspath(path)
+
+
+@pytest.fixture(
+    scope="module", params=["gpt2", *(c.id for c in HF_CASES)], ids=lambda x: x
+)
+def model_dir(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    if request.param == "gpt2":
+        return _save_tiny_gpt2(path)
+    (case,) = [c for c in HF_CASES if c.id == request.param]
+    return save_tiny_model(case, path)
+
+
+def _quantized_after_float_load(model_dir: str, mode: str):
+    lm = keras_hub.models.CausalLM.from_preset(model_dir, preprocessor=None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Layer .* does not have a `quantize`")
+        lm.quantize(mode)
+    return lm
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_built_quantized_load_equals_quantize_after_load(model_dir, mode):
+    want = _quantized_after_float_load(model_dir, mode)
+    got = load_quantized_causal_lm(model_dir, mode)
+    want_weights = {v.path: to_numpy(v) for v in want.weights}
+    got_weights = {v.path: to_numpy(v) for v in got.weights}
+    assert sorted(got_weights) == sorted(want_weights)
+    for path, value in want_weights.items():
+        np.testing.assert_array_equal(got_weights[path], value, err_msg=path)
+    quantized = [
+        layer.path
+        for layer in got.backbone._flatten_layers()
+        if getattr(layer, "quantization_mode", None) == mode
+    ]
+    assert any(path.endswith("token_embedding") for path in quantized)
+    assert len(quantized) > 2 * 4  # Every projection of both blocks.
+    ids = np.arange(1, 13, dtype="int32").reshape(2, 6) % VOCAB
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    np.testing.assert_array_equal(to_numpy(got(x)), to_numpy(want(x)))
+
+
+def test_bad_mode_and_unknown_architecture_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="choose int8 or int4"):
+        load_quantized_causal_lm(str(tmp_path), "float8")
+    (tmp_path / "config.json").write_text('{"architectures": ["BertModel"]}')
+    with pytest.raises(ValueError, match=r"\['BertModel'\], of no family"):
+        load_quantized_causal_lm(str(tmp_path), "int8")
+
+
+def test_sft_loads_a_hugging_face_directory_built_quantized(model_dir, monkeypatch):
+    from keras_lora.recipes.sft import run
+
+    calls = []
+
+    def record(path, mode):
+        calls.append((path, mode))
+        return load_quantized_causal_lm(path, mode)
+
+    monkeypatch.setattr(run, "load_quantized_causal_lm", record)
+    lm = run.load_causal_lm(model_dir, "int4")
+    assert calls == [(model_dir, "int4")]
+    assert lm.backbone.get_layer("token_embedding").quantization_mode == "int4"
+    assert (
+        run.load_causal_lm(model_dir).backbone.token_embedding.quantization_mode is None
+    )
