@@ -150,6 +150,11 @@ def presets(tmp_path_factory):
     return {f: sp.build_preset(f, str(root / f)) for f in sp.PRESET_FAMILIES}
 
 
+# family -> how the built-in template's generation prompt ends
+TURN_START = {
+    "llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "gemma": "<start_of_turn>model\n",
+}
 # family -> the end-of-turn text the built-in template writes after an answer
 TURN_END = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>\n"}
 UNICODE_CHAT = {
@@ -218,10 +223,14 @@ def test_sft_on_a_preset_inspects_trains_and_exports(presets, family, tmp_path):
     assert len(inspected) == 4
 
     settings = ["--steps", "2", "--batch", "2", "--learning-rate", "0.01"]
-    settings += ["--generate-prompts", "0"]  # tested in test_sft_generate
+    settings += ["--generate-prompts", "1", "--generate-tokens", "3"]
     assert main([*argv, *settings]) == 0
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
+    # One eval prompt, rendered with the built-in template, answered twice.
+    (generation,) = report["generations"]
+    assert generation["prompt"].endswith(TURN_START[family])
+    assert {"before", "after"} <= set(generation)
     assert report["model"] == preset and report["data"]["kept"] == 4
     assert report["family"] == {"llama3": "llama", "gemma": "gemma"}[family]
     assert report["eval_loss_after"] < report["eval_loss_before"]
@@ -296,3 +305,33 @@ def test_a_preset_name_that_needs_a_download_gets_a_clear_error(
     assert not out.exists()
     # A path that does not exist is not taken for a preset name.
     assert not is_keras_hub_preset(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("family", sp.PRESET_FAMILIES)
+def test_generate_chat_on_a_preset_answers_as_sft_generates(
+    presets, family, tmp_path, capsys
+):
+    from keras_lora.recipes.saved_adapter import generate_hf
+    from keras_lora.recipes.sft.generation import encode_prompt, generate
+    from keras_lora.recipes.sft.run import load_causal_lm
+    from keras_lora.recipes.sft.tokenizer import load_tokenizer
+
+    preset = presets[family]
+    question = "What is the capital of France?"
+    answers, labels = generate_hf(preset, [question], chat=True, max_new_tokens=4)
+    assert labels == {"model": preset, "chat_template": f"built-in ({family})"}
+    # The answer the sft recipe's own generations give for that prompt.
+    tokenizer = load_tokenizer(preset)
+    encoded = encode_prompt(tokenizer, [{"role": "user", "content": question}])
+    assert encoded.text == tokenizer.template.render(
+        [{"role": "user", "content": question}], add_generation_prompt=True
+    )
+    lm = load_causal_lm(preset)
+    lm.compile(sampler="greedy")
+    (want,) = generate(lm, tokenizer, [encoded], 4)
+    assert answers == [want.text]
+    argv = ["generate", "--model", preset, "--chat", question]
+    assert main([*argv, "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert f"chat template: built-in ({family})" in printed
+    assert want.text in printed

@@ -33,7 +33,8 @@ def add_commands(sub) -> None:
     base.add_argument(
         "--model",
         help="local Hugging Face model directory (weights, tokenizer.json, "
-        "chat template) of any family keras-lora knows.",
+        "chat template) of any family keras-lora knows, or a keras-hub "
+        "preset (its family's built-in chat template, as sft uses).",
     )
     gen.add_argument(
         "--tokenizer", help="(--preset) directory with vocab.json and merges.txt."

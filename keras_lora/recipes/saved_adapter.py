@@ -81,7 +81,8 @@ def generate_hf(
     max_new_tokens: int = 32,
     chat_template: str | None = None,
 ) -> tuple[list[str], dict]:
-    """Greedy answers of a Hugging Face model directory (+ adapter).
+    """Greedy answers of a Hugging Face model directory or a keras-hub
+    preset (+ adapter).
 
     Prompts are encoded as `keras-lora sft` trains them
     (`keras_lora.recipes.sft.generation`): with `chat`, each is one user
@@ -91,7 +92,9 @@ def generate_hf(
 
     Args:
         model_dir: a local Hugging Face model directory (weights, tokenizer,
-            chat template) of a family keras-hub converts.
+            chat template) of a family keras-hub converts, or a keras-hub
+            preset (name or `save_to_preset` directory; its family's
+            built-in template, as `keras-lora sft` uses).
         prompts: the prompts (user messages with `chat`).
         chat: render the prompts with the chat template.
         adapter: a `save_adapter` directory (`keras-lora sft`'s
@@ -115,7 +118,6 @@ def generate_hf(
     (['A low-rank adapter.'], {'model': 'HF_DIR', 'chat_template': ...})
     """
     from keras_lora import load_adapter, merge_lora
-    from keras_lora.recipes.sft.chat_template import chat_template_origin
     from keras_lora.recipes.sft.generation import encode_prompt, generate
     from keras_lora.recipes.sft.run import load_causal_lm
     from keras_lora.recipes.sft.tokenizer import load_tokenizer
@@ -133,8 +135,7 @@ def generate_hf(
             merge_lora(lm)
     lm.compile(sampler="greedy")
     answers = [g.text for g in generate(lm, tokenizer, encoded, max_new_tokens)]
-    origin = chat_template_origin(model_dir, chat_template)
-    return answers, {"model": model_dir, "chat_template": origin}
+    return answers, {"model": model_dir, "chat_template": tokenizer.template_origin}
 
 
 # What `merge_to_preset` writes: a keras-hub preset or a Hugging Face model.

@@ -24,6 +24,7 @@ import numpy as np
 from keras_lora.recipes.sft.config import SftConfig
 from keras_lora.recipes.sft.data import Example, read_examples
 from keras_lora.recipes.sft.encode import Encoded
+from keras_lora.recipes.sft.preset_tokenizer import PresetTokenizer
 from keras_lora.recipes.sft.tokenizer import ModelTokenizer
 
 __all__ = [
@@ -80,7 +81,7 @@ class Generation:
     text: str
 
 
-def turn_end_token(tokenizer: ModelTokenizer) -> str | None:
+def turn_end_token(tokenizer: ModelTokenizer | PresetTokenizer) -> str | None:
     """The special token the chat template ends an assistant turn with.
 
     Found by rendering a one-question conversation: the first special token
@@ -113,19 +114,15 @@ def turn_end_token(tokenizer: ModelTokenizer) -> str | None:
     at = rest.find(_PROBE)
     if at < 0:
         return None
-    special = {
-        index
-        for index, token in tokenizer.tokenizer.get_added_tokens_decoder().items()
-        if token.special
-    }
+    special = tokenizer.special_tokens_by_id()
     tail = tokenizer.encode(rest[at + len(_PROBE) :], add_special_tokens=False)
     for index in tail.ids:
         if index in special:
-            return tokenizer.tokenizer.id_to_token(index)
+            return special[index]
     return None
 
 
-def stop_token_ids(tokenizer: ModelTokenizer) -> tuple[int, ...]:
+def stop_token_ids(tokenizer: ModelTokenizer | PresetTokenizer) -> tuple[int, ...]:
     """The ids a generation stops at: the template's turn end, then EOS.
 
     Args:
@@ -142,13 +139,15 @@ def stop_token_ids(tokenizer: ModelTokenizer) -> tuple[int, ...]:
     """
     ids: list[int] = []
     for token in (turn_end_token(tokenizer), tokenizer.eos_token):
-        index = None if token is None else tokenizer.tokenizer.token_to_id(token)
+        index = None if token is None else tokenizer.token_to_id(token)
         if index is not None and index not in ids:
             ids.append(index)
     return tuple(ids)
 
 
-def encode_prompt(tokenizer: ModelTokenizer, prompt: str | list[dict]) -> Prompt:
+def encode_prompt(
+    tokenizer: ModelTokenizer | PresetTokenizer, prompt: str | list[dict]
+) -> Prompt:
     """A prompt rendered and encoded as TRL encodes it before an answer.
 
     Args:
@@ -192,7 +191,7 @@ def example_prompt(example: Example) -> str | list[dict[str, Any]] | None:
 
 def generate(
     lm,
-    tokenizer: ModelTokenizer,
+    tokenizer: ModelTokenizer | PresetTokenizer,
     prompts: Sequence[Prompt],
     max_new_tokens: int = 32,
     stop_ids: Sequence[int] | None = None,
@@ -254,7 +253,7 @@ def generate(
         if end is not None:
             ids = ids[: end + 1]
         answer = ids if end is None else ids[:-1]
-        text = tokenizer.tokenizer.decode(answer, skip_special_tokens=False)
+        text = tokenizer.decode(answer)
         results.append(Generation(ids, end is not None, text))
     return results
 
@@ -279,7 +278,10 @@ class EvalGenerations:
     """
 
     def __init__(
-        self, prompts: list[Prompt], tokenizer: ModelTokenizer, max_new_tokens: int
+        self,
+        prompts: list[Prompt],
+        tokenizer: ModelTokenizer | PresetTokenizer,
+        max_new_tokens: int,
     ):
         self.prompts = prompts
         self.tokenizer = tokenizer
@@ -292,7 +294,7 @@ class EvalGenerations:
         config: SftConfig,
         examples: Sequence[Example],
         eval_examples: Sequence[Encoded],
-        tokenizer: ModelTokenizer,
+        tokenizer: ModelTokenizer | PresetTokenizer,
     ) -> EvalGenerations:
         """The prompts of the first `config.generate_prompts` eval examples.
 

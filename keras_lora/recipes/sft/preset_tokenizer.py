@@ -192,6 +192,7 @@ class PresetTokenizer:
         if self.builtin is not None and chat_template is None:
             atomic |= {m for m in self.builtin.markers if m in self._vocab}
         atomic = sorted((t for t in atomic if t in self._vocab), key=len, reverse=True)
+        self._special = {self._vocab[t]: t for t in atomic}
         self._split = re.compile("|".join(map(re.escape, atomic))) if atomic else None
         self._template = None
 
@@ -240,10 +241,19 @@ class PresetTokenizer:
         """The id of `token`, None when the vocabulary lacks it."""
         return self._vocab.get(token)
 
+    def special_tokens_by_id(self) -> dict[int, str]:
+        """id -> text of the special tokens: keras-hub's, the start and end
+        tokens, and the built-in template's turn markers."""
+        return dict(self._special)
+
     def decode(self, ids: list[int]) -> str:
         """The text of `ids` (keras-hub's `detokenize`)."""
         text = self.keras_tokenizer.detokenize(list(ids))
         return text if isinstance(text, str) else str(text)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> TokenizedText:
+        """Encode one text (`encode_batch` of one)."""
+        return self.encode_batch([text], add_special_tokens)[0]
 
     def encode_batch(
         self, texts: list[str], add_special_tokens: bool = True

@@ -120,6 +120,12 @@ class ModelTokenizer:
         """The text of `ids`, special tokens included."""
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def special_tokens_by_id(self) -> dict[int, str]:
+        """id -> text of the vocabulary's special tokens (its added tokens
+        marked special)."""
+        added = self.tokenizer.get_added_tokens_decoder()
+        return {index: token.content for index, token in added.items() if token.special}
+
     def encode(self, text: str, add_special_tokens: bool = True):
         """The `tokenizers.Encoding` of `text` (`.ids`, `.offsets`).
 
