@@ -39,6 +39,7 @@ BENCH_NAV_TITLES = {
 HAND_WRITTEN = {
     "e2e.md": "E2E NLG BLEU (sft)",
     "packing.md": "Padding, buckets, packing (sft)",
+    "quantized-load.md": "Quantized loading (sft --quantize)",
 }
 
 

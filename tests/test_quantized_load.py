@@ -33,15 +33,22 @@ def _save_tiny_gpt2(path) -> str:
     return os.fspath(path)
 
 
-@pytest.fixture(
-    scope="module", params=["gpt2", *(c.id for c in HF_CASES)], ids=lambda x: x
-)
-def model_dir(request, tmp_path_factory):
-    path = tmp_path_factory.mktemp(request.param)
-    if request.param == "gpt2":
-        return _save_tiny_gpt2(path)
-    (case,) = [c for c in HF_CASES if c.id == request.param]
-    return save_tiny_model(case, path)
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """family id -> a tiny Hugging Face directory, saved once per module."""
+    saved = {}
+
+    def model_dir(family: str) -> str:
+        if family not in saved:
+            path = tmp_path_factory.mktemp(family)
+            if family == "gpt2":
+                saved[family] = _save_tiny_gpt2(path)
+            else:
+                (case,) = [c for c in HF_CASES if c.id == family]
+                saved[family] = save_tiny_model(case, path)
+        return saved[family]
+
+    return model_dir
 
 
 def _quantized_after_float_load(model_dir: str, mode: str):
@@ -52,8 +59,18 @@ def _quantized_after_float_load(model_dir: str, mode: str):
     return lm
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_built_quantized_load_equals_quantize_after_load(model_dir, mode):
+FAMILIES = ["gpt2", *(c.id for c in HF_CASES)]
+# int4 on GPT-2 (EinsumDense and Dense, tied head), Llama (untied head) and
+# Gemma (head-major kernels): the mode's own packing on every layout; the
+# mapping of tensors to layers, the same for both modes, on every family.
+LOADS = [(f, "int8") for f in FAMILIES] + [
+    (f, "int4") for f in ("gpt2", "llama", "gemma")
+]
+
+
+@pytest.mark.parametrize("family, mode", LOADS)
+def test_built_quantized_load_equals_quantize_after_load(model_dirs, family, mode):
+    model_dir = model_dirs(family)
     want = _quantized_after_float_load(model_dir, mode)
     got = load_quantized_causal_lm(model_dir, mode)
     want_weights = {v.path: to_numpy(v) for v in want.weights}
@@ -81,9 +98,10 @@ def test_bad_mode_and_unknown_architecture_are_refused(tmp_path):
         load_quantized_causal_lm(str(tmp_path), "int8")
 
 
-def test_sft_loads_a_hugging_face_directory_built_quantized(model_dir, monkeypatch):
+def test_sft_loads_a_hugging_face_directory_built_quantized(model_dirs, monkeypatch):
     from keras_lora.recipes.sft import run
 
+    model_dir = model_dirs("llama")
     calls = []
 
     def record(path, mode):
