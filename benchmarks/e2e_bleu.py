@@ -20,7 +20,8 @@ epsilon 1e-7, no clipping), constant learning rate, dropout 0:
 - `lora`: `keras_lora.recipes.sft.train` (the family's default targets,
   query and value);
 - `full`: the same loop (data, batches, loss, optimizer) with every weight
-  trainable;
+  trainable (`--full-freeze LAYER ...` keeps those backbone layers at the
+  base's weights, e.g. `token_embedding position_embedding`);
 - `trl`: TRL's `SFTTrainer` with a PEFT `LoraConfig` (the fused query|key|
   value module, same rank and alpha: the same number of trainable
   parameters) on torch, fed the same examples in the same order.
@@ -246,8 +247,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--targets",
         nargs="+",
-        help="LoRA targets for the sft recipe (roles, or all-linear); default: "
-        "the family's",
+        help="LoRA targets for the sft recipe (roles, all-linear, "
+        "token_embedding); default: the family's",
+    )
+    p.add_argument(
+        "--full-freeze",
+        nargs="+",
+        metavar="LAYER",
+        help="backbone layers the full run keeps frozen (e.g. token_embedding "
+        "position_embedding); default: none",
     )
     p.add_argument(
         "--no-base",
@@ -264,6 +272,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.worker is None and (args.data is None or args.out is None):
         p.error("give DATA and --out DIR")
+    if "trl" in args.runs and "token_embedding" in (args.targets or []):
+        p.error(
+            "--targets token_embedding: the trl run adapts projections only; "
+            "give --runs without trl"
+        )
     return args
 
 
@@ -307,6 +320,7 @@ def main(argv=None) -> int:
         "full_learning_rate": args.full_learning_rate or args.learning_rate,
         "lora_learning_rate": args.lora_learning_rate or args.learning_rate,
         "targets": args.targets,
+        "full_freeze": args.full_freeze,
         "max_length": args.max_length,
         "max_new_tokens": args.max_new_tokens,
         "seed": args.seed,

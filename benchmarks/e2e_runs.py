@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import statistics
@@ -123,10 +124,14 @@ def prepare(base: str, train: str, evals: str, out: str, settings: dict) -> dict
             "4 layers, hidden 128, 128 positions, vocabulary 4096, 1.33M "
             f"parameters), trained on {card['card']}",
             "lora_targets": list(targets),
-            # PEFT's own all-linear picks every Linear/Conv1D but the head.
+            # PEFT's own all-linear picks every Linear/Conv1D but the head;
+            # the trl run adapts projections only (no token embedding).
             "peft_target_modules": (
-                "all-linear" if ALL_LINEAR in targets else peft_target_modules(targets)
+                "all-linear"
+                if ALL_LINEAR in targets
+                else peft_target_modules([t for t in targets if t != GPT2.embedding])
             ),
+            "full_frozen": list(settings.get("full_freeze") or []),
             "train_data": data.report(),
             "eval_data": held.report(),
             "padding_fraction": round(batches.padding_fraction, 4),
@@ -213,6 +218,8 @@ def run_full(spec: dict) -> dict:
     )
     keras.utils.set_random_seed(config.seed)
     lm = load_causal_lm(config.model)
+    for name in spec.get("full_freeze") or []:  # Kept at the base's weights.
+        lm.backbone.get_layer(name).trainable = False
     lm.compile(
         optimizer=make_optimizer(config),
         loss=keras.losses.SparseCategoricalCrossentropy(
@@ -236,7 +243,8 @@ def run_full(spec: dict) -> dict:
     hf = os.path.join(out, "hf")
     export_hf_model(lm, hf)
     shutil.copy(os.path.join(spec["base"], "config.json"), hf)
-    summary = _summary(steps.losses, seconds, lm.count_params())
+    trainable = sum(math.prod(w.shape) for w in lm.trainable_weights)
+    summary = _summary(steps.losses, seconds, trainable)
     summary["sft_eval_loss_after"] = round(after, 4)
     return {"model": {"hf": hf}, "summary": summary, "train_loss": steps.losses}
 
@@ -327,9 +335,12 @@ def run_decode(spec: dict) -> dict:
             where.get("hf", spec["base"])
         )
         if "peft" in where:
-            model = peft.PeftModel.from_pretrained(
-                model, where["peft"]
-            ).merge_and_unload()
+            model = peft.PeftModel.from_pretrained(model, where["peft"])
+            # A tied embedding's adapter stays unmerged: PEFT 0.21's
+            # merge_and_unload adds its update to the shared table twice
+            # (through wte and through lm_head), and warns that it may.
+            if not model.peft_config["default"].ensure_weight_tying:
+                model = model.merge_and_unload()
         model.eval()
         total = count = 0.0
         texts = []

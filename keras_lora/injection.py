@@ -74,7 +74,8 @@ def inject_lora(
             named: `targets=("query", "value", "token_embedding")` wraps
             the embedding in a `LoraEmbedding` (see
             `keras_lora.embedding`: the lookup and a tied output head get
-            the low-rank update).
+            the low-rank update). Names beside `"all-linear"` add their
+            layers to it: `("all-linear", "token_embedding")`.
         dropout: dropout rate on the LoRA path's input, in [0, 1).
         use_rslora: scale by `alpha / sqrt(rank)` instead.
         seed: seed for the factors' initialisation and dropout.
@@ -130,8 +131,16 @@ def inject_lora(
     if use_dora:  # Only when asked: older callers' settings stay as they were.
         settings["use_dora"] = True
     index = LayerIndex(model)  # The only walk of the tree.
-    if targets == ("all-linear",):
+    if "all-linear" in targets:
         chosen = all_linear_layers(model, index=index)
+        named = tuple(t for t in targets if t != "all-linear")
+        if named:  # More layers beside the linear ones (an embedding, say).
+            known = {id(layer) for layer in chosen}
+            chosen += [
+                layer
+                for layer in target_layers(model, named, index=index)
+                if id(layer) not in known
+            ]
     else:
         chosen = target_layers(model, targets, index=index)
     existing = index.lora_layers()

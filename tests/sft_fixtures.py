@@ -236,6 +236,49 @@ def _save_tiny_weights(model_dir: str, model: str, config: str, **extra) -> str:
     return model_dir
 
 
+def save_tiny_qwen2(model_dir: str) -> str:
+    """Add random tiny Qwen2 weights to a tokenizer directory of
+    `build_model_dir`, sized to its vocabulary."""
+    import torch
+    import transformers
+
+    vocab = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    config = transformers.Qwen2Config(
+        vocab_size=vocab.get_vocab_size(),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    return model_dir
+
+
+def save_tiny_gpt2(model_dir: str) -> str:
+    """Add random tiny GPT-2 weights (transformers; the output head tied to
+    the token embedding) to a tokenizer directory of `build_model_dir`."""
+    import torch
+    import transformers
+
+    vocab = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    config = transformers.GPT2Config(
+        vocab_size=vocab.get_vocab_size(),
+        n_positions=256,
+        n_embd=16,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=vocab.token_to_id("<|begin_of_text|>"),
+        eos_token_id=vocab.token_to_id("<|eot_id|>"),
+    )
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(model_dir)
+    return model_dir
+
+
 def hf_eval_loss(model, encoded: list[dict]) -> float:
     """Token-weighted mean cross-entropy over label positions, by
     transformers' own `labels` loss (per example, weighted by its count)."""

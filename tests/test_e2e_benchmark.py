@@ -104,6 +104,13 @@ def test_lora_rate_and_targets_reach_the_lora_run_only(tmp_path):
         argv + ["--lora-learning-rate", "0.02", "--targets", "all-linear"]
     )
     assert args.lora_learning_rate == 0.02 and args.targets == ["all-linear"]
+    assert args.full_freeze is None
+    frozen = ["--full-freeze", "token_embedding", "position_embedding"]
+    assert e2e.parse_args(argv + frozen).full_freeze == frozen[1:]
+    with pytest.raises(SystemExit):  # TRL's run adapts projections only.
+        e2e.parse_args(argv + ["--targets", "query", "token_embedding"])
+    embedding = ["--runs", "lora", "--targets", "query", "token_embedding"]
+    assert e2e.parse_args(argv + embedding).targets == ["query", "token_embedding"]
     spec = dict(base="b", train="t", eval="e", max_length=128, rank=2, alpha=4.0)
     spec |= dict(steps=3, batch=2, learning_rate=1e-3, seed=0)
     assert runs._sft_config(spec, str(tmp_path)).targets is None

@@ -310,10 +310,18 @@ def test_dora_beside_an_embedding_adapter_is_refused():
     assert_unchanged(before, lm)
 
 
-def test_embeddings_are_not_all_linear_but_are_listed_as_candidates():
+def test_embeddings_are_not_all_linear_but_can_join_it_and_are_candidates():
     lm = tiny_gpt2_lm()
     inject_lora(lm, targets="all-linear")
+    linear = [x.name for x in lora_layers(lm)]
     assert not any(isinstance(x, LoraEmbedding) for x in lora_layers(lm))
+    # Named beside "all-linear", the embedding is added to those layers.
+    both = inject_lora(tiny_gpt2_lm(), targets=("all-linear", "token_embedding"))
+    embeddings = [x for x in lora_layers(both) if isinstance(x, LoraEmbedding)]
+    assert [x.name for x in embeddings] == ["token_embedding"]
+    assert sorted(x.name for x in lora_layers(both)) == sorted(
+        [*linear, "token_embedding"]
+    )
     with pytest.raises(ValueError, match="token_embedding"):
         inject_lora(tiny_gpt2_lm(), targets="no_such_layer")
 

@@ -150,7 +150,7 @@ def test_steps_and_epochs_are_exclusive(tmp_path, capsys):
         ({"init": "loftq"}, "Unknown `init` 'loftq'"),
         ({"epochs": 0}, "epochs must be at least 1"),
         ({"eval_every": 0}, "eval_every must be at least 1"),
-        ({"targets": ("all-linear", "query")}, "all-linear stands alone"),
+        ({"targets": ()}, "targets must name at least one"),
     ],
 )
 def test_config_rejects_bad_options(options, message):

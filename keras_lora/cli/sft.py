@@ -112,8 +112,11 @@ def add_sft(sub) -> None:
     sft.add_argument(
         "--targets",
         nargs="+",
-        help="roles or layer names to adapt, or all-linear (every linear "
-        "layer but the output head); default: the family's.",
+        help="roles or layer names to adapt; all-linear adds every linear "
+        "layer but the output head, token_embedding the token embedding "
+        "and a tied output head (families whose PEFT export holds it: "
+        "GPT-2, Llama); e.g. all-linear token_embedding. Default: the "
+        "family's.",
     )
     length = sft.add_mutually_exclusive_group()
     length.add_argument(

@@ -20,6 +20,7 @@ __all__ = [
     "OPTIMIZERS",
     "QUANTIZE_MODES",
     "SftConfig",
+    "check_family_targets",
 ]
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -63,8 +64,11 @@ class SftConfig:
             "pissa_niter_K" or "olora" (`keras_lora.initialization`).
         use_dora: DoRA: also train a magnitude per output feature
             (`keras_lora.dora`).
-        targets: roles or layer names to adapt, or `("all-linear",)` (every
-            linear layer but the output head); None: the family's default.
+        targets: roles or layer names to adapt, "all-linear" (every
+            linear layer but the output head) among them adding those, and
+            the family's embedding name ("token_embedding") the token
+            embedding (a tied output head included; see
+            `check_family_targets`); None: the family's default.
         steps: optimizer steps; None: `epochs` passes, or 20 steps when
             neither is given.
         epochs: passes over the training examples, as
@@ -196,12 +200,8 @@ class SftConfig:
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, "
                 f"got {self.optimizer!r}"
             )
-        if self.targets is not None and ALL_LINEAR in self.targets:
-            if len(self.targets) > 1:
-                raise ValueError(
-                    f"{ALL_LINEAR} stands alone: give it or layer names, "
-                    f"got {' '.join(self.targets)}"
-                )
+        if self.targets is not None and not self.targets:
+            raise ValueError("targets must name at least one role or layer")
         if self.init_adapter is not None and rewrites_kernel(self.init):
             raise ValueError(
                 f"init {self.init!r} rewrites the base kernels; an init_adapter "
@@ -318,6 +318,64 @@ class SftConfig:
     def columns(self) -> Columns:
         """The CSV/TSV column names."""
         return Columns(self.text_column, self.prompt_column, self.completion_column)
+
+
+def check_family_targets(config: SftConfig, family) -> tuple[str, ...]:
+    """The targets of `config` on a model of `family`, or why they fail.
+
+    `targets` may name the family's token embedding (`Family.embedding`)
+    beside roles, layer names or "all-linear". Its LoRA exports to PEFT
+    only where the family maps PEFT's embedding module
+    (`Family.hf_embedding`), and it takes no DoRA, no PiSSA/OLoRA init and
+    no quantized table: those are refused here, before training.
+
+    Args:
+        config: the run's settings.
+        family: the model's `keras_lora.families.Family`.
+
+    Returns:
+        `config.targets`, or the family's default targets.
+
+    Raises:
+        ValueError: naming the setting and the fix.
+
+    Example:
+
+    >>> from keras_lora.families import GPT2, QWEN2
+    >>> targets = ("all-linear", "token_embedding")
+    >>> config = SftConfig("m", "d.jsonl", "o", targets=targets)
+    >>> check_family_targets(config, GPT2)
+    ('all-linear', 'token_embedding')
+    >>> check_family_targets(config, QWEN2)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: --targets token_embedding: OUT/peft cannot hold it: ... Qwen2; ...
+    """
+    targets = tuple(config.targets or family.default_targets)
+    if family.embedding not in targets:
+        return targets
+    name = family.embedding
+    if not family.hf_embedding:
+        from keras_lora.families import FAMILIES
+
+        mapped = [f.label for f in FAMILIES if f.hf_embedding]
+        raise ValueError(
+            f"--targets {name}: OUT/peft cannot hold it: keras-lora maps "
+            f"PEFT's embedding module for {', '.join(mapped)}, not for "
+            f"{family.label}; drop {name} from --targets"
+        )
+    for flag, refused in (
+        ("--use-dora", config.use_dora),
+        (f"--init {config.init}", config.lora.rewrites_kernel),
+        (f"--quantize {config.quantize}", config.quantize is not None),
+    ):
+        if refused:
+            raise ValueError(
+                f"--targets {name} does not combine with {flag}: the "
+                f"embedding's LoRA takes a float table, no DoRA and a "
+                f"kaiming or gaussian init; drop {flag} or {name}"
+            )
+    return targets
 
 
 def _check_merged_hf(merged: str, out: str, model: str) -> None:

@@ -3,10 +3,10 @@
 The model comes from keras-hub's own converters
 (`keras_hub.models.CausalLM.from_preset(dir, preprocessor=None)`, offline
 for a local directory); `inject_lora` adapts the family's default targets
-(or `targets`, "all-linear" included) with the run's init and DoRA
-settings; plain `model.fit` trains with the loss mask as `sample_weight`
-on batches of a few lengths, or packed rows (see `buckets`, `feeding`,
-`packed_model`). Losses are those of `evaluation`.
+(or `targets`: "all-linear" and the token embedding included) with the
+run's init and DoRA settings; plain `model.fit` trains with the loss mask
+as `sample_weight` on batches of a few lengths, or packed rows (see
+`buckets`, `feeding`, `packed_model`). Losses are those of `evaluation`.
 
 Everything is read and encoded before `OUT` is touched; the adapter, the
 PEFT directory, `loss.png` and the report are written at the end, each
@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from keras_lora import (
+    LoraEmbedding,
     inject_lora,
     load_adapter,
     lora_layers,
@@ -36,7 +37,7 @@ from keras_lora.interop import export_peft
 from keras_lora.interop.hf_model import check_hf_exportable
 from keras_lora.interop.quantized_load import load_quantized_causal_lm
 from keras_lora.recipes.sft.buckets import plan_steps
-from keras_lora.recipes.sft.config import SftConfig
+from keras_lora.recipes.sft.config import SftConfig, check_family_targets
 from keras_lora.recipes.sft.data import read_examples
 from keras_lora.recipes.sft.encode import EncodedData, encode_examples
 from keras_lora.recipes.sft.evaluation import EvalEvery, eval_loss
@@ -200,8 +201,9 @@ def _train(config: SftConfig) -> dict:
     family = family_of(lm)
     if config.merged_hf is not None:
         check_hf_exportable(lm)  # Before training, not after.
-    targets = config.targets or family.default_targets
-    inject_lora(lm, targets=tuple(targets), **dataclasses.asdict(config.lora))
+    targets = check_family_targets(config, family)
+    inject_lora(lm, targets=targets, **dataclasses.asdict(config.lora))
+    _check_embeddings(lm, family)
     if config.init_adapter is not None:
         load_adapter(lm, config.init_adapter)
     # `fit` trains `trainer` over the LM's own (LoRA) layers: the LM, its
@@ -318,6 +320,19 @@ def _train(config: SftConfig) -> dict:
         png = loss_png(earlier_losses + steps.losses, points, title)
     _write_outputs(lm, config, report, png)
     return report
+
+
+def _check_embeddings(lm, family) -> None:
+    """Refuse, before training, an embedding LoRA that OUT/peft cannot hold:
+    one on an embedding other than the family's token embedding."""
+    token_embedding = getattr(lm.backbone, family.embedding, None)
+    for layer in lora_layers(lm):
+        if isinstance(layer, LoraEmbedding) and layer is not token_embedding:
+            raise ValueError(
+                f"--targets matched the embedding '{layer.name}': OUT/peft "
+                f"holds LoRA on the token embedding '{family.embedding}' only; "
+                f"leave '{layer.name}' out of --targets"
+            )
 
 
 def _pad_id(tokenizer) -> int:
