@@ -239,23 +239,7 @@ def _save_tiny_weights(model_dir: str, model: str, config: str, **extra) -> str:
 def save_tiny_qwen2(model_dir: str) -> str:
     """Add random tiny Qwen2 weights to a tokenizer directory of
     `build_model_dir`, sized to its vocabulary."""
-    import torch
-    import transformers
-
-    vocab = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-    config = transformers.Qwen2Config(
-        vocab_size=vocab.get_vocab_size(),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(config).save_pretrained(model_dir)
-    return model_dir
+    return _save_tiny_weights(model_dir, "Qwen2ForCausalLM", "Qwen2Config")
 
 
 def save_tiny_gpt2(model_dir: str) -> str:
