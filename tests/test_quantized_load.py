@@ -115,3 +115,46 @@ def test_sft_loads_a_hugging_face_directory_built_quantized(model_dirs, monkeypa
     assert (
         run.load_causal_lm(model_dir).backbone.token_embedding.quantization_mode is None
     )
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory):
+    from tests import sft_presets
+
+    root = tmp_path_factory.mktemp("presets")
+    return {
+        family: sft_presets.build_preset(family, str(root / family))
+        for family in sft_presets.PRESET_FAMILIES
+    }
+
+
+@pytest.mark.parametrize(
+    "family, mode", [("llama3", "int8"), ("gemma", "int8"), ("llama3", "int4")]
+)
+def test_preset_built_quantized_equals_quantize_after_load(
+    presets, family, mode, monkeypatch
+):
+    from keras_lora.interop import quantized_load
+    from keras_lora.interop.quantized_load import load_quantized_preset
+    from keras_lora.recipes.sft.run import load_causal_lm
+
+    filled = []
+
+    def fill_quantized(layer, kernel):
+        filled.append(layer.path)
+        return original(layer, kernel)
+
+    original = quantized_load.fill_quantized
+    monkeypatch.setattr(quantized_load, "fill_quantized", fill_quantized)
+    want = _quantized_after_float_load(presets[family], mode)
+    got = load_causal_lm(presets[family], mode)
+    # Every projection of both blocks filled from its saved float kernel.
+    assert len(filled) == 2 * 7 and len(set(filled)) == 14
+    assert sorted(v.path for v in got.weights) == sorted(v.path for v in want.weights)
+    want_weights = {v.path: to_numpy(v) for v in want.weights}
+    for variable in got.weights:
+        np.testing.assert_array_equal(
+            to_numpy(variable), want_weights[variable.path], err_msg=variable.path
+        )
+    with pytest.raises(ValueError, match="choose int8 or int4"):
+        load_quantized_preset(presets[family], "float8")

@@ -28,6 +28,7 @@ import keras
 from keras_lora._keras_internals.quantized import (
     dequantize_kernel,
     intercept_quantized_call,
+    loading_float_kernels,
     quantization_variables,
     stored_weight,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "intercept_quantized_call",
     "jax_train_state",
     "lay_out_variable",
+    "loading_float_kernels",
     "move_graph_nodes",
     "optimizer_built_variables",
     "optimizer_learning_rate",

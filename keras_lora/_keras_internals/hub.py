@@ -107,3 +107,20 @@ def convert_hf_weights(
     converter = TransformersPresetLoader(model_dir, config).converter
     with PortingLoader(model_dir) as loader:
         converter.convert_weights(backbone, loader, config)
+
+
+def preset_backbone_class(preset: str) -> str:
+    """The backbone class name a keras-hub preset's config.json names
+    ("Llama3Backbone"), for a local directory or a preset name.
+
+    Reads it with keras-hub's `keras_hub.src.utils.preset_utils.load_json`
+    (which fetches a named preset's file as `from_preset` does; keras-hub
+    0.32.0 with Keras 3.15, and 0.33.dev with 3.16.dev), its
+    `registered_name` ("keras_hub>Llama3Backbone").
+
+    Args:
+        preset: a keras-hub preset name or `save_to_preset` directory.
+    """
+    from keras_hub.src.utils.preset_utils import load_json
+
+    return load_json(preset)["registered_name"].rpartition(">")[2]

@@ -7,9 +7,11 @@ re-exports every function here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -134,3 +136,52 @@ def intercept_quantized_call(
     """
     keras_call = type(layer).quantized_call.__get__(layer)
     object.__setattr__(layer, "quantized_call", make_call(keras_call))
+
+
+@contextlib.contextmanager
+def loading_float_kernels(fill: Callable[..., None]) -> Iterator[None]:
+    """Inside, a quantized Dense or EinsumDense layer that `load_weights`
+    gives a float layer's saved variables calls `fill(layer, kernel, bias)`
+    (numpy arrays; bias None without one) instead of loading them.
+
+    Keras's `load_weights` walks the model and calls each layer's
+    `load_own_variables(store)` with the entries it saved: a float layer's
+    are "0" the kernel and "1" the bias (its `variable_serialization_spec`
+    for no quantization), and a quantized layer's own `load_own_variables`
+    would read them as its codes and scales. The two classes' method is
+    replaced for the duration (Keras 3.15; 3.16.dev has the same method and
+    entries, not run here); a store whose kernel is not float (a preset
+    saved quantized) is loaded as Keras does.
+
+    Args:
+        fill: `(layer, kernel, bias) -> None`, called once per such layer.
+    """
+    originals = {
+        cls: cls.load_own_variables
+        for cls in (keras.layers.Dense, keras.layers.EinsumDense)
+    }
+
+    def routed(original: Callable) -> Callable:
+        def load_own_variables(self, store):
+            mode = getattr(self, "quantization_mode", None)
+            if mode is None or "0" not in store:
+                return original(self, store)
+            kernel = np.asarray(store["0"])
+            if kernel.dtype.kind != "f":
+                return original(self, store)
+            bias = (
+                np.asarray(store["1"])
+                if getattr(self, "bias", None) is not None
+                else None
+            )
+            fill(self, kernel, bias)
+
+        return load_own_variables
+
+    for cls, original in originals.items():
+        cls.load_own_variables = routed(original)
+    try:
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.load_own_variables = original

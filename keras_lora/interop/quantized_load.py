@@ -32,15 +32,15 @@ import warnings
 import keras
 
 from keras_lora import _keras_internals
-from keras_lora._keras_internals.hub import convert_hf_weights
-from keras_lora.families import Family, hf_family, projection_paths
+from keras_lora._keras_internals.hub import convert_hf_weights, preset_backbone_class
+from keras_lora.families import FAMILIES, Family, hf_family, projection_paths
 from keras_lora.quantized import (
     REQUANTIZABLE_MODES,
     fill_quantized,
     quantized_dtype_policy,
 )
 
-__all__ = ["load_quantized_causal_lm"]
+__all__ = ["load_quantized_causal_lm", "load_quantized_preset"]
 
 
 def load_quantized_causal_lm(model_dir: str, mode: str) -> keras.Model:
@@ -61,11 +61,7 @@ def load_quantized_causal_lm(model_dir: str, mode: str) -> keras.Model:
     """
     import keras_hub
 
-    if mode not in REQUANTIZABLE_MODES:
-        raise ValueError(
-            f"cannot load quantized with mode '{mode}': choose "
-            f"{' or '.join(REQUANTIZABLE_MODES)}"
-        )
+    _check_mode(mode)
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         architectures = json.load(f).get("architectures")
     family = hf_family(architectures)
@@ -97,12 +93,80 @@ def load_quantized_causal_lm(model_dir: str, mode: str) -> keras.Model:
         raise ValueError(
             f"{model_dir}: the checkpoint has no tensor for {', '.join(missing)}"
         )
+    _quantize_embedding(lm, family, mode)
+    return lm
+
+
+def load_quantized_preset(preset: str, mode: str) -> keras.Model:
+    """The keras-hub causal LM of a keras-hub preset saved in float,
+    quantized to `mode` without a float copy of its projections.
+
+    The projections are built quantized, and Keras's `load_weights` hands
+    each one's saved float kernel and bias to
+    `keras_lora.quantized.fill_quantized` as it reaches the layer
+    (`keras_lora._keras_internals.loading_float_kernels`); the token
+    embedding is loaded float and quantized after. The result equals
+    `from_preset` followed by `model.quantize(mode)`.
+
+    Args:
+        preset: a keras-hub preset name or `save_to_preset` directory of a
+            family keras-lora knows.
+        mode: "int8" or "int4".
+
+    Returns:
+        The keras-hub `CausalLM` (no preprocessor).
+
+    Raises:
+        ValueError: for another mode or a backbone of no known family.
+    """
+    import keras_hub
+
+    _check_mode(mode)
+    family = _preset_family(preset)
+
+    def fill(layer, kernel, bias) -> None:
+        if bias is not None:
+            layer.bias.assign(bias)
+        fill_quantized(layer, kernel)
+
+    with _keras_internals.loading_float_kernels(fill):
+        lm = keras_hub.models.CausalLM.from_preset(
+            preset,
+            preprocessor=None,
+            dtype=quantized_dtype_policy(mode, projection_paths(family)),
+        )
+    _quantize_embedding(lm, family, mode)
+    return lm
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in REQUANTIZABLE_MODES:
+        raise ValueError(
+            f"cannot load quantized with mode '{mode}': choose "
+            f"{' or '.join(REQUANTIZABLE_MODES)}"
+        )
+
+
+def _preset_family(preset: str) -> Family:
+    import keras_hub
+
+    name = preset_backbone_class(preset)
+    cls = getattr(keras_hub.models, name, None)
+    names = {c.__name__ for c in getattr(cls, "__mro__", ())} | {name}
+    for family in FAMILIES:
+        if family.backbone_class in names:
+            return family
+    raise ValueError(f"preset {preset} has a {name}, of no family keras-lora knows")
+
+
+def _quantize_embedding(lm: keras.Model, family: Family, mode: str) -> None:
+    """Quantize the token embedding (and a tied or untied output head),
+    which was loaded float."""
     embedding = lm.backbone.get_layer(family.embedding)
     _keras_internals.take_policy_from_map(embedding)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Layer .* does not have a `quantize`")
         embedding.quantize(mode)
-    return lm
 
 
 def _projections_by_hf_key(family: Family, backbone) -> dict:

@@ -1,12 +1,11 @@
 """The memory-budget and scale-out options of `keras-lora sft`.
 
-- `--quantize int8|int4`: the base's projections and token embedding are
-  quantized before LoRA is injected: a Hugging Face directory loads with
-  its projections built quantized (`keras_lora.interop.quantized_load`), a
-  keras-hub preset is quantized by Keras after a float load
-  (`quantize_base`); LoRA's factors stay float beside the quantized
-  kernels (`keras_lora.quantized`), and the PEFT export is for the float
-  base.
+- `--quantize int8|int4`: the base loads with its projections built
+  quantized and its token embedding quantized after
+  (`keras_lora.interop.quantized_load`, from a Hugging Face directory or
+  a keras-hub preset) before LoRA is injected; LoRA's factors stay float
+  beside the quantized kernels (`keras_lora.quantized`), and the PEFT
+  export is for the float base.
 - `--remat`: every decoder block recomputes its activations in the
   backward pass (`keras_lora.remat_layers`).
 - `--chunked-loss N`: `fit` trains a `keras_lora.ChunkedCausalLM` over the
@@ -26,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import warnings
 
 import keras
 
@@ -39,24 +37,8 @@ from keras_lora.recipes.sft.packed_model import packed_causal_lm
 __all__ = [
     "distribution_scope",
     "make_distribution",
-    "quantize_base",
     "training_model",
 ]
-
-
-def quantize_base(lm: keras.Model, mode: str | None) -> None:
-    """Quantize the base's projections and token embedding to `mode`.
-
-    Args:
-        lm: the keras-hub causal LM, before `inject_lora`.
-        mode: "int8", "int4" or None (nothing happens).
-    """
-    if mode is None:
-        return
-    with warnings.catch_warnings():
-        # Keras names every layer it leaves float (norms, dropout, ...).
-        warnings.filterwarnings("ignore", "Layer .* does not have a `quantize`")
-        lm.quantize(mode)
 
 
 def training_model(

@@ -35,7 +35,10 @@ from keras_lora.families import family_of
 from keras_lora.files import atomic_write, staging_directory
 from keras_lora.interop import export_peft
 from keras_lora.interop.hf_model import check_hf_exportable
-from keras_lora.interop.quantized_load import load_quantized_causal_lm
+from keras_lora.interop.quantized_load import (
+    load_quantized_causal_lm,
+    load_quantized_preset,
+)
 from keras_lora.recipes.sft.buckets import plan_steps
 from keras_lora.recipes.sft.config import SftConfig, check_family_targets
 from keras_lora.recipes.sft.data import read_examples
@@ -47,7 +50,6 @@ from keras_lora.recipes.sft.inspection import describe_shape, prepare_data
 from keras_lora.recipes.sft.loss_plot import LOSS_PLOT, loss_png, plot_available
 from keras_lora.recipes.sft.memory import (
     distribution_scope,
-    quantize_base,
     training_model,
 )
 from keras_lora.recipes.sft.merged_hf import check_merged_dir, write_merged_hf
@@ -69,10 +71,10 @@ def load_causal_lm(model_dir: str, quantize: str | None = None):
     """The keras-hub causal LM of a Hugging Face directory (or a keras-hub
     preset), no preprocessor, its base quantized to `quantize` if given.
 
-    A Hugging Face directory is loaded with its projections built quantized
-    (`keras_lora.interop.quantized_load`: no float copy of them exists); a
-    keras-hub preset holds float Keras weights, so it is loaded float and
-    then quantized (`memory.quantize_base`). Both give the same model.
+    With `quantize`, the projections are built quantized and filled as
+    their weights are read (`keras_lora.interop.quantized_load`: no float
+    copy of them exists), from a Hugging Face directory or a keras-hub
+    preset; the model equals a float load followed by `model.quantize`.
 
     Args:
         model_dir: config.json + model.safetensors of a family keras-hub
@@ -90,11 +92,11 @@ def load_causal_lm(model_dir: str, quantize: str | None = None):
 
     if is_keras_hub_preset(model_dir):
         try:
-            lm = keras_hub.models.CausalLM.from_preset(model_dir, preprocessor=None)
+            if quantize is not None:
+                return load_quantized_preset(model_dir, quantize)
+            return keras_hub.models.CausalLM.from_preset(model_dir, preprocessor=None)
         except Exception as error:  # keras-hub and its download clients raise many.
             raise preset_load_error(model_dir, error) from None
-        quantize_base(lm, quantize)
-        return lm
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(
             f"{model_dir} has no config.json: training needs the model's "
