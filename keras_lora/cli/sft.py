@@ -11,6 +11,7 @@ from keras_lora.cli.arguments import (
     positive_float,
     positive_int,
 )
+from keras_lora.families import FAMILIES
 from keras_lora.initialization import check_init
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
@@ -115,8 +116,8 @@ def add_sft(sub) -> None:
         help="roles or layer names to adapt; all-linear adds every linear "
         "layer but the output head, token_embedding the token embedding "
         "and a tied output head (families whose PEFT export holds it: "
-        "GPT-2, Llama); e.g. all-linear token_embedding. Default: the "
-        "family's.",
+        f"{', '.join(f.label for f in FAMILIES if f.hf_embedding)}); e.g. "
+        "all-linear token_embedding. Default: the family's.",
     )
     length = sft.add_mutually_exclusive_group()
     length.add_argument(
