@@ -108,8 +108,9 @@ def dequantized_kernel(layer: keras.layers.Layer):
     return _keras_internals.dequantize_kernel(layer)
 
 
-def float_twin(layer: keras.layers.Layer, kernel) -> keras.layers.Layer:
-    """A new float layer configured like `layer`, holding `kernel` and its bias.
+def float_twin(layer: keras.layers.Layer, kernel=None) -> keras.layers.Layer:
+    """A new float layer configured like `layer`, holding `kernel` and its
+    bias; without `kernel`, the weights its initializers draw.
 
     Its variables get the same paths as the original's (it is built in the
     original's name scope), so layout maps and adapter keys still match.
@@ -123,9 +124,10 @@ def float_twin(layer: keras.layers.Layer, kernel) -> keras.layers.Layer:
         for name in kernel_path(layer).split("/")[:-2]:
             scopes.enter_context(keras.name_scope(name))
         twin.build_from_config(layer.get_build_config())
-    twin.kernel.assign(ops.cast(kernel, twin.kernel.dtype))
-    if getattr(layer, "bias", None) is not None:
-        twin.bias.assign(layer.bias.value)
+    if kernel is not None:
+        twin.kernel.assign(ops.cast(kernel, twin.kernel.dtype))
+        if getattr(layer, "bias", None) is not None:
+            twin.bias.assign(layer.bias.value)
     twin.trainable = layer.trainable
     return twin
 
@@ -295,6 +297,22 @@ def _inputs_gradient(upstream, table, scale, dtype):
     return ops.cast(ops.reshape(gradient, (*batch_shape, features)), dtype)
 
 
+def check_buildable_mode(mode: str) -> None:
+    """Raise unless a model can be built quantized with `mode` (int8, int4).
+
+    >>> check_buildable_mode("float8")
+    Traceback (most recent call last):
+    ...
+    ValueError: Cannot build a model quantized with mode 'float8': choose int8 ...
+    """
+    if mode not in REQUANTIZABLE_MODES:
+        raise ValueError(
+            f"Cannot build a model quantized with mode '{mode}': choose "
+            f"{' or '.join(REQUANTIZABLE_MODES)} (float8 keeps float kernels, "
+            "so building it quantized saves nothing)."
+        )
+
+
 def quantized_dtype_policy(
     mode: str, paths, source: str = "float32"
 ) -> keras.dtype_policies.DTypePolicyMap:
@@ -327,12 +345,7 @@ def quantized_dtype_policy(
     >>> layer.quantization_mode, keras.backend.standardize_dtype(layer.kernel.dtype)
     ('int8', 'int8')
     """
-    if mode not in REQUANTIZABLE_MODES:
-        raise ValueError(
-            f"Cannot build a model quantized with mode '{mode}': choose "
-            f"{' or '.join(REQUANTIZABLE_MODES)} (float8 keeps float kernels, "
-            "so building it quantized saves nothing)."
-        )
+    check_buildable_mode(mode)
     paths = list(paths)
     if not paths:
         raise ValueError("quantized_dtype_policy needs at least one layer path.")
@@ -407,15 +420,7 @@ def fill_quantized(layer: keras.layers.Layer, kernel) -> None:
 def _fill_from_float_twin(layer, kernel=None) -> None:
     """Copy into quantized `layer` what `quantize` makes of a float twin
     holding `kernel` and `layer`'s bias, or its initializers' draws."""
-    config = layer.get_config()
-    config["dtype"] = float_policy(layer.dtype_policy)
-    config.pop("quantization_config", None)
-    twin = type(layer).from_config(config)
-    twin.build_from_config(layer.get_build_config())
-    if kernel is not None:
-        twin.kernel.assign(ops.cast(kernel, twin.kernel.dtype))
-        if getattr(layer, "bias", None) is not None:
-            twin.bias.assign(layer.bias.value)
+    twin = float_twin(layer, kernel)
     twin.quantize(quantization_mode(layer), config=_build_config(layer))
     values = {v.name: v for v in twin.weights}
     for variable in layer.weights:

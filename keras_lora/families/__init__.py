@@ -29,6 +29,7 @@ __all__ = [
     "Projection",
     "Sharding",
     "family_of",
+    "family_of_class",
     "hf_family",
     "gpt2_layout_map",
     "layout_map",
@@ -51,15 +52,29 @@ def family_of(model) -> Family:
         ValueError: for a model of no known family, naming the known ones.
     """
     backbone = getattr(model, "backbone", model)
-    names = {c.__name__ for c in type(backbone).__mro__}
-    for family in FAMILIES:
-        if family.backbone_class in names:
-            return family
+    family = family_of_class(type(backbone))
+    if family is not None:
+        return family
     known = ", ".join(f"{f.name} ({f.backbone_class})" for f in FAMILIES)
     raise ValueError(
         f"{type(model).__name__} is not a keras-hub model of a known family; "
         f"known: {known}."
     )
+
+
+def family_of_class(backbone_class: type) -> Family | None:
+    """The family whose `backbone_class` a keras-hub backbone class is (or
+    subclasses), or None.
+
+    >>> import keras_hub
+    >>> family_of_class(keras_hub.models.Llama3Backbone).name
+    'llama'
+    """
+    names = {c.__name__ for c in backbone_class.__mro__}
+    for family in FAMILIES:
+        if family.backbone_class in names:
+            return family
+    return None
 
 
 def hf_family(architectures: list[str] | None) -> Family | None:

@@ -33,9 +33,10 @@ import keras
 
 from keras_lora import _keras_internals
 from keras_lora._keras_internals.hub import convert_hf_weights, preset_backbone_class
-from keras_lora.families import FAMILIES, Family, hf_family, projection_paths
+from keras_lora.families import Family, family_of_class, hf_family, projection_paths
+from keras_lora.interop.peft_modules import hf_module_name, locate
 from keras_lora.quantized import (
-    REQUANTIZABLE_MODES,
+    check_buildable_mode,
     fill_quantized,
     quantized_dtype_policy,
 )
@@ -61,7 +62,7 @@ def load_quantized_causal_lm(model_dir: str, mode: str) -> keras.Model:
     """
     import keras_hub
 
-    _check_mode(mode)
+    check_buildable_mode(mode)
     with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
         architectures = json.load(f).get("architectures")
     family = hf_family(architectures)
@@ -76,7 +77,7 @@ def load_quantized_causal_lm(model_dir: str, mode: str) -> keras.Model:
         load_weights=False,
         dtype=quantized_dtype_policy(mode, projection_paths(family)),
     )
-    waiting = _projections_by_hf_key(family, lm.backbone)
+    waiting = _projections_by_hf_key(lm)
 
     def port(hf_key: str, shape: list[int], load) -> bool:
         parts = hf_key.split(".")
@@ -121,7 +122,7 @@ def load_quantized_preset(preset: str, mode: str) -> keras.Model:
     """
     import keras_hub
 
-    _check_mode(mode)
+    check_buildable_mode(mode)
     family = _preset_family(preset)
 
     def fill(layer, kernel, bias) -> None:
@@ -139,23 +140,14 @@ def load_quantized_preset(preset: str, mode: str) -> keras.Model:
     return lm
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in REQUANTIZABLE_MODES:
-        raise ValueError(
-            f"cannot load quantized with mode '{mode}': choose "
-            f"{' or '.join(REQUANTIZABLE_MODES)}"
-        )
-
-
 def _preset_family(preset: str) -> Family:
     import keras_hub
 
     name = preset_backbone_class(preset)
     cls = getattr(keras_hub.models, name, None)
-    names = {c.__name__ for c in getattr(cls, "__mro__", ())} | {name}
-    for family in FAMILIES:
-        if family.backbone_class in names:
-            return family
+    family = family_of_class(cls) if cls is not None else None
+    if family is not None:
+        return family
     raise ValueError(f"preset {preset} has a {name}, of no family keras-lora knows")
 
 
@@ -169,17 +161,15 @@ def _quantize_embedding(lm: keras.Model, family: Family, mode: str) -> None:
         embedding.quantize(mode)
 
 
-def _projections_by_hf_key(family: Family, backbone) -> dict:
+def _projections_by_hf_key(lm: keras.Model) -> dict:
     """Hugging Face weight key (no model prefix) -> the layers it fills, in
     the family's projection order."""
-    layers = {layer.path: layer for layer in _keras_internals.flatten_layers(backbone)}
+    found = locate(lm)
     waiting = collections.defaultdict(collections.deque)
-    block = 0
-    while family.block.format(block=block) in layers:
-        keras_block = family.block.format(block=block)
-        hf_block = family.hf_block.format(block=block)
-        for projection in family.projections:
-            layer = layers[f"{keras_block}/{projection.path}"]
-            waiting[f"{hf_block}.{projection.hf_module}.weight"].append(layer)
-        block += 1
+    for block in range(found.num_blocks):
+        keras_block = found.family.block.format(block=block)
+        for projection in found.family.projections:
+            hf_module = hf_module_name(found.family, block, projection.hf_module)
+            layer = found.layers[f"{keras_block}/{projection.path}"]
+            waiting[f"{hf_module}.weight"].append(layer)
     return dict(waiting)

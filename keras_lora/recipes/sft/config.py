@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 
+from keras_lora.families import FAMILIES
 from keras_lora.initialization import rewrites_kernel
 from keras_lora.recipes.sft.data import Columns
 from keras_lora.recipes.sft.encode import LOSS_ON
@@ -356,8 +357,6 @@ def check_family_targets(config: SftConfig, family) -> tuple[str, ...]:
         return targets
     name = family.embedding
     if not family.hf_embedding:
-        from keras_lora.families import FAMILIES
-
         mapped = [f.label for f in FAMILIES if f.hf_embedding]
         raise ValueError(
             f"--targets {name}: OUT/peft cannot hold it: keras-lora maps "
